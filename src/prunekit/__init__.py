@@ -1,0 +1,11 @@
+"""prunekit: prune and factorize causal LMs, and measure honestly what it cost."""
+
+__version__ = "0.1.0"
+
+from .api import evaluate, prune  # noqa: E402
+from .config import CalibConfig, EvalConfig, PruneConfig  # noqa: E402
+from .masks import Pattern  # noqa: E402
+from .models import load_model  # noqa: E402
+from .report import Report  # noqa: E402
+
+__all__ = ["CalibConfig", "EvalConfig", "Pattern", "PruneConfig", "Report", "evaluate", "load_model", "prune", "__version__"]

@@ -1,0 +1,136 @@
+"""The Python entry points: ``prune``, ``evaluate`` (and ``load_model`` from ``models``).
+
+Three lines prune a model::
+
+    model, tok = prunekit.load_model("smollm2-135m")
+    report = prunekit.prune(model, prunekit.PruneConfig(method="wanda", sparsity=0.5), tokenizer=tok)
+    print(prunekit.evaluate(model, tok)["wikitext2"].ppl)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .allocation import build_allocator, weighted_mean
+from .calibration import BlockEvent, run_sequential
+from .config import EvalConfig, PruneConfig, to_dict
+from .data import calibration_ids
+from .eval import PerplexityResult, check_seqlen, perplexity
+from .masks import Pattern
+from .methods import Target, build_method
+from .models import decoder_linears, weight_view
+from .report import Report
+
+log = logging.getLogger(__name__)
+
+
+def select_linears(model: nn.Module, config: PruneConfig) -> dict[str, nn.Module]:
+    """The linears ``config`` selects, checked for N:M divisibility and finite weights."""
+    linears = decoder_linears(model, config.include, config.exclude)
+    if not linears:
+        raise ValueError(
+            f"no linear layer matches include={list(config.include)} exclude={list(config.exclude)}; "
+            "loosen the regexes (they are matched with re.search on names like model.layers.0.mlp.up_proj)"
+        )
+    pattern = config.pattern_obj
+    for name, mod in linears.items():
+        w = weight_view(mod)
+        pattern.check_width(w.shape[1], name)
+        if not torch.isfinite(w).all():
+            bad = int((~torch.isfinite(w)).sum())
+            raise ValueError(f"{name} has {bad} NaN/Inf weights; the model is corrupt — reload or re-download it")
+    return linears
+
+
+def make_targets(alloc: dict[str, float], pattern: Pattern) -> dict[str, Target]:
+    """Per-linear targets; with N:M, a layer's sparsity picks its own N (mixed N:M)."""
+    out = {}
+    for name, s in alloc.items():
+        if pattern.is_nm and abs(s - pattern.sparsity) > 1e-9:
+            n = min(pattern.m - 1, max(1, round(pattern.m * (1.0 - s))))
+            p = Pattern("nm", n, pattern.m)
+            out[name] = Target(p.sparsity, p)
+        else:
+            out[name] = Target(s, pattern)
+    return out
+
+
+def _check_calib(ids: Tensor, model: nn.Module) -> Tensor:
+    if not isinstance(ids, Tensor) or ids.dtype != torch.long or ids.dim() != 2 or ids.shape[0] == 0:
+        raise ValueError(
+            "calibration must be a LongTensor of token ids shaped [nsamples, seqlen]; got "
+            f"{type(ids).__name__} {getattr(ids, 'dtype', '')} {tuple(getattr(ids, 'shape', ()))}"
+        )
+    check_seqlen(model, ids.shape[1], "calibration seqlen")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab and int(ids.max()) >= vocab:
+        raise ValueError(f"calibration token id {int(ids.max())} is outside the model's vocabulary ({vocab})")
+    return ids
+
+
+def prune(
+    model: nn.Module,
+    config: PruneConfig,
+    calib: Tensor | None = None,
+    tokenizer=None,
+    device: torch.device | str | None = None,
+    callback: Callable[[BlockEvent], None] | None = None,
+) -> Report:
+    """Compress ``model`` in place as ``config`` says and return the :class:`Report`.
+
+    Args:
+        model: a Hugging Face causal LM.
+        config: method, sparsity, pattern, allocation, layer selection and calibration settings.
+        calib: calibration token ids ``[n, seqlen]``; if ``None`` they are drawn from
+            ``config.calib`` with ``tokenizer`` (methods that need no calibration skip this).
+        tokenizer: needed only when ``calib`` is ``None`` and the method/allocation calibrates.
+        device: compute device (``None`` = the model's device).
+        callback: called after each block (progress bars).
+    """
+    t0 = time.perf_counter()
+    method = build_method(config.method, **dict(config.method_options))
+    allocator = build_allocator(config.allocation, **dict(config.allocation_options))
+    linears = select_linears(model, config)
+    pattern = config.pattern_obj
+    need_calib = method.needs_calibration or allocator.needs_calibration
+    calib_info: dict = {}
+    if need_calib:
+        if calib is None:
+            if tokenizer is None:
+                raise ValueError(f"method {config.method!r} needs calibration: pass calib token ids or a tokenizer")
+            check_seqlen(model, config.calib.seqlen, "calibration seqlen")
+            calib = calibration_ids(config.calib, tokenizer)
+            calib_info = {"source": config.calib.dataset, "seed": config.calib.seed}
+        calib = _check_calib(calib, model)
+        calib_info.update(nsamples=calib.shape[0], seqlen=calib.shape[1], batch_size=config.calib.batch_size)
+    alloc = allocator.allocate(model, linears, config.sparsity, pattern, calib if allocator.needs_calibration else None)
+    targets = make_targets(alloc, pattern)
+    params = {n: weight_view(m).numel() for n, m in linears.items()}
+    log.info("%s, %s, %s allocation: %d linears, allocated sparsity %.4f (target %.4f)", config.method, pattern,
+             config.allocation, len(targets), weighted_mean({n: t.sparsity for n, t in targets.items()}, params),
+             config.sparsity)
+    report = run_sequential(model, calib if method.needs_calibration else None, method, targets,
+                            config.calib.batch_size, device, callback)
+    report.method, report.target_sparsity, report.pattern = config.method, config.sparsity, str(pattern)
+    report.allocation = config.allocation
+    report.calibration = calib_info
+    report.config = to_dict(config)
+    report.seconds = time.perf_counter() - t0
+    log.info("pruned to %.4f sparsity (target %.4f) in %.1fs", report.sparsity, config.sparsity, report.seconds)
+    return report
+
+
+def evaluate(model: nn.Module, tokenizer, config: EvalConfig | None = None, data_dir=None,
+             progress: Callable[[str, int, int], None] | None = None) -> dict[str, PerplexityResult]:
+    """Perplexity of ``model`` on each dataset of ``config`` (default: WikiText-2, seqlen 2048)."""
+    config = config or EvalConfig()
+    out = {}
+    for ds in config.datasets:
+        cb = (lambda i, n, _ds=ds: progress(_ds, i, n)) if progress else None
+        out[ds] = perplexity(model, tokenizer, ds, config.seqlen, config.max_windows, config.batch_size, data_dir, cb)
+    return out

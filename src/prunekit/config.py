@@ -1,0 +1,134 @@
+"""Frozen, validated configuration objects (and their YAML/JSON round trip).
+
+Every check raises ``ValueError`` naming the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .masks import Pattern
+
+
+def _check_int(name: str, value: int, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}={value!r} is invalid: it must be an integer {rng}")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data: ``nsamples`` windows of ``seqlen`` tokens drawn from ``dataset``.
+
+    ``dataset`` is a registered name (``austen``, ``gsm8k``, ``c4``, ``wikitext2`` …) or a path to
+    a ``.txt`` / ``.jsonl`` file (``text_field`` picks the JSONL field).
+    """
+
+    dataset: str = "austen"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 8
+    text_field: str = "text"
+    #: cut windows from the concatenated documents (None: the dataset's default)
+    packing: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not self.dataset:
+            raise ValueError("calibration dataset is empty: pass a dataset name (see `prunekit ls`) or a file path")
+        _check_int("nsamples", self.nsamples, 1)
+        _check_int("seqlen", self.seqlen, 2)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("seed", self.seed, 0)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how.
+
+    Attributes:
+        method: registered method name (``magnitude``, ``wanda``, ``sparsegpt`` …).
+        sparsity: target fraction of weights removed over the selected linears, in [0, 1).
+            ``None`` with an N:M pattern means the pattern's own sparsity (2:4 → 0.5).
+        pattern: ``unstructured`` or ``N:M`` (N kept in every M consecutive inputs).
+        allocation: registered allocation strategy (``uniform`` …) deciding per-layer sparsity.
+        include / exclude: regexes on qualified linear names (default: every decoder linear).
+        method_options / allocation_options: extra keyword options for the method / allocator.
+        calib: calibration data settings (ignored by methods that need no calibration).
+    """
+
+    method: str = "wanda"
+    sparsity: float | None = 0.5
+    pattern: str = "unstructured"
+    allocation: str = "uniform"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    allocation_options: Mapping[str, Any] = field(default_factory=dict)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+    def __post_init__(self) -> None:
+        pat = Pattern.parse(self.pattern)  # raises a clear ValueError
+        object.__setattr__(self, "pattern", str(pat))
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.sparsity is None:
+            if not pat.is_nm:
+                raise ValueError("sparsity is required for an unstructured pattern: e.g. --sparsity 0.5")
+            object.__setattr__(self, "sparsity", pat.sparsity)
+        s = self.sparsity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (0.0 <= float(s) < 1.0):
+            raise ValueError(f"sparsity={s!r} is out of range: it must be a fraction in [0, 1), e.g. 0.5 for 50%")
+        object.__setattr__(self, "sparsity", float(s))
+        if pat.is_nm and self.allocation == "uniform" and abs(self.sparsity - pat.sparsity) > 1e-9:
+            raise ValueError(
+                f"sparsity={self.sparsity} contradicts pattern {pat} (which is {pat.sparsity:.0%} sparse); "
+                "drop --sparsity or use a non-uniform --allocation for mixed N:M"
+            )
+        if not isinstance(self.calib, CalibConfig):
+            object.__setattr__(self, "calib", CalibConfig(**dict(self.calib)))
+
+    @property
+    def pattern_obj(self) -> Pattern:
+        return Pattern.parse(self.pattern)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Perplexity evaluation: non-overlapping ``seqlen`` windows of each dataset's test text."""
+
+    datasets: tuple[str, ...] = ("wikitext2",)
+    seqlen: int = 2048
+    max_windows: int | None = None
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "datasets", tuple(self.datasets))
+        _check_int("eval seqlen", self.seqlen, 2)
+        _check_int("eval batch_size", self.batch_size, 1)
+        if self.max_windows is not None:
+            _check_int("max_windows", self.max_windows, 1)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, JSON/YAML-serialisable dict of a config (nested configs included)."""
+    return {k: (dict(v) if isinstance(v, Mapping) else list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(cfg).items()}
+
+
+def load_yaml(path: str | Path) -> PruneConfig:
+    """Read a :class:`PruneConfig` from YAML (keys as in :func:`to_dict`)."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    calib = data.pop("calib", {}) or {}
+    return PruneConfig(**data, calib=CalibConfig(**calib))
+
+
+def save_yaml(cfg: PruneConfig, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

