@@ -157,6 +157,8 @@ def run_sequential(
     if calibrated and calib_ids is None:
         raise ValueError(f"method {method.name!r} needs calibration token ids")
 
+    method.prepare({n: m for i, b in enumerate(blocks) for n, m in block_linears(b, f"{path}.{i}").items()
+                    if n in targets}, targets)
     with calibration_forward_context(model):
         inputs = BlockInputs()
         if calibrated:

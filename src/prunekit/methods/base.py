@@ -117,6 +117,14 @@ class Method(ABC):
     def update_stats(self, stats: InputStats, inputs: Tensor) -> None:
         stats.update(inputs)
 
+    def prepare(self, linears: dict[str, nn.Module], targets: dict[str, Target]) -> None:
+        """Called once by the engine before the block loop with every linear it will compress.
+
+        A no-op for per-layer methods; methods whose per-layer decision is global (WeLore's
+        single threshold over all singular values) compute it here, from the weights as they
+        are before any block is compressed.
+        """
+
     @abstractmethod
     def compress(self, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
         """Compress ``linear`` to ``target`` (in place, or return a replacement)."""
