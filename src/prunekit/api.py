@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .allocation import build_allocator, weighted_mean
+from .allocation import build_allocator, nm_allocation, weighted_mean
+from .allocation.base import block_lookup
 from .calibration import BlockEvent, run_sequential
 from .config import EvalConfig, PruneConfig, to_dict
 from .data import calibration_ids
@@ -47,17 +48,46 @@ def select_linears(model: nn.Module, config: PruneConfig) -> dict[str, nn.Module
     return linears
 
 
-def make_targets(alloc: dict[str, float], pattern: Pattern) -> dict[str, Target]:
-    """Per-linear targets; with N:M, a layer's sparsity picks its own N (mixed N:M)."""
+def make_targets(alloc: dict[str, float], pattern: Pattern, params: dict[str, int] | None = None,
+                 groups: dict[str, object] | None = None, target: float | None = None) -> dict[str, Target]:
+    """Per-linear targets from an allocation.
+
+    Unstructured: each layer's own sparsity. N:M with a non-uniform allocation (mixed N:M):
+    one N per group (``groups``: name → block; default one per layer), rounded so that the
+    parameter-weighted mean sparsity is as close to ``target`` (default: the allocation's own
+    mean) as the 1/M granularity allows (:func:`prunekit.allocation.nm_allocation`).
+    """
+    if not pattern.is_nm or all(abs(s - pattern.sparsity) <= 1e-9 for s in alloc.values()):
+        return {name: Target(pattern.sparsity if pattern.is_nm else s, pattern) for name, s in alloc.items()}
+    params = params or {n: 1 for n in alloc}
+    if target is None:
+        target = weighted_mean(alloc, params)
+    n_of = nm_allocation(alloc, params, pattern.m, target, groups)
     out = {}
-    for name, s in alloc.items():
-        if pattern.is_nm and abs(s - pattern.sparsity) > 1e-9:
-            n = min(pattern.m - 1, max(1, round(pattern.m * (1.0 - s))))
-            p = Pattern("nm", n, pattern.m)
-            out[name] = Target(p.sparsity, p)
-        else:
-            out[name] = Target(s, pattern)
+    for name, n in n_of.items():
+        p = Pattern("nm", n, pattern.m)
+        out[name] = Target(p.sparsity, p)
     return out
+
+
+def allocation_summary(alloc: dict[str, float], targets: dict[str, Target], params: dict[str, int], block_of,
+                       target: float) -> dict:
+    """What the allocation decided: target, requested and achieved means, per-block sparsity."""
+    per_block: dict[int, list[float]] = {}
+    for n, t in targets.items():
+        acc = per_block.setdefault(block_of(n), [0.0, 0.0])
+        acc[0] += t.sparsity * params[n]
+        acc[1] += params[n]
+    achieved = weighted_mean({n: t.sparsity for n, t in targets.items()}, params)
+    return {
+        "target": target,
+        "allocated_mean": weighted_mean(alloc, params),
+        "achieved_mean": achieved,
+        "min": min((t.sparsity for t in targets.values()), default=0.0),
+        "max": max((t.sparsity for t in targets.values()), default=0.0),
+        "per_block": {b: v[0] / v[1] for b, v in sorted(per_block.items())},
+        "patterns": sorted({str(t.pattern) for t in targets.values()}),
+    }
 
 
 def _check_calib(ids: Tensor, model: nn.Module) -> Tensor:
@@ -109,16 +139,19 @@ def prune(
         calib = _check_calib(calib, model)
         calib_info.update(nsamples=calib.shape[0], seqlen=calib.shape[1], batch_size=config.calib.batch_size)
     alloc = allocator.allocate(model, linears, config.sparsity, pattern, calib if allocator.needs_calibration else None)
-    targets = make_targets(alloc, pattern)
     params = {n: weight_view(m).numel() for n, m in linears.items()}
+    block_of = block_lookup(model)
+    targets = make_targets(alloc, pattern, params, {n: block_of(n) for n in alloc}, config.sparsity)
+    alloc_summary = allocation_summary(alloc, targets, params, block_of, config.sparsity)
+    alloc_summary.update(name=config.allocation, options=dict(config.allocation_options), info=allocator.info)
     log.info("%s, %s, %s allocation: %d linears, allocated sparsity %.4f (target %.4f)", config.method, pattern,
-             config.allocation, len(targets), weighted_mean({n: t.sparsity for n, t in targets.items()}, params),
-             config.sparsity)
+             config.allocation, len(targets), alloc_summary["achieved_mean"], config.sparsity)
     report = run_sequential(model, calib if method.needs_calibration else None, method, targets,
                             config.calib.batch_size, device, callback)
     report.method, report.target_sparsity, report.pattern = config.method, config.sparsity, str(pattern)
     report.allocation = config.allocation
     report.calibration = calib_info
+    report.extra["allocation"] = alloc_summary
     report.config = to_dict(config)
     report.seconds = time.perf_counter() - t0
     log.info("pruned to %.4f sparsity (target %.4f) in %.1fs", report.sparsity, config.sparsity, report.seconds)
