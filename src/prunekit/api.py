@@ -124,6 +124,10 @@ def prune(
     """
     t0 = time.perf_counter()
     method = build_method(config.method, **dict(config.method_options))
+    if config.refine:
+        from .methods.refine import RefinedMethod, build_refiner
+
+        method = RefinedMethod(method, build_refiner(config.refine, **dict(config.refine_options)))
     allocator = build_allocator(config.allocation, **dict(config.allocation_options))
     linears = select_linears(model, config)
     pattern = config.pattern_obj
@@ -153,6 +157,9 @@ def prune(
     report.calibration = calib_info
     report.extra["allocation"] = alloc_summary
     report.config = to_dict(config)
+    summary = getattr(getattr(method, "inner", method), "summary", None)
+    if summary:  # a method's global decision (WeLore's tau and achieved reductions)
+        report.extra["method_summary"] = summary
     report.seconds = time.perf_counter() - t0
     log.info("pruned to %.4f sparsity (target %.4f) in %.1fs", report.sparsity, config.sparsity, report.seconds)
     return report

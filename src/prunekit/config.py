@@ -58,6 +58,8 @@ class PruneConfig:
         include / exclude: regexes on qualified linear names (default: every decoder linear).
         method_options / allocation_options: extra keyword options for the method / allocator.
         calib: calibration data settings (ignored by methods that need no calibration).
+        refine / refine_options: a registered post-step run on every layer right after the
+            method masked it (``dsnot``), and its keyword options; ``None`` = no refinement.
     """
 
     method: str = "wanda"
@@ -69,8 +71,14 @@ class PruneConfig:
     method_options: Mapping[str, Any] = field(default_factory=dict)
     allocation_options: Mapping[str, Any] = field(default_factory=dict)
     calib: CalibConfig = field(default_factory=CalibConfig)
+    refine: str | None = None
+    refine_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.refine in ("", "none"):
+            object.__setattr__(self, "refine", None)
+        if self.refine_options and self.refine is None:
+            raise ValueError(f"refine_options={dict(self.refine_options)} given without a refiner: add --refine dsnot")
         pat = Pattern.parse(self.pattern)  # raises a clear ValueError
         object.__setattr__(self, "pattern", str(pat))
         object.__setattr__(self, "include", tuple(self.include))

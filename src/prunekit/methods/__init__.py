@@ -1,6 +1,6 @@
 """Compression methods; each module registers itself in ``prunekit.registry.METHODS``."""
 
-from . import magnitude, sparsegpt, wanda  # noqa: F401  (self-registering)
+from . import dsnot, magnitude, sparsegpt, svd, svd_llm, wanda, welore  # noqa: F401  (self-registering)
 from .base import CompressResult, InputStats, Method, Target, apply_keep_mask, weight_sparsity
 from ..registry import METHODS
 
