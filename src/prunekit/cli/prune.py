@@ -6,7 +6,7 @@ import argparse
 
 import time
 
-from ..registry import ALLOCATORS, METHODS
+from ..registry import ALLOCATORS, METHODS, REFINERS
 from .common import UserError, add_eval_args, add_model_args, fmt_ppl, parse_options, run_perplexity, setup_threads, table
 
 
@@ -33,7 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="calibration sequences per block forward (default 8)")
     p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
     p.add_argument("--config", default=None, help="YAML PruneConfig; command-line flags you give override it")
+    p.add_argument("--refine", default=None, choices=REFINERS.names(),
+                   help="post-step after each layer is pruned, e.g. dsnot (training-free mask refinement)")
+    p.add_argument("--refine-option", action="append", metavar="K=V",
+                   help="refiner option, e.g. max_cycles=50 or skip= (repeatable)")
     p.add_argument("--out", default=None, help="save the pruned model here (atomic; safetensors + report)")
+    p.add_argument("--merge-lowrank", action="store_true",
+                   help="save low-rank factors merged into dense weights (plain transformers; no size saving)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--no-dense-eval", action="store_true", help="skip the dense perplexity baseline")
     p.add_argument("--json", default=None, help="also write the report JSON to this file")
@@ -58,6 +64,9 @@ def build_config(args: argparse.Namespace):
         base["exclude"] = args.exclude
     base["method_options"] = {**base.get("method_options", {}), **parse_options(args.option, "method")}
     base["allocation_options"] = {**base.get("allocation_options", {}), **parse_options(args.alloc_option, "allocation")}
+    if args.refine is not None:
+        base["refine"] = args.refine
+    base["refine_options"] = {**base.get("refine_options", {}), **parse_options(args.refine_option, "refine")}
     for key, flag in (("dataset", "calib"), ("nsamples", "nsamples"), ("seqlen", "seqlen"), ("seed", "seed"),
                       ("batch_size", "batch_size"), ("text_field", "text_field"), ("packing", "packing")):
         if getattr(args, flag) is not None:
@@ -109,8 +118,10 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             f.write(report.to_json())
     if args.out:
-        out = save_model(model, tok, args.out, report.to_dict(), args.overwrite)
-        print(f"saved to {out} (reload with transformers.AutoModelForCausalLM.from_pretrained)")
+        from ..export.lowrank import save_compressed
+
+        out, how = save_compressed(model, tok, args.out, report.to_dict(), args.overwrite, args.merge_lowrank)
+        print(f"saved to {out} ({how})")
     return 0
 
 

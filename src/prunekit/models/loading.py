@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..registry import MODEL_ALIASES
+from .lowrank import is_lowrank_folder, load_lowrank_model
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,10 @@ def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, t
         src = ModelSource(str(cached))
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if src.hub else True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+        if not src.hub and is_lowrank_folder(src.path):  # factorized modules saved by prunekit
+            model = load_lowrank_model(src.path, torch_dtype, trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
         tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code)
     except OSError as e:
         where = "the Hugging Face hub (are you online? set HF_HUB_OFFLINE=0)" if src.hub else src.path

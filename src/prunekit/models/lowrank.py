@@ -71,7 +71,7 @@ class LowRankLinear(nn.Module):
 
     def merged_weight(self) -> Tensor:
         """The dense ``[out, in]`` product ``B A`` (computed in float32, returned in the module dtype)."""
-        w = self.up.weight.float() @ self.down.weight.float()
+        w = self.up.weight.detach().float() @ self.down.weight.detach().float()
         return w.to(self.up.weight.dtype)
 
     def to_linear(self) -> nn.Linear:
