@@ -1,4 +1,4 @@
-"""``prunekit eval``: perplexity of a model or a saved (pruned) folder."""
+"""``prunekit eval``: perplexity and downstream tasks of a model or a saved (pruned) folder."""
 
 from __future__ import annotations
 
@@ -6,16 +6,23 @@ import argparse
 import json
 import time
 
+from ._tasks import add_task_args, prepare, print_results, run_with_progress, task_settings
 from .common import add_eval_args, add_model_args, fmt_ppl, run_perplexity, setup_threads, table
+
+_DEFAULT_DATASETS = ["wikitext2"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a model or a saved folder",
+    p = sub.add_parser("eval", help="evaluate a model or a saved folder (perplexity, tasks)",
                        description="Perplexity by the literature's protocol (non-overlapping windows, "
-                                   "remainder dropped, mean token NLL).")
+                                   "remainder dropped, mean token NLL) and downstream tasks (--tasks): multiple "
+                                   "choice by log-likelihood, factoid QA and GSM8K by greedy generation. Without "
+                                   "--tasks the default is WikiText-2 perplexity; with --tasks, perplexity runs "
+                                   "only on the --datasets you name.")
     add_model_args(p)
-    add_eval_args(p, "--datasets")
+    add_eval_args(p, "--datasets", default=_DEFAULT_DATASETS)
     p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
+    add_task_args(p)
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
     p.set_defaults(func=run)
 
@@ -24,14 +31,24 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model
 
     setup_threads(args)
+    if args.tasks and args.eval_datasets is _DEFAULT_DATASETS:
+        args.eval_datasets = []  # tasks given: perplexity only where asked for
+    seqlen = args.eval_seqlen or args.seqlen
+    settings = task_settings(args, seqlen, args.max_windows, args.eval_batch_size)
+    tasks = prepare(args)  # bad task names / files fail before the model loads
     t0 = time.perf_counter()
     model, tok = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s")
-    seqlen = args.eval_seqlen or args.seqlen
     res = run_perplexity(model, tok, args.eval_datasets, seqlen, args.max_windows, args.eval_batch_size, "eval")
-    rows = [[ds, fmt_ppl(r.ppl), r.seqlen, r.windows, r.tokens, f"{r.tokens_per_s:.0f}"] for ds, r in res.items()]
-    print(table(rows, ["dataset", "ppl", "seqlen", "windows", "tokens", "tok/s"]))
+    if res:
+        rows = [[ds, fmt_ppl(r.ppl), r.seqlen, r.windows, r.tokens, f"{r.tokens_per_s:.0f}"] for ds, r in res.items()]
+        print(table(rows, ["dataset", "ppl", "seqlen", "windows", "tokens", "tok/s"]))
+    task_res = run_with_progress(model, tok, tasks, settings, "eval")
+    print_results(task_res)
     if args.json:
+        out = {ds: r.to_dict() for ds, r in res.items()}
+        if task_res:
+            out["tasks"] = {k: r.to_dict() for k, r in task_res.items()}
         with open(args.json, "w") as f:
-            json.dump({ds: r.to_dict() for ds, r in res.items()}, f, indent=2)
+            json.dump(out, f, indent=2)
     return 0
