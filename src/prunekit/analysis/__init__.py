@@ -1,0 +1,1 @@
+"""Read-only analyses of a model (spectra, allocations) and their plots."""
