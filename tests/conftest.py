@@ -74,3 +74,33 @@ def smollm2():
     from prunekit import load_model
 
     return load_model("smollm2-135m")
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A byte-level BPE tokenizer trained in memory on a little English (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["the quick brown fox jumps over the lazy dog. " * 4, "It is a truth universally acknowledged. " * 4]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    return fast
+
+
+def save_tiny(path, arch: str = "llama", **over):
+    """Save a tiny model + tokenizer folder, as a user's local HF model would be."""
+    tok = tiny_tokenizer(320)
+    model = tiny_model(arch, vocab_size=len(tok), **over)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    return save_tiny(tmp_path / "tiny-llama")

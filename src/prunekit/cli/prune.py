@@ -84,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
 
     setup_threads(args)
     config = build_config(args)  # validate everything cheap before loading anything
+    from ..data import get_dataset
+
+    for name in [config.calib.dataset, *args.eval_datasets]:
+        get_dataset(name, text_field=config.calib.text_field)  # unknown names fail now, not after pruning
     if args.out:
         check_output_dir(args.out, args.overwrite)
     eval_seqlen = args.eval_seqlen or config.calib.seqlen

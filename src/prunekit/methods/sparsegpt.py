@@ -12,6 +12,7 @@ Cholesky factorisation fails, the damping is doubled and the layer retried; the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -45,32 +46,22 @@ def _inverse_cholesky(h: Tensor, percdamp: float, max_retries: int) -> tuple[Ten
     )
 
 
-def sparsegpt_prune(
-    w: Tensor,
-    h: Tensor,
-    sparsity: float,
-    pattern: Pattern = Pattern(),
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    max_retries: int = 10,
-) -> tuple[Tensor, dict]:
-    """Prune ``w`` ``[out, in]`` (float32) with Hessian ``h`` ``[in, in]``; returns the new weight.
+@contextlib.contextmanager
+def _single_thread():
+    """The column loop is thousands of tiny ops: threads only add overhead (and thrash badly
+    when other processes share the cores), so run it on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
-    ``h`` is modified (dead inputs). The returned dict holds the OBS loss, the relative error
-    ``tr(ΔW H ΔW^T) / tr(W H W^T)``, the damping used and the number of retries.
-    """
-    w = w.clone()
-    w0 = w.clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    hinv, damp, retries = _inverse_cholesky(h, percdamp, max_retries)
+
+def _prune_blocks(w: Tensor, hinv: Tensor, losses: Tensor, sparsity: float, prune_n: int, prune_m: int,
+                  blocksize: int) -> None:
+    """Algorithm 1's loop over column blocks, in place on ``w``."""
     rows, cols = w.shape
-    losses = torch.zeros(rows, device=w.device)
-    prune_n, prune_m = (pattern.m - pattern.n, pattern.m) if pattern.is_nm else (0, 0)
-    if prune_m:  # N:M groups must not straddle a block boundary
-        blocksize = max(prune_m, blocksize - blocksize % prune_m)
-
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
@@ -99,15 +90,45 @@ def sparsegpt_prune(
             q1[:, i] = q
             e = (col - q) / d
             losses += e.square() / 2  # the OBS loss (w - q)^2 / (2 d^2), per row
-            w1[:, i:].sub_(e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0))
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)  # OBS update of the rest of the block
             err1[:, i] = e
         w[:, i1:i2] = q1
         w[:, i2:].sub_(err1.matmul(hinv[i1:i2, i2:]))
 
+
+def sparsegpt_prune(
+    w: Tensor,
+    h: Tensor,
+    sparsity: float,
+    pattern: Pattern = Pattern(),
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    max_retries: int = 10,
+) -> tuple[Tensor, dict]:
+    """Prune ``w`` ``[out, in]`` (float32) with Hessian ``h`` ``[in, in]``; returns the new weight.
+
+    ``h`` is modified (dead inputs). The returned dict holds the OBS loss, the relative error
+    ``tr(ΔW H ΔW^T) / tr(W H W^T)``, the damping used and the number of retries.
+    """
+    w = w.clone()
+    w0 = w.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    hinv, damp, retries = _inverse_cholesky(h, percdamp, max_retries)
+    rows, cols = w.shape
+    losses = torch.zeros(rows, device=w.device)
+    prune_n, prune_m = (pattern.m - pattern.n, pattern.m) if pattern.is_nm else (0, 0)
+    if prune_m:  # N:M groups must not straddle a block boundary
+        blocksize = max(prune_m, blocksize - blocksize % prune_m)
+
+    with _single_thread():
+        _prune_blocks(w, hinv, losses, sparsity, prune_n, prune_m, blocksize)
+
     delta = w - w0
     hw = h  # undampened Hessian (dead inputs set to 1 as the reference does)
-    num = float(torch.einsum("ij,jk,ik->", delta, hw, delta))
-    den = float(torch.einsum("ij,jk,ik->", w0, hw, w0))
+    num = float(((delta @ hw) * delta).sum())
+    den = float(((w0 @ hw) * w0).sum())
     info = {"loss": float(losses.sum()), "damp": damp, "retries": retries}
     return w, {**info, "rel_error": num / den if den > 0 else 0.0}
 
