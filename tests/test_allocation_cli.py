@@ -1,0 +1,36 @@
+"""``prunekit analyze`` end to end on a tiny saved model."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from prunekit.cli import main
+
+
+def test_analyze_writes_tables_and_plots(tiny_folder, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "an"
+    rc = main(["analyze", "--model", str(tiny_folder), "--out", str(out), "--compare", str(tiny_folder),
+               "--sparsity", "0.6", "--epsilon", "0.2"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in text and "alpha (alpha_peak, ε=0.2)" in text
+    for f in ("alpha_peak_by_block.png", "alpha_peak_by_kind.png", "esd.png", "allocation.png",
+              "alpha_peak_compare.png", "layers.csv"):
+        assert (out / f).stat().st_size > 1000 or f.endswith(".csv")
+    rows = list(csv.DictReader(open(out / "layers.csv")))
+    assert len(rows) == 2 * 14 and float(rows[0]["alpha"]) > 1
+    data = json.loads((out / "layers.json").read_text())
+    per_block = data["allocation_per_block"]["alpha (alpha_peak, ε=0.2)"]
+    assert sum(per_block.values()) / len(per_block) == pytest.approx(0.6)  # equal-size blocks
+
+
+def test_analyze_bad_input_is_a_one_line_error(tiny_folder, tmp_path, capsys):
+    assert main(["analyze", "--out", str(tmp_path / "x")]) == 2
+    assert "no model given" in capsys.readouterr().err
+    assert main(["analyze", str(tiny_folder), "--out", str(tmp_path / "x"), "--sparsity", "1.5", "--no-plots"]) == 2
+    assert main(["analyze", str(tiny_folder), "--out", str(tmp_path / "x"), "--layers", "nomatch$"]) == 2
