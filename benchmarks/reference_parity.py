@@ -255,6 +255,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", type=Path, default=RESULTS / "reference_parity")
     ap.add_argument("--threshold", type=float, default=0.01, help="max relative ppl difference (issue 2: 1%%)")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out's JSON (same settings)")
     a = ap.parse_args(argv)
 
     import prunekit
@@ -274,15 +275,49 @@ def main(argv=None) -> int:
     linears = decoder_linears(model)
     dense = snapshot(linears)
 
-    t = time.perf_counter()
-    dense_ppl = ppl(model, eval_ids, a.eval_seqlen, a.max_windows)
-    dense_ref_formula = reference_formula_ppl(refs, model, eval_ids, a.eval_seqlen, a.max_windows)
-    print(f"dense: ppl {dense_ppl:.4f} (wanda eval_ppl_wikitext: {dense_ref_formula:.4f}) "
-          f"[{time.perf_counter() - t:.0f}s]", flush=True)
+    settings = dict(model=a.model, dtype="float32", device="cpu", calib_dataset=a.calib_dataset,
+                    nsamples=a.nsamples, calib_seqlen=a.calib_seqlen, seed=a.seed, prunekit_batch_size=a.batch_size,
+                    sparsity=0.5, eval_dataset="wikitext2", eval_seqlen=a.eval_seqlen, eval_windows=a.max_windows,
+                    calib_ids_sha256=hashlib.sha256(calib.numpy().tobytes()).hexdigest(),
+                    threshold=a.threshold)
+    json_path = a.out.with_suffix(".json")
+    result = None
+    if a.resume and json_path.is_file():
+        old = json.loads(json_path.read_text())
+        same = {k: v for k, v in old["settings"].items() if k != "threshold"} == \
+            {k: v for k, v in settings.items() if k != "threshold"}
+        if not same:
+            raise ValueError(f"--resume: {json_path} was made with other settings; drop --resume or change --out")
+        result = old
+        result.setdefault("commands", [result.get("command")])
+        result["commands"].append(command_line(argv))
+        print(f"resuming: {len(result['rows'])} rows already in {json_path}")
+    if result is None:
+        t = time.perf_counter()
+        dense_ppl = ppl(model, eval_ids, a.eval_seqlen, a.max_windows)
+        dense_ref_formula = reference_formula_ppl(refs, model, eval_ids, a.eval_seqlen, a.max_windows)
+        print(f"dense: ppl {dense_ppl:.4f} (wanda eval_ppl_wikitext: {dense_ref_formula:.4f}) "
+              f"[{time.perf_counter() - t:.0f}s]", flush=True)
+        result = dict(
+            commands=[command_line(argv)], settings=settings, environment=environment(),
+            references={
+                "locuslab/wanda": reference_id(a.wanda_repo, ("lib/prune.py", "lib/layerwrapper.py", "lib/eval.py"),
+                                               a.wanda_commit),
+                "IST-DASLab/sparsegpt": reference_id(a.sparsegpt_repo, ("sparsegpt.py", "llama.py"),
+                                                     a.sparsegpt_commit),
+            },
+            reference_entry_points={"magnitude": "wanda lib/prune.py prune_magnitude",
+                                    "wanda": "wanda lib/prune.py prune_wanda",
+                                    "sparsegpt": "sparsegpt llama.py llama_sequential (SparseGPT.fasterprune)"},
+            shims=SHIMS, dense_ppl=dense_ppl, dense_ppl_reference_formula=dense_ref_formula, rows=[],
+        )
+    result["settings"]["threshold"] = a.threshold
+    done = {(r["method"], r["pattern"]) for r in result["rows"]}
 
-    rows = []
     for method in a.methods:
         for pattern in a.patterns:
+            if (method, pattern) in done:
+                continue
             log = io.StringIO()
             restore(linears, dense)
             t0 = time.perf_counter()
@@ -304,36 +339,30 @@ def main(argv=None) -> int:
             row = dict(method=method, pattern=pattern, ppl_ours=our_ppl, ppl_reference=ref_ppl, rel_diff=rel,
                        within_threshold=abs(rel) <= a.threshold, sparsity_ours=our_sp, sparsity_reference=ref_sp,
                        seconds_ours=t_ours, seconds_reference=t_ref, **cmp)
-            rows.append(row)
+            result["rows"].append(row)
             print(f"{method:9s} {pattern:12s} ours {our_ppl:9.4f}  ref {ref_ppl:9.4f}  rel {rel:+.4%}  "
                   f"mask agree mean {cmp['mask_agreement_mean']:.6f} min {cmp['mask_agreement_min']:.6f}  "
                   f"sparsity {our_sp:.6f}/{ref_sp:.6f}  [{t_ref:.0f}s ref, {t_ours:.0f}s ours]", flush=True)
+            write_results(result, a.out)  # after every row, so an interrupted run keeps what it measured
     restore(linears, dense)
-
-    settings = dict(model=a.model, dtype="float32", device="cpu", calib_dataset=a.calib_dataset,
-                    nsamples=a.nsamples, calib_seqlen=a.calib_seqlen, seed=a.seed, prunekit_batch_size=a.batch_size,
-                    sparsity=0.5, eval_dataset="wikitext2", eval_seqlen=a.eval_seqlen, eval_windows=a.max_windows,
-                    calib_ids_sha256=hashlib.sha256(calib.numpy().tobytes()).hexdigest(),
-                    threshold=a.threshold)
-    result = dict(
-        command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else str(argv),
-        settings=settings, environment=environment(),
-        references={
-            "locuslab/wanda": reference_id(a.wanda_repo, ("lib/prune.py", "lib/layerwrapper.py", "lib/eval.py"),
-                                           a.wanda_commit),
-            "IST-DASLab/sparsegpt": reference_id(a.sparsegpt_repo, ("sparsegpt.py", "llama.py"), a.sparsegpt_commit),
-        },
-        reference_entry_points={"magnitude": "wanda lib/prune.py prune_magnitude",
-                                "wanda": "wanda lib/prune.py prune_wanda",
-                                "sparsegpt": "sparsegpt llama.py llama_sequential (SparseGPT.fasterprune)"},
-        shims=SHIMS, dense_ppl=dense_ppl, dense_ppl_reference_formula=dense_ref_formula, rows=rows,
-        all_within_threshold=all(r["within_threshold"] for r in rows),
-    )
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    a.out.with_suffix(".md").write_text(render_md(result))
+    write_results(result, a.out)
     print(f"wrote {a.out.with_suffix('.md')} and .json")
     return 0 if result["all_within_threshold"] else 1
+
+
+def command_line(argv) -> str:
+    args = sys.argv[1:] if argv is None else list(argv)
+    return "python benchmarks/reference_parity.py " + " ".join(args)
+
+
+def write_results(result: dict, out: Path) -> None:
+    order = {(m, p): i for i, (m, p) in enumerate((m, p) for m in METHODS for p in PATTERNS)}
+    result["rows"].sort(key=lambda r: order.get((r["method"], r["pattern"]), 99))
+    result["all_within_threshold"] = all(r["within_threshold"] for r in result["rows"])
+    result["complete"] = len(result["rows"]) == len(order)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(render_md(result))
 
 
 SHIMS = [
@@ -375,7 +404,8 @@ def render_md(r: dict) -> str:
         )
     lines += [
         "",
-        f"All within {s['threshold']:.0%}: **{r['all_within_threshold']}**.",
+        f"All within {s['threshold']:.0%}: **{r['all_within_threshold']}**"
+        + ("" if r.get("complete") else " (incomplete run: only the rows above were measured)") + ".",
         "",
         "Reference commits: " + ", ".join(f"{k} `{v['commit']}`" for k, v in r["references"].items()) + ".",
         "Entry points: " + "; ".join(f"{k}: {v}" for k, v in r["reference_entry_points"].items()) + ".",
@@ -387,7 +417,9 @@ def render_md(r: dict) -> str:
         f"Environment: prunekit {env.get('prunekit')}, torch {env.get('torch')}, transformers "
         f"{env.get('transformers')}, Python {env.get('python')}, {env.get('processor')} ({env.get('threads')} threads).",
         "",
-        f"Command: `{r['command']}`",
+        "Command(s) (`flock /tmp/prunekit-heavy.lock` in front; later ones resumed with `--resume`):",
+        "",
+        *[f"    {c}" for c in r["commands"]],
         "",
     ]
     return "\n".join(lines)

@@ -176,6 +176,16 @@ def test_magnitude_differs_from_reference_only_by_the_threshold_entry():
     assert w.abs()[extra].item() == torch.sort(w.abs().flatten())[0][w.numel() // 2].item()
 
 
+def test_magnitude_reference_prunes_every_tie_at_the_threshold():
+    # bf16-valued weights tie often; the reference's `<=` prunes them all, prunekit keeps the count
+    w = torch.tensor([[0.1, 0.2, -0.2, 0.2], [0.3, 0.4, 0.5, 0.6]])
+    ref = _ref_magnitude_pruned(w, 0.25)  # int(8 * 0.25) = 2, threshold sorted[2] = 0.2
+    assert ref.tolist() == [[True, True, True, True], [False, False, False, False]]
+    lin = _linear(w)
+    build_method("magnitude").compress(lin, None, Target(0.25))
+    assert (lin.weight == 0).tolist() == [[True, True, False, False], [False, False, False, False]]
+
+
 def test_magnitude_nm_equals_reference_rule():
     w = torch.randn(16, 32, generator=_gen(4))
     lin = _linear(w)

@@ -2,9 +2,12 @@
 
 Every function takes a score matrix shaped like the weight (``[out_features, in_features]``)
 and returns a boolean mask of the same shape where ``True`` means *keep*. Higher score means
-more important. Counts follow the reference implementations: a fraction ``s`` of ``n``
-candidates prunes exactly ``int(n * s)`` of them (floor), the lowest-scoring ones, with ties
-broken by position (stable sort) so the result is deterministic.
+more important. A fraction ``s`` of ``n`` candidates prunes exactly ``int(n * s)`` of them
+(floor), the lowest-scoring ones, with ties broken by position (stable sort) so the result is
+deterministic and the sparsity exact. This is Wanda's per-row rule; the magnitude and SparseGPT
+reference code instead prunes every score ``<= sorted[int(n * s)]`` (one more, plus all ties at
+the threshold — many with bf16-valued weights), a difference measured in
+``benchmarks/results/reference_parity.md``.
 """
 
 from __future__ import annotations
