@@ -7,6 +7,7 @@ import argparse
 import time
 
 from ..registry import ALLOCATORS, METHODS, REFINERS
+from ._tasks import add_task_args, prepare, run_with_progress, task_settings
 from .common import UserError, add_eval_args, add_model_args, fmt_ppl, parse_options, run_perplexity, setup_threads, table
 
 
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-dense-eval", action="store_true", help="skip the dense perplexity baseline")
     p.add_argument("--json", default=None, help="also write the report JSON to this file")
     add_eval_args(p)
+    add_task_args(p)
     p.set_defaults(func=run)
 
 
@@ -93,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     eval_seqlen = args.eval_seqlen or config.calib.seqlen
     if args.max_windows is not None and args.max_windows < 1:
         raise UserError(f"--max-windows={args.max_windows} must be >= 1")
+    settings = task_settings(args, eval_seqlen, args.max_windows, args.eval_batch_size)
+    tasks = prepare(args)  # bad task names / files fail before the model loads
 
     t0 = time.perf_counter()
     model, tok = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
@@ -100,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
           f"{args.device}) in {time.perf_counter() - t0:.1f}s")
     dense = {} if args.no_dense_eval else run_perplexity(model, tok, args.eval_datasets, eval_seqlen, args.max_windows,
                                                          args.eval_batch_size, "dense")
+    dense_tasks = {} if args.no_dense_eval else run_with_progress(model, tok, tasks, settings, "dense")
     bar = tqdm(total=None, desc=f"{config.method} {config.pattern}", unit="block")
 
     def on_block(ev) -> None:
@@ -113,11 +118,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     pruned = run_perplexity(model, tok, args.eval_datasets, eval_seqlen, args.max_windows, args.eval_batch_size, "pruned")
+    pruned_tasks = run_with_progress(model, tok, tasks, settings, "pruned")
     report.evaluation = {"dense": {k: v.to_dict() for k, v in dense.items()},
                          "pruned": {k: v.to_dict() for k, v in pruned.items()}}
+    if tasks:
+        report.evaluation["tasks"] = {"dense": {k: r.to_dict() for k, r in dense_tasks.items()},
+                                      "pruned": {k: r.to_dict() for k, r in pruned_tasks.items()}}
     report.extra["model"] = args.model
     report.extra["dtype"] = args.dtype
-    print_summary(report, dense, pruned)
+    print_summary(report, dense, pruned, dense_tasks, pruned_tasks)
     if args.json:
         with open(args.json, "w") as f:
             f.write(report.to_json())
@@ -129,14 +138,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_summary(report, dense: dict, pruned: dict) -> None:
+def print_summary(report, dense: dict, pruned: dict, dense_tasks: dict | None = None,
+                  pruned_tasks: dict | None = None) -> None:
     from ..calibration import peak_rss_mb
+    from ._tasks import fmt_metric
 
     rows = []
     for ds, res in pruned.items():
         d = dense.get(ds)
         rows.append([f"{ds} ppl (seqlen {res.seqlen}, {res.windows} win, {res.tokens} tok)",
                      fmt_ppl(d.ppl if d else None), fmt_ppl(res.ppl)])
+    for spec, res in (pruned_tasks or {}).items():
+        d = (dense_tasks or {}).get(spec)
+        for m, v in res.metrics.items():
+            ppl = res.family == "perplexity"
+            rows.append([f"{spec} {m} (n={res.n})", fmt_metric(d.metrics[m], d.stderr.get(m), ppl) if d else "-",
+                         fmt_metric(v, res.stderr.get(m), ppl)])
     rows.append(["sparsity of pruned linears", "0.0000", f"{report.sparsity:.4f}"])
     rows.append([f"target ({report.method}, {report.pattern}, {report.allocation})", "", f"{report.target_sparsity:.4f}"])
     rows.append(["prune time (s)", "", f"{report.seconds:.1f}"])
