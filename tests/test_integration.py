@@ -54,7 +54,9 @@ def test_api_three_lines_and_nm(smollm2, data_dir):
     model, tok = smollm2
     model = copy.deepcopy(model)
     ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
-    report = prune(model, PruneConfig(method="sparsegpt", pattern="2:4", sparsity=None), calib=ids)
+    cfg = PruneConfig(method="sparsegpt", pattern="2:4", sparsity=None, include=(r"layers\.(0|29)\.",))
+    report = prune(model, cfg, calib=ids)
+    assert len(report.layers) == 14
     assert report.sparsity == pytest.approx(0.5, abs=1e-4)
     w = weight_view(model.get_submodule("model.layers.29.mlp.down_proj"))
     assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
