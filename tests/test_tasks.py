@@ -224,3 +224,18 @@ def test_cli_rejects_a_bad_task_before_loading_the_model(capsys):
 
     assert main(["eval", "no-such-model-folder", "--tasks", "nope"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_real_model_prefix_reuse_matches_full_scoring_and_piqa_prefers_the_right_choice(smollm2, data_dir):
+    model, tok = smollm2
+    task = get_task("piqa", data_dir)
+    exs = task.examples()[:4]
+    reqs = [(e.context, e.choices) for e in exs]
+    fast = loglikelihoods(model, tok, reqs, batch_size=4)
+    full = loglikelihoods(model, tok, reqs, batch_size=8, reuse_prefix=False)
+    for a, b in zip(fast, full):
+        assert a == pytest.approx(b, abs=2e-3)  # fp32: same numbers, only the order of float sums differs
+    # a hand-made pair no language model should get wrong
+    lls = loglikelihoods(model, tok, [("The capital of France is", [" Paris", " potato"])])[0]
+    assert lls[0] > lls[1] + 3
