@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -107,11 +108,13 @@ def main() -> None:
             "--batch-size", str(args.batch_size), "--windows", str(args.windows), "--eval-seqlen", str(args.eval_seqlen)]
     for k in picks:
         conf = CONFIGS[k]
+        load_before = os.getloadavg()[0]
         proc = subprocess.run(base + ["--one", json.dumps(conf)], capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             raise SystemExit(f"{conf} failed:\n{proc.stderr[-3000:]}")
         r = json.loads(line[0][7:])
+        r["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         g = gf[r["dtype"]] * 1e9
         eval_flops = r["tokens"] / (args.eval_seqlen - 1) * args.eval_seqlen * (fl["block"] * fl["layers"] + fl["lm_head"])
         r["eval_floor_s"] = eval_flops / g
@@ -143,17 +146,18 @@ def render(res: dict) -> str:
         f"Measured matmul throughput (2048², this machine): fp32 {res['matmul_gflops']['float32']:.0f} GFLOP/s, "
         f"bf16 {res['matmul_gflops']['bfloat16']:.0f} GFLOP/s.",
         f"Settings: calibration {s['calibration']}, {s['nsamples']} x {s['seqlen']} tokens, batch {s['batch_size']}; "
-        f"eval {s['eval']}. Floors = FLOPs the method must do / measured matmul throughput.", "",
+        f"eval {s['eval']}. Floors = FLOPs the method must do / measured matmul throughput. "
+        "`load` is the 1-minute load average before/after each row (2 cores: above ~2 means other work shared the CPU).", "",
         f"Command: `{res['command']}`", "",
-        "| method | pattern | dtype | sparsity | WikiText-2 ppl | prune s | prune floor s | eval tok/s | eval s | eval floor s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | pattern | dtype | sparsity | WikiText-2 ppl | prune s | prune floor s | eval tok/s | eval s | eval floor s | peak RSS MB | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
-        lines.append("| {method} | {pattern} | {dtype} | {sp} | {ppl:.3f} | {ps} | {pf} | {tps:.0f} | {es:.1f} | {ef:.1f} | {rss:.0f} |".format(
+        lines.append("| {method} | {pattern} | {dtype} | {sp} | {ppl:.3f} | {ps} | {pf} | {tps:.0f} | {es:.1f} | {ef:.1f} | {rss:.0f} | {load} |".format(
             method=r["method"], pattern=r["pattern"], dtype=r["dtype"], sp=f"{r['sparsity']:.4f}" if "sparsity" in r else "0",
             ppl=r["ppl"], ps=f"{r['prune_s']:.1f}" if "prune_s" in r else "-",
             pf=f"{r['prune_floor_s']:.1f}" if "prune_floor_s" in r else "-", tps=r["eval_tok_s"], es=r["eval_s"],
-            ef=r["eval_floor_s"], rss=r["peak_rss_mb"]))
+            ef=r["eval_floor_s"], rss=r["peak_rss_mb"], load="/".join(map(str, r.get("loadavg_1min", [])))))
     bf = [r for r in res["rows"] if r["dtype"] == "bfloat16"]
     if bf:
         lines += ["", "bf16 vs fp32 (same settings):", ""]

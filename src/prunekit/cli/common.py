@@ -34,6 +34,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights and activations dtype (default float32; bfloat16 is ~3x faster on AVX-512 BF16 CPUs)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickled .bin weights when a model has no safetensors (unpickling can run code)")
     p.add_argument("--data-dir", default=None, help="local dataset copies (default: $PRUNEKIT_DATA)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     settings = task_settings(args, seqlen, args.max_windows, args.eval_batch_size)
     tasks = prepare(args)  # bad task names / files fail before the model loads
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    model, tok = load_model(args.model, args.dtype, args.device, args.trust_remote_code, getattr(args, "allow_pickle", False))
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s")
     res = run_perplexity(model, tok, args.eval_datasets, seqlen, args.max_windows, args.eval_batch_size, "eval")
     if res:

@@ -164,7 +164,8 @@ def _convert_gguf(src: ModelSource, dest: Path) -> None:
         raise
 
 
-def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, trust_remote_code: bool = False):
+def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, trust_remote_code: bool = False,
+               allow_pickle: bool = False):
     """Load ``(model, tokenizer)``; the model is in eval mode on ``device``.
 
     Args:
@@ -172,6 +173,8 @@ def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, t
         dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
         device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``/``None`` (best available).
         trust_remote_code: run the repository's own modelling code (off unless asked).
+        allow_pickle: also accept pickled ``.bin`` weights (off: safetensors only, since
+            unpickling runs arbitrary code).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -183,7 +186,7 @@ def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, t
         if not (cached / "config.json").is_file():
             _convert_gguf(src, cached)
         src = ModelSource(str(cached))
-    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if src.hub else True)
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
     try:
         if not src.hub and is_lowrank_folder(src.path):  # factorized modules saved by prunekit
             model = load_lowrank_model(src.path, torch_dtype, trust_remote_code)
