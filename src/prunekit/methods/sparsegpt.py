@@ -60,14 +60,19 @@ def _single_thread():
 
 def _prune_blocks(w: Tensor, hinv: Tensor, losses: Tensor, sparsity: float, prune_n: int, prune_m: int,
                   blocksize: int) -> None:
-    """Algorithm 1's loop over column blocks, in place on ``w``."""
+    """Algorithm 1's loop over column blocks, in place on ``w``.
+
+    Per column only two small ops run: the scaled error ``e = p * w / d`` (``p`` = pruned) and the
+    rank-1 OBS update of the rest of the block. The update also turns column ``i`` itself into
+    ``w - p * w = q`` (up to rounding), so the quantized block is read back at the end and its
+    pruned entries set to exact zeros.
+    """
     rows, cols = w.shape
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
         w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
+        err1 = torch.empty(count, rows, dtype=w.dtype, device=w.device)  # row i = column i's error
         hinv1 = hinv[i1:i2, i1:i2]
         d1 = torch.diag(hinv1)
         if prune_n == 0:
@@ -80,20 +85,18 @@ def _prune_blocks(w: Tensor, hinv: Tensor, losses: Tensor, sparsity: float, prun
             pruned = pruned.view(rows, count)
         else:
             pruned = torch.zeros_like(w1, dtype=torch.bool)
+        scale = pruned.to(w.dtype) / d1.unsqueeze(0)  # p / d per entry
         for i in range(count):
-            col = w1[:, i]
-            d = hinv1[i, i]
             if prune_n and i % prune_m == 0:
                 sal = w1[:, i : i + prune_m].square() / d1[i : i + prune_m].square().unsqueeze(0)
-                pruned.scatter_(1, i + torch.topk(sal, prune_n, dim=1, largest=False).indices, True)
-            q = col.masked_fill(pruned[:, i], 0.0)
-            q1[:, i] = q
-            e = (col - q) / d
-            losses += e.square() / 2  # the OBS loss (w - q)^2 / (2 d^2), per row
+                idx = i + torch.topk(sal, prune_n, dim=1, largest=False).indices
+                pruned.scatter_(1, idx, True)
+                scale[:, i : i + prune_m] = pruned[:, i : i + prune_m].to(w.dtype) / d1[i : i + prune_m]
+            e = torch.mul(w1[:, i], scale[:, i], out=err1[i])
             w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)  # OBS update of the rest of the block
-            err1[:, i] = e
-        w[:, i1:i2] = q1
-        w[:, i2:].sub_(err1.matmul(hinv[i1:i2, i2:]))
+        losses += err1.square().sum(0) / 2  # the OBS loss (w - q)^2 / (2 d^2), per row
+        w[:, i1:i2] = w1.masked_fill_(pruned, 0.0)
+        w[:, i2:].sub_(err1.t().matmul(hinv[i1:i2, i2:]))
 
 
 def sparsegpt_prune(
