@@ -118,6 +118,28 @@ def test_batched_cached_greedy_equals_naive_greedy(tiny):
     assert greedy_generate(model, tok, prompts, max_new_tokens=6, batch_size=2) == [naive(p, 6) for p in prompts]
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "opt", "gpt_neox", "gpt2"])
+def test_engine_is_exact_on_other_architectures(arch):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    tok = tiny_tokenizer(320)
+    cfg = tiny_config(arch)
+    cfg.vocab_size = len(tok)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    reqs = [("the quick brown", [" fox", " dog jumps over"]), ("It is a truth ", ["universally", "all the"]),
+            ("a b c d e f g the lazy dog jumps", [" x y"])]
+    fast = loglikelihoods(model, tok, reqs, batch_size=2)
+    full = loglikelihoods(model, tok, reqs, batch_size=1, reuse_prefix=False)
+    for a, b in zip(fast, full):
+        assert a == pytest.approx(b, abs=1e-4)
+    prompts = ["the quick", "It is a truth universally acknowledged"]
+    batched = greedy_generate(model, tok, prompts, max_new_tokens=4, batch_size=2)
+    assert batched == [greedy_generate(model, tok, [p], max_new_tokens=4, batch_size=1)[0] for p in prompts]
+
+
 # --- every family end to end on the tiny model -------------------------------------------------
 def _write_jsonl(path, rows):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
