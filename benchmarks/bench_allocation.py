@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.6, 0.7])
-    ap.add_argument("--epsilons", nargs="+", type=float, default=[0.1, 0.2, 0.3])
+    ap.add_argument("--epsilons", nargs="+", type=float, default=[0.1, 0.3])
     ap.add_argument("--lambdas", nargs="+", type=float, default=[0.04, 0.08])
     ap.add_argument("--calib", default="austen")
     ap.add_argument("--nsamples", type=int, default=32)
