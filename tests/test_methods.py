@@ -132,3 +132,15 @@ def test_input_stats_moments_and_norms():
     assert st.col_norm.tolist() == pytest.approx([10**0.5, 8**0.5])
     assert st.mean.tolist() == [2.0, 0.0]
     assert st.var.tolist() == [1.0, 4.0]
+
+
+def test_chunked_nll_equals_one_shot_cross_entropy():
+    import torch.nn.functional as F
+
+    from prunekit.eval.perplexity import shifted_nll
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 700, 50, generator=g).to(torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 700), generator=g)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 50).float(), ids[:, 1:].reshape(-1), reduction="sum")
+    assert shifted_nll(logits, ids, chunk=256) == pytest.approx(float(ref), rel=1e-6)
