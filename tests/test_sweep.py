@@ -154,3 +154,28 @@ def test_plots_and_report(tmp_path):
     md = markdown_report(data, plots)
     assert "![piqa/acc vs sparsity](plots/piqa_acc.png)" in md and "prunekit sweep toy" in md
     assert "| wanda | uniform | austen | piqa/acc | 40% | 50% |" in md
+
+
+def test_sweep_cli_end_to_end_and_resume(tiny_folder, tmp_path, capsys):
+    from prunekit.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. It is a truth universally acknowledged. " * 60)
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text('{"context": "the quick brown", "choices": ["fox", "dog"], "label": 0}\n'
+                  '{"context": "the lazy", "choices": ["fox", "dog"], "label": 1}\n')
+    out = tmp_path / "sw"
+    argv = ["sweep", str(tiny_folder), "--methods", "magnitude", "--sparsities", "0:0.5:0.25", "--calib", str(text),
+            "--nsamples", "2", "--seqlen", "16", "--eval", str(text), "--eval-seqlen", "32", "--max-windows", "2",
+            "--tasks", f"mc:{mc}", "--out", str(out)]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "[3/3] magnitude|uniform" in first and "skipped" not in first
+    assert {p.name for p in (out / "plots").iterdir()} >= {"mc_mc_acc.png", "mc_mc_acc_norm.png", "ppl_t_ppl.png"}
+    report = (out / "report.md").read_text()
+    assert "| magnitude | uniform |" in report and "![" in report
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("done earlier, skipped") == 3
+    assert main(["sweep", str(tiny_folder), "--out", str(tmp_path / "none"), "--report-only"]) == 2
+    assert main(["eval", str(tiny_folder), "--tasks", f"mc:{mc}", "--limit", "other=3"]) == 2
+    assert "not in --tasks" in capsys.readouterr().err

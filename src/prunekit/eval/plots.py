@@ -28,8 +28,17 @@ def _label(key: tuple[str, str, str], multi_alloc: bool, multi_calib: bool) -> s
     return " / ".join(parts)
 
 
+def short_task(task: str) -> str:
+    """``mc:/data/my_tasks/facts.jsonl`` → ``mc:facts`` (file specs are long; names are short already)."""
+    prefix, sep, rest = task.partition(":")
+    if sep and ("/" in rest or "." in rest):
+        return f"{prefix}:{Path(rest.split(':')[0]).stem if Path(rest.split(':')[0]).stem != 'task' else Path(rest).parent.name}"
+    return task
+
+
 def metric_title(metric: str) -> str:
     task, _, m = metric.rpartition("/")
+    task = short_task(task)
     if task.startswith("ppl:"):
         return f"{task[4:]} perplexity (lower is better)"
     return f"{task} {m} (higher is better)"
@@ -95,7 +104,8 @@ def plot_sweep(data: dict[str, Any], out_dir: str | Path, title: str = "") -> di
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
-        name = f"{_slug(metric)}.png"
+        task, _, m = metric.rpartition("/")
+        name = f"{_slug(short_task(task) + '_' + m)}.png"
         fig.savefig(out / name)
         plt.close(fig)
         files[metric] = name
