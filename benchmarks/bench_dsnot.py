@@ -71,11 +71,15 @@ def main() -> None:
                    "mean_abs_e_after": sum(r["mean_abs_error_after"] for r in done) / len(done) if done else None}
             print(json.dumps(row, default=str), flush=True)
             rows.append(row)
+            write(rows, args, dense.ppl)  # after every row: partial results survive an interruption
             del model
             gc.collect()
+
+
+def write(rows: list[dict], args, dense_ppl: float) -> None:
     settings = {"model": "smollm2-135m", "dtype": args.dtype, "calibration": f"{args.calib}, {args.nsamples} x "
                 f"{args.seqlen} tokens, seed 0 (same ids for every row)", "ppl": f"WikiText-2 test, first "
-                f"{args.max_windows} windows of {args.eval_seqlen} tokens", "dense_ppl": dense.ppl,
+                f"{args.max_windows} windows of {args.eval_seqlen} tokens", "dense_ppl": dense_ppl,
                 "dsnot defaults": "max_cycles 50, update_threshold 0.1/2048 per token, pow_of_var 1",
                 "command": "python benchmarks/bench_dsnot.py"}
     env = environment()
