@@ -9,6 +9,6 @@ prunekit sweep smollm2-135m --dtype float32 --threads 1 \
   --methods wanda magnitude --allocations uniform --sparsities 0:0.8:0.1 \
   --calib austen --nsamples 16 --seqlen 512 --batch-size 8 --seed 0 \
   --eval wikitext2 --eval-seqlen 1024 --max-windows 5 \
-  --tasks piqa general_knowledge qa_wikidata --limit piqa=100 --limit qa_wikidata=100 \
+  --tasks piqa general_knowledge qa_wikidata --limit piqa=80 --limit qa_wikidata=80 \
   --task-batch-size 16 \
   --out benchmarks/results/sweep --title "SmolLM2-135M: Wanda vs magnitude, uniform, 0-80% sparsity" "$@"

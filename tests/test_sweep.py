@@ -54,7 +54,8 @@ def test_sweep_config_validates():
         SweepConfig(sparsities=(0.0, 1.0))
     with pytest.raises(ValueError, match="duplicates"):
         SweepConfig(methods=("wanda", "wanda"))
-    assert [c["sparsity"] for c in SweepConfig(methods=("magnitude",), sparsities=(0.5, 0.0, 0.2)).cells()] == [0.2, 0.5]
+    cells = SweepConfig(methods=("wanda", "magnitude"), sparsities=(0.5, 0.0, 0.2)).cells()
+    assert [(c["sparsity"], c["method"]) for c in cells] == [(0.2, "wanda"), (0.2, "magnitude"), (0.5, "wanda"), (0.5, "magnitude")]
 
 
 @pytest.fixture

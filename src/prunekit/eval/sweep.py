@@ -84,9 +84,12 @@ class SweepConfig:
                 raise ValueError(f"{name}={tol!r} must be a fraction in (0, 1)")
 
     def cells(self) -> list[dict[str, Any]]:
-        """The pruned cells in run order (sparsity 0 is the shared dense baseline, not a cell)."""
+        """The pruned cells in run order (sparsity 0 is the shared dense baseline, not a cell).
+
+        Sparsity is the outer loop, so an interrupted sweep has every curve up to the same sparsity.
+        """
         return [dict(method=m, allocation=a, calib=c, sparsity=s)
-                for c in self.calibs for a in self.allocations for m in self.methods for s in self.sparsities if s > 0]
+                for s in self.sparsities if s > 0 for c in self.calibs for a in self.allocations for m in self.methods]
 
 
 def cell_key(cell: Mapping[str, Any]) -> str:
