@@ -99,12 +99,18 @@ def row_mask(scores: Tensor, sparsity: float) -> Tensor:
 
 
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
-    """Keep the ``n`` highest scores in every group of ``m`` consecutive input columns."""
+    """Keep the ``n`` highest scores in every group of ``m`` consecutive input columns.
+
+    The ``m - n`` pruned entries of a group are chosen with ``torch.topk(largest=False)``, as the
+    Wanda and SparseGPT reference code does, so ties (common in dequantized weights, where a
+    32-weight block has only 16 distinct values) are broken the same way as there.
+    """
     rows, cols = scores.shape
     if cols % m:
         raise ValueError(f"N:M with M={m} needs M to divide the input width {cols}")
     groups = scores.reshape(rows, cols // m, m)
-    return _prune_lowest(groups, m - n, dim=-1).reshape(rows, cols)
+    pruned = torch.topk(groups, m - n, dim=-1, largest=False).indices
+    return torch.ones_like(groups, dtype=torch.bool).scatter_(-1, pruned, False).reshape(rows, cols)
 
 
 def keep_mask(scores: Tensor, sparsity: float, pattern: Pattern, per_row: bool) -> Tensor:
