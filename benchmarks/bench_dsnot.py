@@ -52,8 +52,11 @@ def main() -> None:
     print(f"dense ppl {dense.ppl:.3f}")
     del model
     rows = []
-    for s in args.sparsities:
-        for label, opts in REFINES:
+    # most important rows first (Wanda vs Wanda+DSnoT at each sparsity), extra variants after
+    jobs = [(s, lab, o) for s in args.sparsities for lab, o in REFINES[:2]]
+    jobs += [(s, lab, o) for lab, o in REFINES[2:] for s in args.sparsities]
+    for s, label, opts in jobs:
+        if True:
             model, tok = prunekit.load_model("smollm2-135m", args.dtype)
             cfg = PruneConfig(method="wanda", sparsity=s, calib=calib_cfg, refine=None if opts is None else "dsnot",
                               refine_options=opts or {})
