@@ -88,6 +88,22 @@ def hub_texts(split: str, path: str, name: str | None = None, field: str = "text
     return [row[field] for row in ds]
 
 
+def jsonl_rows(path: Path):
+    """``(line number, object)`` for each non-blank line of a JSON-lines file, with errors that
+    name the file, the line and what is wrong."""
+    with Path(path).open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix the line") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object with fields")
+            yield lineno, row
+
+
 class TextFile(TextDataset):
     """A local ``.txt`` file: one document (the whole file)."""
 
@@ -117,21 +133,13 @@ class JsonlFile(TextDataset):
 
     def documents(self, split: str) -> list[str]:
         docs = []
-        with self.path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{self.path}:{lineno} is not valid JSON ({e.msg}); fix the line or the file") from None
-                if not isinstance(row, dict) or self.field not in row:
-                    keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                    raise ValueError(
-                        f"{self.path}:{lineno} has no field {self.field!r} (it has: {keys}); choose the text "
-                        "field with --text-field"
-                    )
-                docs.append(str(row[self.field]))
+        for lineno, row in jsonl_rows(self.path):
+            if self.field not in row:
+                raise ValueError(
+                    f"{self.path}:{lineno} has no field {self.field!r} (it has: {', '.join(row) or 'none'}); "
+                    "choose the text field with --text-field"
+                )
+            docs.append(str(row[self.field]))
         if not docs:
             raise ValueError(f"{self.path} has no documents")
         return docs

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ...data import DataNotFoundError, data_dir
+from ...data.base import jsonl_rows
 
 #: seed of the deterministic shuffles (BIG-bench example order, GSM8K exemplars)
 SEED = 1234
@@ -41,23 +42,14 @@ def existing_file(spec: str, what: str) -> Path:
 def read_jsonl(path: Path, required: Sequence[Sequence[str]] = ()) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file; ``required`` lists groups of alternative field names."""
     rows = []
-    with Path(path).open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix the line") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object with fields")
-            for group in required:
-                if not any(k in row for k in group):
-                    raise ValueError(
-                        f"{path}:{lineno} has no field {' or '.join(repr(k) for k in group)} "
-                        f"(it has: {', '.join(row) or 'none'}); see docs/evaluation.md for the format"
-                    )
-            rows.append(row)
+    for lineno, row in jsonl_rows(Path(path)):
+        for group in required:
+            if not any(k in row for k in group):
+                raise ValueError(
+                    f"{path}:{lineno} has no field {' or '.join(repr(k) for k in group)} "
+                    f"(it has: {', '.join(row) or 'none'}); see docs/evaluation.md for the format"
+                )
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path} has no examples")
     return rows
