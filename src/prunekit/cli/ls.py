@@ -14,9 +14,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import allocation, data, methods  # noqa: F401  (populate the registries)
+    from ..eval import tasks  # noqa: F401
     from ..methods.base import Method
 
-    sections = [("methods", registry.METHODS), ("allocations", registry.ALLOCATORS), ("datasets", registry.DATASETS),
+    sections = [("methods", registry.METHODS), ("refiners", registry.REFINERS), ("allocations", registry.ALLOCATORS),
+                ("datasets", registry.DATASETS),
                 ("tasks", registry.TASKS), ("model aliases", registry.MODEL_ALIASES)]
     for title, reg in sections:
         if not len(reg):
