@@ -25,7 +25,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.6, 0.7])
     ap.add_argument("--epsilons", nargs="+", type=float, default=[0.1, 0.3])

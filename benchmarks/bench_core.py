@@ -25,6 +25,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = [
+    ("dense", "-", "float32"),
     ("magnitude", "unstructured", "float32"), ("wanda", "unstructured", "float32"), ("sparsegpt", "unstructured", "float32"),
     ("magnitude", "2:4", "float32"), ("wanda", "2:4", "float32"), ("sparsegpt", "2:4", "float32"),
     ("dense", "-", "bfloat16"), ("wanda", "unstructured", "bfloat16"), ("sparsegpt", "unstructured", "bfloat16"),
@@ -71,9 +72,34 @@ def run_one(method: str, pattern: str, dtype: str, args) -> dict:
         rep = prunekit.prune(model, cfg, calib=ids)
         out.update(prune_s=rep.seconds, sparsity=rep.sparsity)
     ev = prunekit.evaluate(model, tok, prunekit.EvalConfig(("wikitext2",), args.eval_seqlen, args.windows))["wikitext2"]
+    if method == "dense" and dtype == "float32":
+        # the plain reference loop (wanda's eval_ppl_wikitext shape: one window per forward, full
+        # logits, shifted CrossEntropyLoss) in the same process, alternated with ours, so the
+        # throughput target is measured against this machine as it is right now
+        ref, ours = [], [ev.tokens_per_s]
+        for _ in range(2):
+            ref.append(plain_loop_tok_s(model, tok, args))
+            ours.append(prunekit.evaluate(model, tok, prunekit.EvalConfig(("wikitext2",), args.eval_seqlen,
+                                                                          args.windows))["wikitext2"].tokens_per_s)
+        out.update(plain_loop_tok_s=ref, prunekit_tok_s=ours)
     out.update(ppl=ev.ppl, eval_tok_s=ev.tokens_per_s, eval_s=ev.seconds, windows=ev.windows, tokens=ev.tokens,
                peak_rss_mb=peak_rss_mb())
     return out
+
+
+def plain_loop_tok_s(model, tok, args) -> float:
+    """Tokens/s of a textbook perplexity loop over the same windows (the reference's shape)."""
+    from prunekit.eval.perplexity import eval_token_ids
+
+    ids = eval_token_ids(tok, "wikitext2", args.eval_seqlen)
+    n, loss_fn = args.eval_seqlen, torch.nn.CrossEntropyLoss()
+    t = time.perf_counter()
+    with torch.no_grad():
+        for i in range(args.windows):
+            x = ids[i * n : (i + 1) * n].unsqueeze(0)
+            logits = model(x).logits
+            loss_fn(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+    return args.windows * n / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -86,6 +112,8 @@ def main() -> None:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--only", default=None, help="comma-separated indices of CONFIGS to run")
     ap.add_argument("--out", default=str(HERE / "results" / "core"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of --out's JSON that this run does not redo (same settings only)")
     args = ap.parse_args()
     if args.one:
         print("RESULT " + json.dumps(run_one(*json.loads(args.one), args)))
@@ -126,11 +154,23 @@ def main() -> None:
             r["prune_floor_s"] = ntok * per_tok / g
         rows.append(r)
         print(json.dumps(r), flush=True)
+    kept, commands = [], []
+    old_path = Path(args.out + ".json")
+    if args.merge and old_path.is_file():
+        old = json.loads(old_path.read_text())
+        redone = {(r["method"], r["pattern"], r["dtype"]) for r in rows}
+        kept = [r for r in old["rows"] if (r["method"], r["pattern"], r["dtype"]) not in redone]
+        commands = old.get("commands", [old.get("command")])
+        for r in kept:
+            r.setdefault("from_earlier_run", True)
+    order = {c: i for i, c in enumerate(CONFIGS)}
+    rows = sorted(kept + rows, key=lambda r: order.get((r["method"], r["pattern"], r["dtype"]), 99))
     result = {"environment": environment(), "matmul_gflops": gf,
               "settings": {"model": "smollm2-135m (GGUF Q4_1, dequantized)", "calibration": "austen, seed 0",
                            "nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size,
                            "eval": f"wikitext2 test, first {args.windows} windows of {args.eval_seqlen} tokens"},
-              "rows": rows, "command": "PRUNEKIT_DATA=../shared/data python benchmarks/bench_core.py " + " ".join(sys.argv[1:])}
+              "rows": rows, "commands": commands + ["PRUNEKIT_DATA=../shared/data python benchmarks/bench_core.py "
+                                                     + " ".join(sys.argv[1:])]}
     Path(args.out + ".json").write_text(json.dumps(result, indent=2))
     Path(args.out + ".md").write_text(render(result))
     print(render(result))
@@ -148,16 +188,25 @@ def render(res: dict) -> str:
         f"Settings: calibration {s['calibration']}, {s['nsamples']} x {s['seqlen']} tokens, batch {s['batch_size']}; "
         f"eval {s['eval']}. Floors = FLOPs the method must do / measured matmul throughput. "
         "`load` is the 1-minute load average before/after each row (2 cores: above ~2 means other work shared the CPU).", "",
-        f"Command: `{res['command']}`", "",
+        "Command(s): " + "; ".join(f"`{c}`" for c in res.get("commands", [res.get("command")])) +
+        (" (rows marked * come from the earlier command, kept with `--merge`)" if any(r.get("from_earlier_run") for r in res["rows"]) else ""),
+        "",
         "| method | pattern | dtype | sparsity | WikiText-2 ppl | prune s | prune floor s | eval tok/s | eval s | eval floor s | peak RSS MB | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         lines.append("| {method} | {pattern} | {dtype} | {sp} | {ppl:.3f} | {ps} | {pf} | {tps:.0f} | {es:.1f} | {ef:.1f} | {rss:.0f} | {load} |".format(
-            method=r["method"], pattern=r["pattern"], dtype=r["dtype"], sp=f"{r['sparsity']:.4f}" if "sparsity" in r else "0",
+            method=r["method"] + ("*" if r.get("from_earlier_run") else ""), pattern=r["pattern"], dtype=r["dtype"], sp=f"{r['sparsity']:.4f}" if "sparsity" in r else "0",
             ppl=r["ppl"], ps=f"{r['prune_s']:.1f}" if "prune_s" in r else "-",
             pf=f"{r['prune_floor_s']:.1f}" if "prune_floor_s" in r else "-", tps=r["eval_tok_s"], es=r["eval_s"],
             ef=r["eval_floor_s"], rss=r["peak_rss_mb"], load="/".join(map(str, r.get("loadavg_1min", [])))))
+    dense32 = next((r for r in res["rows"] if r["method"] == "dense" and "plain_loop_tok_s" in r), None)
+    if dense32:
+        ours, ref = dense32["prunekit_tok_s"], dense32["plain_loop_tok_s"]
+        lines += ["", "fp32 evaluation throughput vs a plain reference-style loop (one window per forward, full "
+                  "logits, shifted cross-entropy), alternated in the same process on the same windows: prunekit "
+                  + ", ".join(f"{x:.0f}" for x in ours) + " tok/s; plain loop " + ", ".join(f"{x:.0f}" for x in ref)
+                  + f" tok/s (best {max(ours):.0f} vs {max(ref):.0f})."]
     bf = [r for r in res["rows"] if r["dtype"] == "bfloat16"]
     if bf:
         lines += ["", "bf16 vs fp32 (same settings):", ""]

@@ -36,7 +36,7 @@ REFINES = [  # (label, refine options); None = Wanda alone
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.6, 0.7])
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)

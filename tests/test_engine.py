@@ -23,7 +23,7 @@ class Identity(Method):
         self.seen = {}
 
     def compress(self, linear, stats, target):
-        self.seen[id(linear)] = (stats.count, stats.sumsq.clone(), stats.xtx.clone())
+        self.seen[id(linear)] = (stats.count, stats.scaler.clone(), stats.xtx.clone())
         return CompressResult()
 
 
@@ -70,12 +70,26 @@ def test_statistics_equal_those_of_plain_hooks_despite_sharing_and_early_exit(ca
         h.remove()
     method = Identity()
     run_sequential(model, calib_ids, method, {n: Target(0.5) for n in linears}, batch_size=2)
+    nseq = calib_ids.shape[0]
     for n, m in linears.items():
         x = torch.cat(xs[n]).float()
-        count, sumsq, xtx = method.seen[id(m)]
+        count, scaler, xtx = method.seen[id(m)]
         assert count == x.shape[0]
-        torch.testing.assert_close(sumsq.float(), (x * x).sum(0), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(xtx, x.t() @ x, rtol=1e-4, atol=1e-4)
+        # the reference normalisations: per-sequence means (wanda scaler_row, SparseGPT's H)
+        torch.testing.assert_close(scaler * nseq, (x * x).sum(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xtx, 2 * x.t() @ x / nseq, rtol=1e-4, atol=1e-4)
+
+
+def test_statistics_do_not_depend_on_the_batch_size(calib_ids):
+    """Accumulated one sequence at a time, the statistics are bit-identical for any batch size."""
+    seen = []
+    for bs in (1, 3):
+        model = tiny_model("llama")
+        method = Identity()
+        run_sequential(model, calib_ids, method, {n: Target(0.5) for n in decoder_linears(model)}, batch_size=bs)
+        seen.append([method.seen[id(m)] for m in decoder_linears(model).values()])
+    for (c1, s1, h1), (c2, s2, h2) in zip(*seen):
+        assert c1 == c2 and torch.equal(s1, s2) and torch.equal(h1, h2)
 
 
 ARCHS = ["llama", "qwen2", "mistral", "opt", "gpt_neox", "gpt2"]

@@ -175,6 +175,13 @@ def test_families_end_to_end(tiny, tmp_path):
     assert res[specs[4]].n == 3 and res[specs[4]].metrics["ppl"] > 1  # windows, not the example limit
     # a random model is wrong or right, but the bookkeeping is exact: the arithmetic sample holds its gold
     assert res[specs[2]].samples[0]["gold"] == "4"
+    # first two mc examples: gold positions {0} and {1, 2} -> always-position-0 or always-1 gets 1 of 2
+    mc_settings = res[specs[0]].settings
+    assert mc_settings["majority"] == 0.5
+    shares = mc_settings["pred_position_share"]
+    assert math.isclose(sum(shares.values()), 1.0) and set(shares) <= {"0", "1", "2"}
+    acc_from_shares = res[specs[0]].metrics["acc"]
+    assert acc_from_shares in (0.0, 0.5, 1.0)
 
 
 def test_registered_tasks_read_the_data_directory(data_dir, tiny):

@@ -8,6 +8,7 @@ gather from that layer's calibration inputs, and a :class:`Target`; it edits the
 from __future__ import annotations
 
 import inspect
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -46,31 +47,66 @@ class CompressResult:
 
 
 class InputStats:
-    """Running statistics of a linear layer's input features (float32, any device)."""
+    """Running statistics of a linear layer's input features (float32, any device).
+
+    The two statistics the reference implementations use are accumulated exactly as they do it,
+    one calibration sequence at a time, so that prunekit reproduces them bit for bit whatever the
+    calibration batch size (a batched block forward gives the same activations as per-sequence
+    forwards; only the accumulation order could differ):
+
+    * ``scaler``: wanda's ``WrappedGPT.scaler_row``, the running mean over sequences of
+      ``||x_j||^2`` (sum over the sequence's tokens): ``s *= n/(n+1); s += ||x||^2/(n+1)``.
+    * the Hessian: SparseGPT's ``add_batch``, ``H *= n/(n+1); x' = sqrt(2/(n+1)) x; H += x'^T x'``,
+      i.e. ``H = 2 X^T X / n_sequences``.
+
+    With ``moments``, per-feature sums and sums of squares over tokens are also kept (float64),
+    for means and variances (DSnoT).
+    """
 
     def __init__(self, n_features: int, device: torch.device, hessian: bool = False, moments: bool = False) -> None:
-        self.count = 0
-        self.moments = moments  # also track the per-feature sum (mean/variance)
+        self.count = 0  # tokens seen
+        self.samples = 0  # sequences seen
+        self.moments = moments  # also track the per-feature sums (mean/variance); may be switched on later
         acc = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
+        self.scaler = torch.zeros(n_features, dtype=torch.float32, device=device)
         self.sum = torch.zeros(n_features, dtype=acc, device=device)
         self.sumsq = torch.zeros(n_features, dtype=acc, device=device)
         self.xtx = torch.zeros(n_features, n_features, dtype=torch.float32, device=device) if hessian else None
 
     def update(self, x: Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        self.count += x.shape[0]
-        # per-batch float32 reductions (4x faster than vector_norm over dim 0 on CPU),
-        # accumulated across batches in float64
-        self.sumsq += (x * x).sum(0).to(self.sumsq.dtype)
+        """Add a batch of inputs ``[batch, tokens, features]`` (a 2-D input is one sequence)."""
+        if x.dim() != 3:
+            x = x.reshape(1, -1, x.shape[-1])
+        for seq in x:  # one sequence at a time, in order: the reference's arithmetic
+            seq = seq.float()
+            n = self.samples
+            self.samples = n + 1
+            self.scaler *= n / (n + 1)
+            self.scaler += torch.norm(seq.t(), p=2, dim=1) ** 2 / (n + 1)
+            if self.xtx is not None:
+                self.xtx *= n / (n + 1)
+                xt = math.sqrt(2 / (n + 1)) * seq.t()
+                self.xtx += xt.matmul(xt.t())
+        flat = x.reshape(-1, x.shape[-1])
+        self.count += flat.shape[0]
         if self.moments:
-            self.sum += x.sum(0).to(self.sum.dtype)
-        if self.xtx is not None:
-            self.xtx.addmm_(x.t(), x)
+            flat = flat.to(torch.float32)
+            self.sumsq += (flat * flat).sum(0).to(self.sumsq.dtype)
+            self.sum += flat.sum(0).to(self.sum.dtype)
 
     @property
     def col_norm(self) -> Tensor:
-        """``||X_j||_2`` over all tokens (float32): Wanda's activation norm."""
-        return self.sumsq.sqrt().to(torch.float32)
+        """Wanda's activation norm ``sqrt(scaler)`` = ``||X_j||_2 / sqrt(n_sequences)`` (float32).
+
+        The factor ``1/sqrt(n)`` is common to all features, so it changes no ranking; it is kept
+        because the reference scores ``|W| * sqrt(scaler_row)`` with exactly these numbers.
+        """
+        return torch.sqrt(self.scaler)
+
+    @property
+    def col_sq(self) -> Tensor:
+        """``||X_j||^2`` summed over all tokens (float32)."""
+        return self.scaler * self.samples
 
     @property
     def mean(self) -> Tensor:
@@ -88,10 +124,10 @@ class InputStats:
             raise RuntimeError("these statistics were gathered without moments (set Method.needs_moments)")
 
     def hessian(self) -> Tensor:
-        """``H = 2 X^T X / n`` (float32, a fresh tensor the caller may modify)."""
+        """``H = 2 X^T X / n_sequences`` (float32, a fresh tensor the caller may modify)."""
         if self.xtx is None:
             raise RuntimeError("these statistics were gathered without the Hessian")
-        return self.xtx * (2.0 / max(self.count, 1))
+        return self.xtx.clone()
 
 
 class Method(ABC):

@@ -22,6 +22,6 @@ class Magnitude(Method):
     def compress(self, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
         w = weight_view(linear).float()
         keep = keep_mask(w.abs(), target.sparsity, target.pattern, per_row=False)
-        err = diag_error(w, keep, stats.sumsq.float() if stats is not None else None)
+        err = diag_error(w, keep, stats.col_sq if stats is not None else None)
         apply_keep_mask(linear, keep)
         return CompressResult(error=err)

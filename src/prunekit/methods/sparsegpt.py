@@ -60,43 +60,47 @@ def _single_thread():
 
 def _prune_blocks(w: Tensor, hinv: Tensor, losses: Tensor, sparsity: float, prune_n: int, prune_m: int,
                   blocksize: int) -> None:
-    """Algorithm 1's loop over column blocks, in place on ``w``.
+    """Algorithm 1's loop over column blocks, in place on ``w``, with the reference's arithmetic.
 
-    Per column only two small ops run: the scaled error ``e = p * w / d`` (``p`` = pruned) and the
-    rank-1 OBS update of the rest of the block. The update also turns column ``i`` itself into
-    ``w - p * w = q`` (up to rounding), so the quantized block is read back at the end and its
-    pruned entries set to exact zeros.
+    Every floating-point operation that reaches the weights is the one IST-DASLab/sparsegpt's
+    ``fasterprune`` performs, in the same order and memory layout, so the same Hessian gives the
+    same weights bit for bit (checked by ``benchmarks/reference_parity.py``): the error of column
+    ``i`` is ``(w - q) / d`` (``w`` where pruned, 0 where kept), the block update is the outer
+    product ``err ⊗ Hinv[i, i:]`` subtracted, and the lazy update multiplies the ``[rows, count]``
+    error matrix. Unstructured: within a block, every weight whose saliency is at most the
+    ``int(numel * s)``-th smallest is pruned (the reference's ``tmp <= thresh``: one weight more
+    than ``int(numel * s)`` per block, more on ties; nothing when that count is 0).
     """
     rows, cols = w.shape
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
         w1 = w[:, i1:i2].clone()
-        err1 = torch.empty(count, rows, dtype=w.dtype, device=w.device)  # row i = column i's error
+        err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         d1 = torch.diag(hinv1)
         if prune_n == 0:
-            # unstructured: prune the int(numel*s) lowest saliencies of the whole block
-            sal = (w1.square() / d1.square().unsqueeze(0)).reshape(-1)
+            sal = w1**2 / d1.reshape(1, -1) ** 2
             k = int(sal.numel() * sparsity)
-            pruned = torch.zeros(sal.numel(), dtype=torch.bool, device=w.device)
             if k > 0:
-                pruned[torch.sort(sal, stable=True).indices[:k]] = True
-            pruned = pruned.view(rows, count)
+                thresh = torch.kthvalue(sal.reshape(-1), k + 1).values  # = sort(sal)[k]
+                pruned = sal <= thresh
+            else:
+                pruned = torch.zeros_like(w1, dtype=torch.bool)
         else:
             pruned = torch.zeros_like(w1, dtype=torch.bool)
-        scale = pruned.to(w.dtype) / d1.unsqueeze(0)  # p / d per entry
         for i in range(count):
             if prune_n and i % prune_m == 0:
-                sal = w1[:, i : i + prune_m].square() / d1[i : i + prune_m].square().unsqueeze(0)
-                idx = i + torch.topk(sal, prune_n, dim=1, largest=False).indices
-                pruned.scatter_(1, idx, True)
-                scale[:, i : i + prune_m] = pruned[:, i : i + prune_m].to(w.dtype) / d1[i : i + prune_m]
-            e = torch.mul(w1[:, i], scale[:, i], out=err1[i])
-            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)  # OBS update of the rest of the block
-        losses += err1.square().sum(0) / 2  # the OBS loss (w - q)^2 / (2 d^2), per row
+                sal = w1[:, i : i + prune_m] ** 2 / d1[i : i + prune_m].reshape(1, -1) ** 2
+                pruned.scatter_(1, i + torch.topk(sal, prune_n, dim=1, largest=False).indices, True)
+            col = w1[:, i]
+            e = torch.where(pruned[:, i], col, 0.0) / hinv1[i, i]  # (w - q) / d
+            w1[:, i:] -= e.unsqueeze(1).matmul(hinv1[i, i:].unsqueeze(0))  # OBS update of the rest of the block
+            err1[:, i] = e
+        losses += err1.square().sum(1) / 2  # the OBS loss (w - q)^2 / (2 d^2), per row
+        # kept entries of column i are untouched by its own update (their error is 0): w1 is q
         w[:, i1:i2] = w1.masked_fill_(pruned, 0.0)
-        w[:, i2:].sub_(err1.t().matmul(hinv[i1:i2, i2:]))
+        w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
 
 
 def sparsegpt_prune(

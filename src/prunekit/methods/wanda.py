@@ -30,7 +30,7 @@ class Wanda(Method):
         w = weight_view(linear)
         scores = wanda_scores(w, stats.col_norm)
         keep = keep_mask(scores, target.sparsity, target.pattern, per_row=True)
-        err = diag_error(w.float(), keep, stats.sumsq.float())
+        err = diag_error(w.float(), keep, stats.col_sq)
         apply_keep_mask(linear, keep)
         return CompressResult(error=err)
 

@@ -18,6 +18,7 @@ Prompt formats are the harness's:
 from __future__ import annotations
 
 import csv
+import collections
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,12 +66,23 @@ class MultipleChoiceTask(Task):
         lls = loglikelihoods(model, tokenizer, [(e.context, e.choices) for e in exs], settings.batch_size,
                              settings.max_length, counter, progress)
         metrics, stderr = mc_metrics(lls, [e.choices for e in exs], [e.gold for e in exs])
+        preds = collections.Counter(mc_predictions(ll, e.choices)[0] for e, ll in zip(exs, lls))
         samples = []
         for e, ll in list(zip(exs, lls))[:5]:
             pred, pred_norm = mc_predictions(ll, e.choices)
             samples.append({"context_tail": e.context[-200:], "choices": list(e.choices), "gold": list(e.gold),
                             "loglikelihoods": [round(x, 4) for x in ll], "pred": pred, "pred_norm": pred_norm})
-        return self._result(metrics, stderr, len(exs), counter, t0, samples, chance=_chance(exs))
+        return self._result(metrics, stderr, len(exs), counter, t0, samples, chance=_chance(exs),
+                            majority=_majority(exs),
+                            pred_position_share={str(k): v / len(exs) for k, v in sorted(preds.items())})
+
+
+def _majority(exs: list[MCExample]) -> float:
+    """Accuracy of always answering the choice position most often gold in this subset (for yes/no
+    tasks: the majority class). A model biased to one answer lands here, or at 1 - it."""
+    pos = collections.Counter(g for e in exs for g in e.gold)
+    best = pos.most_common(1)[0][0]
+    return sum(best in e.gold for e in exs) / len(exs)
 
 
 def _chance(exs: list[MCExample]) -> float:
