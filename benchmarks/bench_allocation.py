@@ -28,8 +28,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.6, 0.7])
-    ap.add_argument("--epsilons", nargs="+", type=float, default=[0.1, 0.3])
-    ap.add_argument("--lambdas", nargs="+", type=float, default=[0.04, 0.08])
+    ap.add_argument("--epsilons", nargs="+", type=float, default=[0.1, 0.2, 0.3])
+    ap.add_argument("--lambdas", nargs="+", type=float, default=[0.02, 0.04, 0.08])
     ap.add_argument("--calib", default="austen")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -58,7 +58,9 @@ def main() -> None:
         "eval": f"WikiText-2 test, first {args.max_windows} windows of {args.eval_seqlen} tokens ({dense.tokens} tokens)",
         "alpha": "metric alpha_peak, block-wise mapping", "owl": "M = 5, Wanda scores on the dense model",
     }
-    result = {"settings": settings, "dense_ppl": dense.ppl, "dense_eval_s": time.perf_counter() - t0, "runs": [],
+    import sys
+
+    result = {"argv": sys.argv[1:], "settings": settings, "dense_ppl": dense.ppl, "dense_eval_s": time.perf_counter() - t0, "runs": [],
               "environment": environment()}
 
     grid = [("uniform", {})] + [("alpha", {"epsilon": e}) for e in args.epsilons] + [("owl", {"lam": lam}) for lam in args.lambdas]
@@ -98,22 +100,27 @@ def write(out: str, result: dict) -> None:
     lines = [
         f"# Layerwise allocation on {st['model']}: WikiText-2 perplexity",
         "",
-        "Command: `flock /tmp/prunekit-heavy.lock python benchmarks/bench_allocation.py`",
+        f"Command: `PRUNEKIT_DATA=../shared/data python benchmarks/bench_allocation.py {' '.join(result.get('argv', []))}`",
         "",
         f"- dtype {st['dtype']}; calibration {st['calibration']}; {st['eval']}",
         f"- AlphaPruning: {st['alpha']}; OWL: {st['owl']}; all unstructured, sequential engine",
         f"- dense perplexity {result['dense_ppl']:.3f}",
         f"- machine: {env['processor']}, {env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}",
         "",
-        "| method | sparsity | allocation | ppl | vs uniform | achieved sparsity | layer range | time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "- allocated mean: the parameter-weighted mean of the per-layer targets the allocator returned "
+        "(must equal the target to 1e-4); achieved: zeros / weights after pruning. They differ because a "
+        "per-row criterion prunes int(columns x s) weights per row (Wanda's rule: 345 of 576 at 60%), and "
+        "SparseGPT's reference rule prunes one weight more per 128-column block.",
+        "",
+        "| method | sparsity | allocation | ppl | vs uniform | allocated mean | achieved sparsity | layer range | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     uni = {(r["method"], r["sparsity"]): r["ppl"] for r in result["runs"] if r["allocation"] == "uniform"}
     for r in result["runs"]:
         u = uni.get((r["method"], r["sparsity"]))
         delta = f"{(r['ppl'] / u - 1) * 100:+.1f}%" if u and r["allocation"] != "uniform" else ""
         lines.append(f"| {r['method']} | {r['sparsity']:.0%} | {_label(r)} | {r['ppl']:.3f} | {delta} | "
-                     f"{r['achieved_sparsity']:.4f} | {r['min_layer']:.3f}–{r['max_layer']:.3f} | {r['total_s']:.0f} |")
+                     f"{r['allocated_mean']:.6f} | {r['achieved_sparsity']:.4f} | {r['min_layer']:.3f}–{r['max_layer']:.3f} | {r['total_s']:.0f} |")
     best = {}
     for r in result["runs"]:
         key = (r["method"], r["sparsity"], r["allocation"])

@@ -155,6 +155,11 @@ def plot_allocations(per_block: Mapping[str, Mapping[int, float]], target: float
     ax.set_xlabel("decoder block (0 = first)")
     ax.set_ylabel("sparsity (fraction of weights removed)")
     ax.set_title(title)
+    return _save(plt, fig, ax, path)
+
+
+def _save(plt, fig, ax, path: Path) -> Path:
+    """Grid, legend, tight layout, write the PNG, free the figure."""
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -181,9 +186,4 @@ def plot_compare_scatter(a: Sequence[LayerSpectrum], b: Sequence[LayerSpectrum],
     ax.set_xlabel(f"{METRIC_LABELS.get(metric, metric)}\n{labels[0]}", fontsize=9)
     ax.set_ylabel(f"{labels[1]}", fontsize=9)
     ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path)

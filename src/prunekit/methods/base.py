@@ -172,6 +172,16 @@ class Method(ABC):
         return {k: p.default for k, p in sig.parameters.items() if k not in ("self", "options") and p.kind == p.KEYWORD_ONLY}
 
 
+def instantiate(registry, kind: str, name: str, options: dict[str, Any]):
+    """``registry.get(name)(**options)``, a bad option turned into a ``ValueError`` listing the good ones."""
+    cls = registry.get(name)
+    try:
+        return cls(**options)
+    except TypeError as e:
+        allowed = ", ".join(f"{k}={v!r}" for k, v in cls.options().items()) or "none"
+        raise ValueError(f"bad option for {kind} {name!r}: {e}; its options are: {allowed}") from None
+
+
 def apply_keep_mask(linear: nn.Module, keep: Tensor) -> None:
     """Zero the weights where ``keep`` is False (in place, in the module's dtype)."""
     w = weight_view(linear)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..models import in_features, weight_view
 from ..registry import REFINERS
-from .base import CompressResult, InputStats, Method, Target
+from .base import CompressResult, InputStats, Method, Target, instantiate
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +80,7 @@ class RefinedMethod(Method):
 
 
 def build_refiner(name: str, **options: Any) -> Refiner:
-    cls = REFINERS.get(name)
-    try:
-        return cls(**options)
-    except TypeError as e:
-        allowed = ", ".join(f"{k}={v!r}" for k, v in cls.options().items()) or "none"
-        raise ValueError(f"bad option for refiner {name!r}: {e}; its options are: {allowed}") from None
+    return instantiate(REFINERS, "refiner", name, options)
 
 
 def skip_matcher(pattern: str) -> re.Pattern | None:
