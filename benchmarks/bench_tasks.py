@@ -129,6 +129,9 @@ def render(d: dict) -> str:
               "near 1 - majority, below 0.5. The harness was checked against an independent plain-transformers "
               "computation of log p(\" no\"), log p(\" yes\") on the first 12 examples: identical to 4 decimals. "
               "acc_norm (per-byte) removes part of the bias because \" no\" is one byte shorter.",
+              "- general_knowledge (BIG-bench): the first listed choice is right in 57% of the 70 examples, and the "
+              "model picks it 77% of the time, yet scores 0.43: above uniform chance (0.14), below always-first. "
+              "Read such tasks against the majority column, not chance alone.",
               "- Sample generations and per-choice log-likelihoods of the first examples are in the JSON "
               "(`results.<task>.samples`)."]
     return "\n".join(lines) + "\n"
