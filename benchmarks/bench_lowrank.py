@@ -121,7 +121,7 @@ def main() -> None:
                 d["ranks"].append(r.info.get("rank", r.info.get("full_rank")))
             row["by_kind"] = {k: {"lowrank": v["lowrank"], "dense": v["dense"], "rank_min": min(v["ranks"]),
                                   "rank_median": int(statistics.median(v["ranks"])), "rank_max": max(v["ranks"]),
-                                  "full_rank": min(decoder_linears_shape(kind))} for k, v in by_kind.items()}
+                                  "full_rank": min(decoder_linears_shape(k))} for k, v in by_kind.items()}
             errs = [r.error for r in rep.layers if r.error is not None]
             row["mean_layer_error"] = sum(errs) / len(errs) if errs else None
             row["layers"] = [{"name": r.name, "shape": r.shape, **{k: r.info.get(k) for k in
@@ -176,27 +176,31 @@ def render(rows: list[dict], settings: dict, env: dict) -> str:
     out += [f"- {k}: {v}" for k, v in settings.items()]
     out += [f"- machine: {env.get('processor')}, {env.get('threads')} torch threads; torch {env.get('torch')}, "
             f"transformers {env.get('transformers')}, prunekit {env.get('prunekit')}", ""]
-    out += ["| variant | tau | rank red. | LRC / dense mats | linear params (M) | saved | folder MB | "
-            "wiki2 ppl | prefill ms | decode ms/tok |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out += ["| variant | tau | rank below tau | rank removed | LRC / dense mats | linear params (M) | saved | "
+            "folder MB | wiki2 ppl | prefill ms | decode ms/tok |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r.get("summary", {})
         tau = f"{s['tau']:.4f}" if "tau" in s else "-"
-        rr = f"{s['rank_reduction']:.3f}" if "rank_reduction" in s else ("-" if r["method"] == "dense" else f"{r['target']:.2f}*")
+        rr = f"{s['rank_reduction']:.3f}" if "rank_reduction" in s else "-"
+        layers = r.get("layers") or []  # what the compressed model actually holds
+        full = sum(x["full_rank"] for x in layers)
+        applied = f"{sum(x['full_rank'] - x['rank'] for x in layers) / full:.3f}" if full else "-"
         mats = f"{r.get('lowrank_matrices', 0)} / {r.get('dense_matrices', 210 if r['method'] == 'dense' else 0)}"
         pre = r["prefill_ms"] / dense["prefill_ms"] if dense else None
         dec = r["decode_ms_per_token"] / dense["decode_ms_per_token"] if dense else None
-        out.append(f"| {r['label']} | {tau} | {rr} | {mats} | {r['linear_params'] / 1e6:.2f} | "
+        out.append(f"| {r['label']} | {tau} | {rr} | {applied} | {mats} | {r['linear_params'] / 1e6:.2f} | "
                    f"{r['linear_params_saved_frac']:.1%} | {r['saved_mb']:.0f} | {r['wikitext2_ppl']:.2f} | "
                    f"{r['prefill_ms']:.0f} ({pre:.2f}x) | {r['decode_ms_per_token']:.1f} ({dec:.2f}x) |")
-    out += ["", "Rank reduction marked * is the per-matrix target of a uniform method (svd/svd-llm with "
-            "budget=params keep ranks by parameter share, not by rank fraction).", ""]
+    out += ["", "rank below tau: the share of all ranks whose normalised singular value is below tau (WeLore's "
+            "target, as in the reference code). rank removed: the share the compressed model actually lost (WeLore "
+            "leaves N-LRCs dense and untouched; svd/svd-llm with budget=params keep ranks by parameter share).", ""]
     out += ["## Which matrices became low rank (LRC) and their kept ranks", ""]
     for r in rows:
         if "by_kind" not in r:
             continue
         out.append(f"**{r['label']}** — " + "; ".join(
             f"{k}: {v['lowrank']} LRC / {v['dense']} dense, rank {v['rank_min']}–{v['rank_max']} "
-            f"(median {v['rank_median']}) of {v['full_rank']}" for k, v in r["by_kind"].items()))
+            f"(median {v['rank_median']}) of {min(decoder_linears_shape(k))}" for k, v in r["by_kind"].items()))
         out.append("")
     return "\n".join(out) + "\n"
 

@@ -175,3 +175,23 @@ def test_cli_export_merges(lowrank_tiny, tmp_path, calib_ids):
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
     assert torch.allclose(plain(calib_ids[:1]).logits, model(calib_ids[:1]).logits, atol=1e-4)
     assert main(["export", str(src), "--out", str(tmp_path / "dense")]) == 2  # exists: one-line error
+
+
+@pytest.mark.parametrize("n_lrc", ["dense", "truncate"])
+def test_welore_summary_reports_the_rank_actually_removed(n_lrc):
+    """``rank_reduction`` counts every rank below tau (what tau is tuned on, as in the reference); with the
+    default ``n_lrc=dense`` the N-LRCs keep their ranks, so the summary must also say how much was removed."""
+    model = tiny_model()
+    linears = decoder_linears(model)
+    method = build_method("welore", n_lrc=n_lrc)
+    report = run_sequential(model, None, method, {n: Target(0.5) for n in linears})
+    full = sum(r.info["full_rank"] for r in report.layers)
+    removed = sum(r.info["full_rank"] - r.info["rank"] for r in report.layers)  # what the model now holds
+    s = method.summary
+    assert s["rank_reduction_applied"] == pytest.approx(removed / full)
+    assert s["lrc_matrices"] == sum(bool(r.info["lowrank"]) for r in report.layers) == len(lowrank_modules(model))
+    if n_lrc == "dense":
+        assert any(r.info.get("n_lrc") for r in report.layers)  # the case that makes the two differ
+        assert s["rank_reduction_applied"] < s["rank_reduction"]
+    else:
+        assert s["rank_reduction_applied"] == pytest.approx(s["rank_reduction"])
