@@ -127,3 +127,36 @@ def test_alpha_matches_weightwatcher_on_the_same_matrices():
         assert ours.alpha == pytest.approx(ref.alpha, rel=1e-9)
         assert ours.xmin == pytest.approx(ref.xmin, rel=1e-12)
         assert ours.ks == pytest.approx(ref.D, rel=1e-9)
+
+
+def test_alpha_peak_matches_weightwatcher_xmin_peak_on_the_same_matrices():
+    """WeightWatcher's ``fix_fingers='xmin_peak'`` fit (``pl_package='powerlaw'``; its default ``'ww'``
+    package cannot take an x_min range and returns -1): the same window and KS search. ``powerlaw.Fit``
+    drops the largest *in-window* eigenvalue from the candidates, prunekit (like AlphaPruning's loop)
+    only the global largest, so prunekit's fit minimises D over a superset of powerlaw's candidates."""
+    pytest.importorskip("powerlaw")
+    ww_fit = pytest.importorskip("weightwatcher.WW_powerlaw")
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)  # StudentT.sample takes no generator
+    for i in range(4):
+        w = torch.distributions.StudentT(3.0).sample((120, 240)) if i % 2 else torch.randn(120, 240, generator=g)
+        ev = esd.eigenvalues([w])[0]
+        nz = ev[ev > esd.EVALS_THRESH]
+        counts, edges = np.histogram(np.log10(nz), bins=100)  # WeightWatcher's fit_powerlaw, xmin_peak branch
+        peak = 10 ** edges[np.argmax(counts)]
+        lo, hi = np.log10(0.95 * peak), 1.5 * peak
+        e = torch.tensor(np.sort(nz), dtype=torch.float64)
+        assert peak_range(e) == pytest.approx((lo, hi), rel=1e-12)
+        ref = ww_fit.pl_fit(data=nz, xmin=(lo, hi), pl_package="powerlaw")
+        alphas, ds = hill_ks_table(e)
+        inwin = torch.nonzero((e >= lo) & (e <= hi)).flatten()
+        k = int(inwin[:-1][torch.argmin(ds[inwin[:-1]])])  # powerlaw's candidate set
+        assert alphas[k].item() == pytest.approx(ref.alpha, rel=1e-9)
+        assert e[k].item() == pytest.approx(ref.xmin, rel=1e-12)
+        assert ds[k].item() == pytest.approx(ref.D, rel=1e-9)
+        ours = fit_power_law(ev, "peak")
+        cand = inwin[inwin < e.numel() - 1]
+        assert ours.ks == pytest.approx(float(ds[cand].min()), rel=1e-12)
+        assert ours.ks <= ref.D + 1e-12
+        if ours.ks < ref.D - 1e-12:  # then prunekit chose the top in-window eigenvalue
+            assert ours.xmin == pytest.approx(e[inwin[-1]].item(), rel=1e-12)
