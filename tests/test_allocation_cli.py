@@ -34,3 +34,22 @@ def test_analyze_bad_input_is_a_one_line_error(tiny_folder, tmp_path, capsys):
     assert "no model given" in capsys.readouterr().err
     assert main(["analyze", str(tiny_folder), "--out", str(tmp_path / "x"), "--sparsity", "1.5", "--no-plots"]) == 2
     assert main(["analyze", str(tiny_folder), "--out", str(tmp_path / "x"), "--layers", "nomatch$"]) == 2
+
+
+def test_analyze_owl_reports_the_outlier_ratio_per_block(tiny_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    text_file = tmp_path / "calib.txt"
+    text_file.write_text(" ".join(f"word{i % 97} and then some more text number {i}." for i in range(3000)))
+    out = tmp_path / "an"
+    rc = main(["analyze", "--model", str(tiny_folder), "--out", str(out), "--no-plots", "--brief",
+               "--owl-calib", str(text_file), "--nsamples", "4", "--seqlen", "32", "--sparsity", "0.5"])
+    assert rc == 0
+    data = json.loads((out / "layers.json").read_text())
+    ratios = data["owl_outlier_ratio_per_block"]
+    assert len(ratios) == len(data["allocation_per_block"]["uniform"])
+    assert all(0.0 <= r <= 1.0 for r in ratios.values())
+    assert "OWL outlier ratio per block" in capsys.readouterr().out
+    owl = next(v for k, v in data["allocation_per_block"].items() if k.startswith("owl"))
+    # the block with the most outliers is pruned least
+    top = max(ratios, key=ratios.get)
+    assert owl[top] == min(owl.values())

@@ -84,7 +84,8 @@ def _label(spec: str) -> str:
     return Path(spec.rstrip("/")).name or spec
 
 
-def _allocations(model, tok, spectra, args) -> dict[str, dict[int, float]]:
+def _allocations(model, tok, spectra, args) -> tuple[dict[str, dict[int, float]], dict[int, float] | None]:
+    """Per-block sparsity of each allocation, and OWL's per-block outlier ratio (None without --owl-calib)."""
     from ..allocation.alpha import alpha_allocation
 
     params = {s.name: s.params for s in spectra}
@@ -114,7 +115,8 @@ def _allocations(model, tok, spectra, args) -> dict[str, dict[int, float]]:
         owl = build_allocator("owl", lam=args.owl_lam)
         alloc = owl.allocate(model, decoder_linears(model, args.include, args.exclude), args.sparsity, Pattern(), ids)
         out[f"owl (λ={args.owl_lam:g}, M=5, {args.owl_calib} {args.nsamples}x{args.seqlen})"] = per_block(alloc)
-    return out
+        return out, owl.info["outlier_ratio"]
+    return out, None
 
 
 def _pick_layers(spectra, patterns, metric):
@@ -158,10 +160,10 @@ def run(args: argparse.Namespace) -> int:
         w.writeheader()
         for r in rows:
             w.writerow({**r, "shape": "x".join(map(str, r["shape"]))})
-    allocs = _allocations(model, tok, spectra, args)
+    allocs, outliers = _allocations(model, tok, spectra, args)
     with open(out / "layers.json", "w") as f:
-        json.dump({"models": list(runs), "layers": rows, "allocation_per_block": allocs, "target": args.sparsity},
-                  f, indent=1, default=str)
+        json.dump({"models": list(runs), "layers": rows, "allocation_per_block": allocs, "target": args.sparsity,
+                   "owl_outlier_ratio_per_block": outliers}, f, indent=1, default=str)
 
     if not args.brief:
         for label, sp in runs.items():
@@ -181,6 +183,9 @@ def run(args: argparse.Namespace) -> int:
         row += [f"{allocs[n][b]:.3f}" for n in names]
         brows.append(row)
     print(table(brows, ["block", *(f"{args.metric} {lab}" for lab in runs), *names]))
+    if outliers:
+        print("OWL outlier ratio per block (share of Wanda scores > 5 x the block mean, %): "
+              + " ".join(f"{b}:{100 * r:.2f}" for b, r in outliers.items()))
 
     if not args.no_plots:
         from ..analysis import plots
