@@ -44,6 +44,8 @@ VARIANTS = [  # (label, method, rank/param reduction, method options)
     ("welore 30% params", "welore", 0.3, {"objective": "params"}),
     ("svd 30% params (uniform)", "svd", 0.3, {"budget": "params"}),
     ("svd-llm 30% params (uniform, whitened)", "svd-llm", 0.3, {"budget": "params"}),
+    # the reference's perplexity protocol: every matrix truncated at tau, saving or not
+    ("welore 30% rank, N-LRCs truncated (reference protocol)", "welore", 0.3, {"n_lrc": "truncate"}),
 ]
 
 
@@ -53,25 +55,33 @@ def linear_params(model) -> int:
 
 
 @torch.inference_mode()
+@torch.inference_mode()
 def latency(model, vocab: int, prefill: int, decode: int, repeats: int) -> dict:
+    """Median wall time of a ``prefill``-token forward and of one decode step with a KV cache (batch 1).
+
+    One full prefill and one decode run first, untimed, so allocator and kernel warm-up is not
+    charged to whichever variant happens to run first."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, prefill), generator=g)
-    model(ids[:, :16])  # warm-up
-    pre = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(ids, use_cache=False)
-        pre.append(time.perf_counter() - t0)
-    dec = []
     prompt = ids[:, :64]
-    for _ in range(repeats):
+
+    def decode_run() -> float:
         out = model(prompt, use_cache=True)
         pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(decode):
             out = model(nxt, past_key_values=pkv, use_cache=True)
             pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        dec.append((time.perf_counter() - t0) / decode)
+        return (time.perf_counter() - t0) / decode
+
+    model(ids, use_cache=False)  # warm-up
+    decode_run()
+    pre = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(ids, use_cache=False)
+        pre.append(time.perf_counter() - t0)
+    dec = [decode_run() for _ in range(repeats)]
     return {"prefill_ms": 1000 * statistics.median(pre), "prefill_tokens": prefill,
             "decode_ms_per_token": 1000 * statistics.median(dec), "decode_tokens": decode, "repeats": repeats}
 
@@ -89,14 +99,15 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=10)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", nargs="*", default=None, help="labels to run (default all)")
+    ap.add_argument("--merge", action="store_true", help="keep the rows already in results/lowrank.json")
     args = ap.parse_args()
 
-    rows = []
+    rows = json.loads((RESULTS / "lowrank.json").read_text())["rows"] if args.merge else []
     calib = None
     for label, method, amount, opts in VARIANTS:
-        if args.only and label not in args.only:
+        if (args.only and label not in args.only) or any(r["label"] == label for r in rows):
             continue
         model, tok = prunekit.load_model("smollm2-135m", args.dtype)
         row: dict = {"label": label, "method": method or "dense", "target": amount, "options": opts}
@@ -157,7 +168,8 @@ def write(rows: list[dict], args) -> None:
                 f"windows of {args.eval_seqlen} tokens", "calibration (svd-llm only)":
                 f"austen, {args.nsamples} x {args.seqlen} tokens, seed 0",
                 "latency": f"batch 1, prefill {args.prefill} tokens, decode {args.decode} tokens with KV cache "
-                f"after a 64-token prompt, median of {args.repeats}", "command": "python benchmarks/bench_lowrank.py"}
+                f"after a 64-token prompt, median of {args.repeats} after one untimed warm-up of each, inference mode",
+                "command": "python benchmarks/bench_lowrank.py"}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "lowrank.json").write_text(json.dumps({"environment": environment(), "settings": settings,
                                                       "rows": rows}, indent=2, default=str))

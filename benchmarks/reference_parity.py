@@ -392,15 +392,16 @@ def render_md(r: dict) -> str:
         "(wanda's `eval_ppl_wikitext` on the same ids).",
         "",
         "| method | pattern | prunekit ppl | reference ppl | rel. diff | mask agreement (mean / min) | "
-        "identical-mask layers | weight rel. diff (max) | sparsity ours / ref |",
-        "|---|---|---:|---:|---:|---|---:|---:|---|",
+        "identical-mask layers | weight rel. diff (max) | sparsity ours / ref | prune s ours / ref |",
+        "|---|---|---:|---:|---:|---|---:|---:|---|---|",
     ]
     for x in r["rows"]:
         lines.append(
             f"| {x['method']} | {x['pattern']} | {x['ppl_ours']:.4f} | {x['ppl_reference']:.4f} | "
             f"{x['rel_diff']:+.3%} | {x['mask_agreement_mean']:.6f} / {x['mask_agreement_min']:.6f} | "
             f"{x['layers_identical_masks']}/{x['layers']} | {x['weight_rel_diff_max']:.2e} | "
-            f"{x['sparsity_ours']:.6f} / {x['sparsity_reference']:.6f} |"
+            f"{x['sparsity_ours']:.6f} / {x['sparsity_reference']:.6f} | {x['seconds_ours']:.0f} / "
+            f"{x['seconds_reference']:.0f} ({x['seconds_ours'] / x['seconds_reference']:.2f}x) |"
         )
     lines += [
         "",
