@@ -16,7 +16,7 @@ No shim or patch is applied to WeightWatcher or ``powerlaw``.
 A WeightWatcher value of -1 (or NaN) is a failed fit: it is counted, left out of the statistics
 and reported in the Markdown.
 
-    PRUNEKIT_DATA=/work/shared/data flock /tmp/prunekit-heavy.lock nice -n 10 python benchmarks/bench_esd_ww.py
+    PRUNEKIT_DATA=../shared/data python benchmarks/bench_esd_ww.py
 
 Writes ``benchmarks/results/esd_weightwatcher.{md,json}``.
 """
@@ -35,8 +35,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-COMMAND = ("PRUNEKIT_DATA=/work/shared/data flock /tmp/prunekit-heavy.lock nice -n 10 "
-           "python benchmarks/bench_esd_ww.py")
+COMMAND = "PRUNEKIT_DATA=../shared/data python benchmarks/bench_esd_ww.py"
 PACKAGES = ("weightwatcher", "powerlaw", "numpy", "scipy", "pandas", "torch", "transformers")
 SAME = 1e-4  # relative difference below which two alphas are "the same fit" (SVD noise is ~1e-5)
 

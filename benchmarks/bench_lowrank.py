@@ -55,7 +55,6 @@ def linear_params(model) -> int:
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def latency(model, vocab: int, prefill: int, decode: int, repeats: int) -> dict:
     """Median wall time of a ``prefill``-token forward and of one decode step with a KV cache (batch 1).
 
@@ -212,7 +211,7 @@ def render(rows: list[dict], settings: dict, env: dict) -> str:
             continue
         out.append(f"**{r['label']}** — " + "; ".join(
             f"{k}: {v['lowrank']} LRC / {v['dense']} dense, rank {v['rank_min']}–{v['rank_max']} "
-            f"(median {v['rank_median']}) of {min(decoder_linears_shape(k))}" for k, v in r["by_kind"].items()))
+            f"(median {v['rank_median']}) of {v['full_rank']}" for k, v in r["by_kind"].items()))
         out.append("")
     return "\n".join(out) + "\n"
 
