@@ -8,7 +8,8 @@ import torch
 from prunekit import PruneConfig, prune
 from prunekit.masks import Pattern, is_nm_sparse, keep_mask
 from prunekit.methods.dsnot import DSnoT, dsnot, expected_error
-from prunekit.methods.refine import build_refiner
+from prunekit.errors import ConfigError
+from prunekit.registry import REFINERS
 from prunekit.models import decoder_linears
 
 
@@ -118,13 +119,14 @@ def test_nm_groups_stay_exactly_n_of_m(n, m, monotone):
 
 
 def test_options_are_validated():
-    with pytest.raises(ValueError, match="max_cycles"):
-        DSnoT(max_cycles=-1)
-    with pytest.raises(ValueError, match="skip"):
-        DSnoT(skip="(")
-    with pytest.raises(ValueError, match="bad option for refiner"):
-        build_refiner("dsnot", cycles=3)
-    with pytest.raises(ValueError, match="without a refiner"):
+    with pytest.raises(ConfigError, match=r"^refiner 'dsnot' option max_cycles=-1 is invalid: it must be an integer >= 0 "
+                                          r"\(default 50\)$"):
+        REFINERS.build("dsnot", {"max_cycles": "-1"})
+    with pytest.raises(ConfigError, match=r"^refiner 'dsnot' skip='\(' is not a valid regex"):
+        REFINERS.build("dsnot", {"skip": "("})
+    with pytest.raises(ConfigError, match=r"^refiner 'dsnot' has no option 'cycles'; its options are: max_cycles=50, "):
+        REFINERS.build("dsnot", {"cycles": 3})
+    with pytest.raises(ConfigError, match="without a refiner"):
         PruneConfig(refine_options={"max_cycles": 3})
 
 

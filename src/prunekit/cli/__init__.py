@@ -39,17 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.DEBUG if getattr(args, "verbose", 0) > 1 else logging.INFO if getattr(args, "verbose", 0) else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    from .common import UserError, friendly
+    from .common import friendly
 
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted; nothing was saved", file=sys.stderr)
         return 130
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as e:  # noqa: BLE001 - turn known user mistakes into one clear line
+    except Exception as e:  # noqa: BLE001 - user mistakes and I/O faults become one clear line
         msg = friendly(e)
         if msg is None:
             raise

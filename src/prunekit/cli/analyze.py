@@ -10,7 +10,8 @@ import re
 import time
 from pathlib import Path
 
-from .common import UserError, add_model_args, setup_threads, table
+from ..errors import ConfigError
+from .common import add_model_args, setup_threads, table
 
 COLUMNS = ("name", "block", "kind", "shape", "n_evals", "alpha", "alpha_peak", "alpha_mid", "ks", "ks_peak",
            "stable_rank", "log_spectral_norm", "alpha_weighted")
@@ -59,11 +60,11 @@ def _fmt(v) -> str:
 def _analyze(spec: str, args: argparse.Namespace, label: str):
     from tqdm import tqdm
 
-    from ..allocation.esd import analyze_model
+    from ..analysis.esd import analyze_model
     from ..models import load_model
 
     t0 = time.perf_counter()
-    model, tok = load_model(spec, args.dtype, args.device, args.trust_remote_code)
+    model, tok = load_model(spec, args.dtype, args.device, args.trust_remote_code, args.allow_pickle)
     bar = tqdm(total=None, desc=f"ESD {label}", unit="matrix")
 
     def progress(done: int, total: int) -> None:
@@ -111,8 +112,8 @@ def _allocations(model, tok, spectra, args) -> tuple[dict[str, dict[int, float]]
         from ..masks import Pattern
         from ..models import decoder_linears
 
-        ids = calibration_ids(CalibConfig(args.owl_calib, args.nsamples, args.seqlen), tok)
-        owl = build_allocator("owl", lam=args.owl_lam)
+        ids = calibration_ids(CalibConfig(args.owl_calib, args.nsamples, args.seqlen), tok, args.data_dir)
+        owl = build_allocator("owl", {"lam": args.owl_lam})
         alloc = owl.allocate(model, decoder_linears(model, args.include, args.exclude), args.sparsity, Pattern(), ids)
         out[f"owl (λ={args.owl_lam:g}, M=5, {args.owl_calib} {args.nsamples}x{args.seqlen})"] = per_block(alloc)
         return out, owl.info["outlier_ratio"]
@@ -124,7 +125,7 @@ def _pick_layers(spectra, patterns, metric):
         rx = [re.compile(p) for p in patterns]
         chosen = [s for s in spectra if any(r.search(s.name) for r in rx)][:4]
         if not chosen:
-            raise UserError(f"--layers {patterns} match no analysed layer; names look like {spectra[0].name}")
+            raise ConfigError(f"--layers {patterns} match no analysed layer; names look like {spectra[0].name}")
         return chosen
     ok = sorted((s for s in spectra if math.isfinite(getattr(s, metric))), key=lambda s: getattr(s, metric))
     return [ok[0], ok[len(ok) // 2], ok[-1]] if ok else []
@@ -134,15 +135,16 @@ def run(args: argparse.Namespace) -> int:
     setup_threads(args)
     spec = args.model_opt or args.model
     if not spec:
-        raise UserError("no model given: prunekit analyze MODEL (or --model MODEL)")
+        raise ConfigError("no model given: prunekit analyze MODEL (or --model MODEL)")
     if args.model_opt and args.model and args.model_opt != args.model:
-        raise UserError(f"two different models given ({args.model} and --model {args.model_opt}); pass one")
+        raise ConfigError(f"two different models given ({args.model} and --model {args.model_opt}); pass one")
     if not (0.0 < args.sparsity < 0.99):
-        raise UserError(f"--sparsity={args.sparsity} must lie in (0, 0.99)")
+        raise ConfigError(f"--sparsity={args.sparsity} must lie in (0, 0.99)")
     if any(not (0.0 <= e < 1.0) for e in args.epsilon):
-        raise UserError(f"--epsilon {args.epsilon}: each must lie in [0, 1)")
+        raise ConfigError(f"--epsilon {args.epsilon}: each must lie in [0, 1)")
     out = Path(args.out or f"analysis-{_label(spec)}")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the tables and plots")
     t0 = time.perf_counter()
     model, tok, spectra = _analyze(spec, args, _label(spec))
     runs = {_label(spec): spectra}
@@ -150,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         _, _, other = _analyze(args.compare, args, _label(args.compare))
         lab = _label(args.compare) if _label(args.compare) != _label(spec) else f"{_label(args.compare)} (compare)"
         runs[lab] = other
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed load leaves no empty folder behind
 
     rows = []
     for label, sp in runs.items():

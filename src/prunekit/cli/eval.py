@@ -7,7 +7,7 @@ import json
 import time
 
 from ._tasks import add_task_args, prepare, print_results, run_with_progress, task_settings
-from .common import add_eval_args, add_model_args, fmt_ppl, run_perplexity, setup_threads, table
+from .common import add_eval_args, add_model_args, fmt_ppl, load_from_args, run_perplexity, setup_threads, table
 
 _DEFAULT_DATASETS = ["wikitext2"]
 
@@ -28,8 +28,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import load_model
-
     setup_threads(args)
     if args.tasks and args.eval_datasets is _DEFAULT_DATASETS:
         args.eval_datasets = []  # tasks given: perplexity only where asked for
@@ -37,9 +35,10 @@ def run(args: argparse.Namespace) -> int:
     settings = task_settings(args, seqlen, args.max_windows, args.eval_batch_size)
     tasks = prepare(args)  # bad task names / files fail before the model loads
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, args.dtype, args.device, args.trust_remote_code, getattr(args, "allow_pickle", False))
+    model, tok = load_from_args(args)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s")
-    res = run_perplexity(model, tok, args.eval_datasets, seqlen, args.max_windows, args.eval_batch_size, "eval")
+    res = run_perplexity(model, tok, args.eval_datasets, seqlen, args.max_windows, args.eval_batch_size, "eval",
+                         args.data_dir)
     if res:
         rows = [[ds, fmt_ppl(r.ppl), r.seqlen, r.windows, r.tokens, f"{r.tokens_per_s:.0f}"] for ds, r in res.items()]
         print(table(rows, ["dataset", "ppl", "seqlen", "windows", "tokens", "tok/s"]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import add_model_args, setup_threads
+from .common import add_model_args, load_from_args, setup_threads
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,13 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..export import check_output_dir
     from ..export.lowrank import save_compressed
-    from ..models import load_model
     from ..models.lowrank import lowrank_modules
 
     setup_threads(args)
     check_output_dir(args.out, args.overwrite)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    model, tok = load_from_args(args)
     n_lr = len(lowrank_modules(model))
     print(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"{n_lr} low-rank modules) in {time.perf_counter() - t0:.1f}s")

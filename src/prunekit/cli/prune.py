@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
-
+import os
 import time
+from pathlib import Path
 
+from ..errors import ConfigError
 from ..registry import ALLOCATORS, METHODS, REFINERS
 from ._tasks import add_task_args, prepare, run_with_progress, task_settings
-from .common import UserError, add_eval_args, add_model_args, fmt_ppl, parse_options, run_perplexity, setup_threads, table
+from .common import (add_eval_args, add_model_args, fmt_ppl, load_from_args, options_epilog, run_perplexity,
+                     setup_threads, table)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="prune a model and measure what it cost",
                        description="Prune every linear of every decoder block (or a selection) and report "
-                                   "dense vs pruned perplexity.")
+                                   "dense vs pruned perplexity.",
+                       epilog=options_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--method", default=None, choices=METHODS.names(), help="pruning criterion (default wanda)")
     p.add_argument("--sparsity", type=float, default=None,
@@ -52,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def build_config(args: argparse.Namespace):
     """PruneConfig from ``--config`` YAML (if any) overridden by the flags actually given."""
     from ..config import CalibConfig, PruneConfig, load_yaml, to_dict
+    from ..options import parse_pairs
 
     base = to_dict(load_yaml(args.config)) if args.config else {}
     calib = dict(base.pop("calib", {}))
@@ -64,11 +69,11 @@ def build_config(args: argparse.Namespace):
         base["include"] = args.include
     if args.exclude:
         base["exclude"] = args.exclude
-    base["method_options"] = {**base.get("method_options", {}), **parse_options(args.option, "method")}
-    base["allocation_options"] = {**base.get("allocation_options", {}), **parse_options(args.alloc_option, "allocation")}
+    base["method_options"] = {**base.get("method_options", {}), **parse_pairs(args.option, "method")}
+    base["allocation_options"] = {**base.get("allocation_options", {}), **parse_pairs(args.alloc_option, "allocation")}
     if args.refine is not None:
         base["refine"] = args.refine
-    base["refine_options"] = {**base.get("refine_options", {}), **parse_options(args.refine_option, "refine")}
+    base["refine_options"] = {**base.get("refine_options", {}), **parse_pairs(args.refine_option, "refine")}
     for key, flag in (("dataset", "calib"), ("nsamples", "nsamples"), ("seqlen", "seqlen"), ("seed", "seed"),
                       ("batch_size", "batch_size"), ("text_field", "text_field"), ("packing", "packing")):
         if getattr(args, flag) is not None:
@@ -76,35 +81,83 @@ def build_config(args: argparse.Namespace):
     return PruneConfig(**base, calib=CalibConfig(**calib))
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def check_json_path(path: str | None) -> None:
+    """Fail now (not after the prune) if ``--json`` cannot be written."""
+    if not path:
+        return
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ConfigError(f"--json {path!r} is a folder; give a file name such as report.json")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"--json {path!r}: folder {str(parent)!r} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ConfigError(f"--json {path!r} is not writable; choose another path")
 
-    from ..api import prune
-    from ..calibration import peak_rss_mb
-    from ..export import check_output_dir, save_model
-    from ..models import load_model
+
+def _check_inputs(args: argparse.Namespace):
+    """Everything that can be checked without the model, before it is loaded."""
+    from ..api import build_components
+    from ..data import get_dataset
+    from ..export import check_output_dir
 
     setup_threads(args)
-    config = build_config(args)  # validate everything cheap before loading anything
-    from ..data import get_dataset
-
+    config = build_config(args)
+    build_components(config)  # names, options and method/pattern compatibility
     for name in [config.calib.dataset, *args.eval_datasets]:
-        get_dataset(name, text_field=config.calib.text_field)  # unknown names fail now, not after pruning
+        get_dataset(name, args.data_dir, text_field=config.calib.text_field)
     if args.out:
         check_output_dir(args.out, args.overwrite)
-    eval_seqlen = args.eval_seqlen or config.calib.seqlen
+    check_json_path(args.json)
     if args.max_windows is not None and args.max_windows < 1:
-        raise UserError(f"--max-windows={args.max_windows} must be >= 1")
+        raise ConfigError(f"--max-windows={args.max_windows} must be >= 1")
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..api import prune
+    from ..eval import check_seqlen
+    from ..models import check_finite
+
+    config = _check_inputs(args)
+    eval_seqlen = args.eval_seqlen or config.calib.seqlen
     settings = task_settings(args, eval_seqlen, args.max_windows, args.eval_batch_size)
     tasks = prepare(args)  # bad task names / files fail before the model loads
-
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, args.dtype, args.device, args.trust_remote_code, getattr(args, "allow_pickle", False))
+    model, tok = load_from_args(args)
     print(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.dtype}, "
           f"{args.device}) in {time.perf_counter() - t0:.1f}s")
-    dense = {} if args.no_dense_eval else run_perplexity(model, tok, args.eval_datasets, eval_seqlen, args.max_windows,
-                                                         args.eval_batch_size, "dense")
+    check_finite(model)  # a NaN anywhere makes every number below meaningless
+    if args.eval_datasets:
+        check_seqlen(model, eval_seqlen, "--eval-seqlen")
+    tokens: dict = {}
+    evaluate = (lambda label: run_perplexity(model, tok, args.eval_datasets, eval_seqlen, args.max_windows,
+                                             args.eval_batch_size, label, args.data_dir, tokens))
+    dense = {} if args.no_dense_eval else evaluate("dense")
     dense_tasks = {} if args.no_dense_eval else run_with_progress(model, tok, tasks, settings, "dense")
+    report = _prune_with_progress(prune, model, tok, config, args.data_dir)
+    pruned = evaluate("pruned")
+    pruned_tasks = run_with_progress(model, tok, tasks, settings, "pruned")
+    report.evaluation = {"dense": {k: v.to_dict() for k, v in dense.items()},
+                         "pruned": {k: v.to_dict() for k, v in pruned.items()}}
+    if tasks:
+        report.evaluation["tasks"] = {"dense": {k: r.to_dict() for k, r in dense_tasks.items()},
+                                      "pruned": {k: r.to_dict() for k, r in pruned_tasks.items()}}
+    report.extra.update(model=args.model, dtype=args.dtype)
+    print_summary(report, dense, pruned, dense_tasks, pruned_tasks)
+    if args.out:  # the model first: a finished prune must not be lost to a bad report path
+        from ..export.lowrank import save_compressed
+
+        out, how = save_compressed(model, tok, args.out, report.to_dict(), args.overwrite, args.merge_lowrank)
+        print(f"saved to {out} ({how})")
+    if args.json:
+        Path(args.json).expanduser().write_text(report.to_json())
+    return 0
+
+
+def _prune_with_progress(prune, model, tok, config, data_dir):
+    from tqdm import tqdm
+
     bar = tqdm(total=None, desc=f"{config.method} {config.pattern}", unit="block")
 
     def on_block(ev) -> None:
@@ -114,28 +167,9 @@ def run(args: argparse.Namespace) -> int:
         bar.update(1)
 
     try:
-        report = prune(model, config, tokenizer=tok, callback=on_block)
+        return prune(model, config, tokenizer=tok, callback=on_block, data_dir=data_dir)
     finally:
         bar.close()
-    pruned = run_perplexity(model, tok, args.eval_datasets, eval_seqlen, args.max_windows, args.eval_batch_size, "pruned")
-    pruned_tasks = run_with_progress(model, tok, tasks, settings, "pruned")
-    report.evaluation = {"dense": {k: v.to_dict() for k, v in dense.items()},
-                         "pruned": {k: v.to_dict() for k, v in pruned.items()}}
-    if tasks:
-        report.evaluation["tasks"] = {"dense": {k: r.to_dict() for k, r in dense_tasks.items()},
-                                      "pruned": {k: r.to_dict() for k, r in pruned_tasks.items()}}
-    report.extra["model"] = args.model
-    report.extra["dtype"] = args.dtype
-    print_summary(report, dense, pruned, dense_tasks, pruned_tasks)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(report.to_json())
-    if args.out:
-        from ..export.lowrank import save_compressed
-
-        out, how = save_compressed(model, tok, args.out, report.to_dict(), args.overwrite, args.merge_lowrank)
-        print(f"saved to {out} ({how})")
-    return 0
 
 
 def print_summary(report, dense: dict, pruned: dict, dense_tasks: dict | None = None,

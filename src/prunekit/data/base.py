@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..registry import DATASETS
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,9 @@ def jsonl_rows(path: Path):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix the line") from None
+                raise ConfigError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix the line") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object with fields")
+                raise ConfigError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object with fields")
             yield lineno, row
 
 
@@ -135,13 +136,13 @@ class JsonlFile(TextDataset):
         docs = []
         for lineno, row in jsonl_rows(self.path):
             if self.field not in row:
-                raise ValueError(
+                raise ConfigError(
                     f"{self.path}:{lineno} has no field {self.field!r} (it has: {', '.join(row) or 'none'}); "
                     "choose the text field with --text-field"
                 )
             docs.append(str(row[self.field]))
         if not docs:
-            raise ValueError(f"{self.path} has no documents")
+            raise ConfigError(f"{self.path} has no documents")
         return docs
 
 
@@ -156,4 +157,4 @@ def get_dataset(spec: str, data_dir_path: str | os.PathLike | None = None, text_
         if p.suffix in (".jsonl", ".json"):
             return JsonlFile(p, text_field)
         return TextFile(p)
-    raise KeyError(f"unknown dataset {spec!r}; choose one of: {', '.join(DATASETS.names())}, or a .txt/.jsonl path")
+    raise ConfigError(f"unknown dataset {spec!r}; choose one of: {', '.join(DATASETS.names())}, or a .txt/.jsonl path")

@@ -16,12 +16,13 @@ import torch
 from torch import Tensor
 
 from ..config import CalibConfig
+from ..errors import ConfigError
 from .base import TextDataset, get_dataset
 
 log = logging.getLogger(__name__)
 
 
-class CalibrationError(ValueError):
+class CalibrationError(ConfigError):
     """Not enough calibration text for the requested windows."""
 
 

@@ -22,6 +22,7 @@ import torch
 
 from ..registry import MODEL_ALIASES
 from .lowrank import is_lowrank_folder, load_lowrank_model
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def resolve_dtype(dtype: "str | torch.dtype") -> torch.dtype:
         return dtype
     key = str(dtype).lower()
     if key not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of: float32, bfloat16, float16 (or fp32/bf16/fp16)")
+        raise ConfigError(f"dtype {dtype!r} is not one of: float32, bfloat16, float16 (or fp32/bf16/fp16)")
     return DTYPES[key]
 
 
@@ -83,10 +84,15 @@ def resolve_device(device: "str | torch.device | None") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a torch device such as cpu, cuda, cuda:1, mps, auto") from None
+        raise ConfigError(f"device {device!r} is not a torch device such as cpu, cuda, cuda:1, mps, auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but this torch has no CUDA device; use --device cpu")
+        raise ConfigError(f"device {device!r} asked for, but this torch has no CUDA device; use --device cpu")
     return dev
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's (first) parameters: where its inputs must go."""
+    return next(model.parameters()).device
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -198,7 +204,7 @@ def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, t
         raise FileNotFoundError(f"could not load model {spec!r} from {where}: {e}") from e
     except ValueError as e:
         if "does not recognize this architecture" in str(e) or "Unrecognized configuration" in str(e):
-            raise ValueError(
+            raise ConfigError(
                 f"model {spec!r} has an architecture this transformers version cannot build; upgrade "
                 "transformers, or pass --trust-remote-code if the repository ships its own code"
             ) from e

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import set_module
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class LowRankLinear(nn.Module):
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
         if not (1 <= rank <= min(in_features, out_features)):
-            raise ValueError(f"rank {rank} must lie in [1, min(in, out) = {min(in_features, out_features)}]")
+            raise ConfigError(f"rank {rank} must lie in [1, min(in, out) = {min(in_features, out_features)}]")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
         self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
@@ -52,7 +53,7 @@ class LowRankLinear(nn.Module):
         k, n = a.shape
         m, k2 = b.shape
         if k != k2:
-            raise ValueError(f"factor shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
+            raise ConfigError(f"factor shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
         dtype = dtype or a.dtype
         mod = cls(n, m, k, bias is not None, dtype=dtype, device=a.device)
         with torch.no_grad():
@@ -109,7 +110,7 @@ def read_manifest(path: str | Path) -> dict:
     f = Path(path) / MANIFEST
     data = json.loads(f.read_text())
     if data.get("format") != FORMAT or not isinstance(data.get("modules"), dict):
-        raise ValueError(f"{f} is not a prunekit low-rank manifest (format {data.get('format')!r}); "
+        raise ConfigError(f"{f} is not a prunekit low-rank manifest (format {data.get('format')!r}); "
                          "was the folder written by another tool?")
     return data
 
@@ -140,7 +141,7 @@ def load_lowrank_model(path: str | Path, dtype: torch.dtype, trust_remote_code: 
     params = model.state_dict()
     real_missing = [k for k in missing if params[k].data_ptr() not in ptrs]  # tied weights share storage
     if unexpected or real_missing:
-        raise ValueError(f"low-rank folder {str(path)!r} does not match its manifest: missing {real_missing[:5]}, "
+        raise ConfigError(f"low-rank folder {str(path)!r} does not match its manifest: missing {real_missing[:5]}, "
                          f"unexpected {list(unexpected)[:5]}")
     log.info("loaded %d low-rank modules from %s", len(manifest["modules"]), path)
     return model.eval()

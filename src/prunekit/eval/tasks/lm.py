@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ...calibration import calibration_forward_context
 from ...models import context_length
+from ...errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _start_token(tokenizer) -> int:
     for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id):
         if tid is not None:
             return int(tid)
-    raise ValueError("the tokenizer has no BOS/EOS/PAD token to stand in for an empty context")
+    raise ConfigError("the tokenizer has no BOS/EOS/PAD token to stand in for an empty context")
 
 
 def _pad_id(tokenizer) -> int:
@@ -97,12 +98,27 @@ def _accepts_position_ids(model: nn.Module) -> bool:
         return False
 
 
+def _cache_arg(model: nn.Module) -> str:
+    """The keyword the model's forward takes its KV cache by: ``cache`` (transformers >= 5.2x), else
+    ``past_key_values`` (deprecated there: passing it prints a FutureWarning)."""
+    try:
+        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
+        return "past_key_values"
+
+
+def cache_of(output):
+    """The KV cache a forward returned, under either name."""
+    cache = output.get("cache") if hasattr(output, "get") else None
+    return cache if cache is not None else output.past_key_values
+
+
 def _forward(model, ids: Tensor, mask: Tensor, pos: Tensor | None, past=None):
     kw = dict(input_ids=ids, attention_mask=mask, use_cache=True)
     if pos is not None:
         kw["position_ids"] = pos
     if past is not None:
-        kw["past_key_values"] = past
+        kw[_cache_arg(model)] = past
     return model(**kw)
 
 
@@ -140,15 +156,15 @@ def loglikelihoods(
         memo: dict = {}
         cont_ids = []
         if not conts:
-            raise ValueError(f"context {context[-40:]!r} has no choices")
+            raise ConfigError(f"context {context[-40:]!r} has no choices")
         for c in conts:
             ctx_ids, ids = split_request(tokenizer, context, c, memo)
             if not ids:
-                raise ValueError(f"continuation {c!r} of context {context[-40:]!r} encodes to no tokens")
+                raise ConfigError(f"continuation {c!r} of context {context[-40:]!r} encodes to no tokens")
             cont_ids.append(ids)
         longest = max(len(ids) for ids in cont_ids)
         if longest > max_len - 1:
-            raise ValueError(f"a choice of {longest} tokens does not fit max length {max_len}")
+            raise ConfigError(f"a choice of {longest} tokens does not fit max length {max_len}")
         keep = max(1, max_len - (longest - 1))
         prepared.append((ctx_ids[-keep:], cont_ids))
     out: list[list[float]] = [[] for _ in prepared]
@@ -182,7 +198,7 @@ def _score_batch(model, batch, outs, row_batch, dev, pad, use_pos, counter) -> N
     counter.tokens += sum(lens)
     counter.forwards += 1
     last = F.log_softmax(res.logits[:, -1].float(), dim=-1).cpu()
-    cache = res.past_key_values
+    cache = cache_of(res)
     rows = []  # (batch row, choice index, continuation ids) needing a second pass
     for r, (_, conts) in enumerate(batch):
         for j, cont in enumerate(conts):
@@ -251,7 +267,7 @@ def greedy_generate(
     """
     max_len = max_len or max_length(model)
     if max_new_tokens < 1 or max_new_tokens >= max_len:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, {max_len - 1}]")
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be in [1, {max_len - 1}]")
     counter = counter if counter is not None else Counter()
     dev = _device(model)
     use_pos = _accepts_position_ids(model)
@@ -312,7 +328,7 @@ def _generate_batch(model, tokenizer, prompts, max_new, stop, eos, dev, pad, use
             break
         mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
         res = _forward(model, nxt[:, None].to(dev), mask.to(dev), next_pos[:, None].to(dev) if use_pos else None,
-                       res.past_key_values)
+                       cache_of(res))
         counter.tokens += sum(1 for f in finished if not f)
         counter.forwards += 1
         next_pos = next_pos + 1
