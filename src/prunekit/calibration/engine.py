@@ -135,14 +135,21 @@ def collect(index: int, block: nn.Module, inputs: BlockInputs, method: Method,
 
 def compress(model: nn.Module, modules: dict[str, nn.Module], stats: dict[str, InputStats | None], method: Method,
              targets: dict[str, Target]) -> list[LayerRecord]:
-    """Step 2: compress every linear of the block (in place, or swapped for the method's replacement)."""
+    """Step 2: compress the block's linears (in place, or swapped for the method's replacements).
+
+    Methods that decide per linear are called once per linear; methods that decide for the whole
+    block at once (structured pruning: a channel spans gate, up and down) implement
+    :meth:`~prunekit.methods.base.Method.compress_block` and return their results per linear.
+    """
+    t0 = time.perf_counter()
+    results = method.compress_block(modules, stats, targets)
+    per_linear = (time.perf_counter() - t0) / max(len(modules), 1) if method.block_level else None
     records = []
     for name, mod in modules.items():
-        t0 = time.perf_counter()
-        res = method.compress(name, mod, stats[name], targets[name])
+        res, secs = results[name]
         if res.module is not None:
             set_module(model, name, res.module)
-        records.append(_layer_record(name, mod, targets[name], res, time.perf_counter() - t0))
+        records.append(_layer_record(name, mod, targets[name], res, secs if per_linear is None else per_linear))
     return records
 
 

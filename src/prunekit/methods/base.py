@@ -8,6 +8,7 @@ gather from that layer's calibration inputs, and a :class:`Target`; it edits the
 from __future__ import annotations
 
 import math
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -147,6 +148,8 @@ class Method(ABC):
     needs_moments: ClassVar[bool] = False
     #: pattern kinds the method can produce (``Pattern.kind``); checked before any work
     patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm")
+    #: the method decides for a whole block at once (overrides :meth:`compress_block`)
+    block_level: ClassVar[bool] = False
 
     def __init__(self, options: Options | None = None) -> None:
         self.opts = options if options is not None else self.Options()
@@ -171,6 +174,19 @@ class Method(ABC):
     @abstractmethod
     def compress(self, name: str, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
         """Compress the linear called ``name`` (its qualified name) to ``target``, in place or by a replacement."""
+
+    def compress_block(self, modules: dict[str, nn.Module], stats: dict[str, InputStats | None],
+                       targets: dict[str, Target]) -> dict[str, tuple[CompressResult, float]]:
+        """Compress every linear of one block; ``{name: (result, seconds)}``.
+
+        The default compresses each linear on its own with :meth:`compress`. A method whose units
+        span several linears (structured pruning) overrides this and sets ``block_level``.
+        """
+        out = {}
+        for name, mod in modules.items():
+            t0 = time.perf_counter()
+            out[name] = (self.compress(name, mod, stats[name], targets[name]), time.perf_counter() - t0)
+        return out
 
     def summary(self) -> dict[str, Any] | None:
         """The method's global decision for the report (WeLore's tau and reductions); ``None`` if it has none."""
