@@ -134,6 +134,20 @@ def test_method_pattern_allocation_matrix(allocation, method, pattern, calib_ids
         assert 0.0 <= rec.target <= 0.99
 
 
+def test_block_error_is_the_relative_output_error_of_the_first_batch(calib_ids):
+    model = tiny_model("llama", num_hidden_layers=1)
+    _, blocks = find_blocks(model)
+    outs = []
+    hook = blocks[0].register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(input_ids=calib_ids[:2], use_cache=False)
+        report = prune(model, PruneConfig(method="wanda", sparsity=0.5, calib={"batch_size": 2}), calib=calib_ids)
+        model(input_ids=calib_ids[:2], use_cache=False)
+    hook.remove()
+    dense, pruned = outs[0], outs[-1]
+    assert report.blocks[0].rel_error == pytest.approx(float((pruned - dense).norm() / dense.norm()), rel=1e-5)
+
+
 def test_include_exclude_select_layers(calib_ids):
     model = tiny_model("llama")
     cfg = PruneConfig(method="wanda", sparsity=0.5, include=(r"mlp\.",), exclude=(r"down_proj",))

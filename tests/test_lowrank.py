@@ -126,8 +126,24 @@ def test_svd_llm_output_error_is_exact_and_beats_plain_svd():
 
 
 def test_svd_llm_through_the_engine(tiny_llama, calib_ids):
-    report = run_sequential(tiny_llama, calib_ids, build_method("svd-llm"), {n: Target(0.6) for n in decoder_linears(tiny_llama)})
-    assert all(0 <= r.error < 1 for r in report.layers) and len(lowrank_modules(tiny_llama)) == 14
+    linears = decoder_linears(tiny_llama)
+    dense = {n: m.weight.detach().clone() for n, m in linears.items()}
+    xs = {n: [] for n in linears if ".layers.0." in n}  # block 0 sees the dense model's inputs
+    hooks = [linears[n].register_forward_pre_hook(lambda m, a, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
+             for n in xs]
+    with torch.no_grad():
+        tiny_llama(input_ids=calib_ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    report = run_sequential(tiny_llama, calib_ids, build_method("svd-llm"), {n: Target(0.6) for n in linears})
+    assert len(lowrank_modules(tiny_llama)) == 14
+    mods = dict(tiny_llama.named_modules())
+    for r in report.layers:
+        if r.name in xs:  # the reported error is the relative output error on the calibration inputs
+            x = torch.cat(xs[r.name]).double()
+            w, w2 = dense[r.name].double(), mods[r.name].merged_weight().double()
+            want = float(((w - w2) @ x.t()).square().sum() / (w @ x.t()).square().sum())
+            assert r.error == pytest.approx(want, rel=1e-3), r.name
     assert torch.isfinite(tiny_llama(calib_ids[:1]).logits).all()
 
 

@@ -38,7 +38,10 @@ def test_wanda_prunes_per_row_using_activation_norms():
     lin = _linear(w)
     res = build_method("wanda").compress("layer", lin, _stats(x), Target(0.5))
     assert (lin.weight != 0).tolist() == [[True, False, False, True], [True, True, False, False]]
-    assert 0 <= res.error <= 1
+    # diagonal error: sum of w^2 ||x_j||^2 over pruned weights / over all (||x||^2 = 20000, 2, 2, 2)
+    pruned = (1 * 2 + 4 * 2) + (1 * 2 + 4 * 2)
+    total = (0.01 * 20000 + 2 + 8 + 18) + (0.04 * 20000 + 18 + 2 + 8)
+    assert res.error == pytest.approx(pruned / total, rel=1e-6)
 
 
 def test_magnitude_uses_one_threshold_per_matrix():

@@ -45,6 +45,11 @@ class TextDataset:
     #: documents are short (e.g. GSM8K problems): calibration windows are cut from the
     #: concatenated stream instead of from inside one document.
     packed: ClassVar[bool] = False
+    #: packed calibration: shuffle the documents (seeded) before joining them (GSM8K), or keep their
+    #: order as the reference ``get_wikitext2`` does
+    shuffle_packed: ClassVar[bool] = True
+    #: how packed calibration joins documents (the reference joins WikiText-2 train rows with " ")
+    calib_joiner: ClassVar[str] = "\n\n"
     joiner: ClassVar[str] = "\n\n"
 
     def __init__(self, data_dir: Path | None = None) -> None:
