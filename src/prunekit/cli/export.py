@@ -22,12 +22,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import check_output_dir
+    from ..export import reserve_output
+
+    setup_threads(args)
+    with reserve_output(args.out, args.overwrite):  # checked and held before the model loads
+        return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
     from ..export.lowrank import save_compressed
     from ..models.lowrank import lowrank_modules
 
-    setup_threads(args)
-    check_output_dir(args.out, args.overwrite)
     t0 = time.perf_counter()
     model, tok = load_from_args(args)
     n_lr = len(lowrank_modules(model))

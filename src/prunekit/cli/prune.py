@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -115,11 +116,20 @@ def _check_inputs(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..export import reserve_output
+
+    config = _check_inputs(args)
+    with contextlib.ExitStack() as stack:
+        if args.out:  # held from now until the save: a second run to the same --out fails at once
+            stack.enter_context(reserve_output(args.out, args.overwrite))
+        return _run(args, config)
+
+
+def _run(args: argparse.Namespace, config) -> int:
     from ..api import prune
     from ..eval import check_seqlen
     from ..models import check_finite
 
-    config = _check_inputs(args)
     eval_seqlen = args.eval_seqlen or config.calib.seqlen
     settings = task_settings(args, eval_seqlen, args.max_windows, args.eval_batch_size)
     tasks = prepare(args)  # bad task names / files fail before the model loads
@@ -149,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         from ..export.lowrank import save_compressed
 
         out, how = save_compressed(model, tok, args.out, report.to_dict(), args.overwrite, args.merge_lowrank)
+        args.saved = out
         print(f"saved to {out} ({how})")
     if args.json:
         Path(args.json).expanduser().write_text(report.to_json())

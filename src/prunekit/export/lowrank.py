@@ -26,7 +26,8 @@ from torch import nn
 
 from ..models import clear_quantizer
 from ..models.lowrank import FORMAT, MANIFEST, WEIGHTS, lowrank_modules, merge_lowrank
-from .save import REPORT_FILE, atomic_folder, model_bytes, save_model
+from .atomic import atomic_folder
+from .save import REPORT_FILE, model_bytes, save_model
 
 log = logging.getLogger(__name__)
 
