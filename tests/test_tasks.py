@@ -16,6 +16,7 @@ from prunekit.eval.tasks.scoring import (
     contains_match, exact_match, extract_flexible, extract_strict, gsm8k_gold, mc_metrics, mc_predictions,
     mean_stderr, normalize_answer,
 )
+from prunekit.errors import ConfigError
 from prunekit.registry import TASKS
 
 
@@ -218,8 +219,10 @@ def test_bad_task_names_fail_clearly(tmp_path):
         get_task("hellaswag")
     with pytest.raises(ValueError, match="not KEY=VALUE"):
         get_task("mmlu:five")
-    with pytest.raises(ValueError, match="bad option"):
+    with pytest.raises(ConfigError, match=r"^task 'piqa:shots=3' has no option 'shots'; its options are: none$"):
         get_task("piqa:shots=3")
+    with pytest.raises(ConfigError, match=r"^task 'mmlu:shots=abc' option shots='abc' is invalid: it must be an integer$"):
+        get_task("mmlu:shots=abc")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         get_task(f"mc:{tmp_path}/missing.jsonl")
     with pytest.raises(ValueError, match="listed twice"):

@@ -17,10 +17,11 @@ Declare options with :func:`option`::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
 
@@ -173,6 +174,28 @@ class Options:
             text = f.metadata.get("help", "")
             out.append((f.name, f.default, f"{text} ({allowed})" if text else allowed))
         return out
+
+
+def coerce_kwargs(fn: Callable, values: Mapping[str, Any], owner: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Keyword options for ``fn`` checked against its signature and converted by its annotations
+    (for factories that take plain keyword options, such as the registered tasks)."""
+    sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn)
+    allowed = [n for n, p in sig.parameters.items()
+               if n not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    out = {}
+    for key, value in values.items():
+        if key not in allowed:
+            raise ConfigError(f"{owner} has no option {key!r}; its options are: "
+                              + (", ".join(f"{n}={sig.parameters[n].default!r}" for n in allowed) or "none"))
+        tp = hints.get(key)
+        try:
+            out[key] = value if tp is None else _coerce(value, tp)
+        except ValueError:
+            base, optional = _base_type(tp)
+            raise ConfigError(f"{owner} option {key}={value!r} is invalid: it must be "
+                              f"{_KIND.get(base, base.__name__)}{' or none' if optional else ''}") from None
+    return out
 
 
 def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:

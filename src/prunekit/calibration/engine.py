@@ -130,7 +130,19 @@ def collect(index: int, block: nn.Module, inputs: BlockInputs, method: Method,
             collector.end_batch()
     finally:
         collector.remove()
+    _check_finite_stats(collector.stats)
     return collector.stats, ref
+
+
+def _check_finite_stats(stats: dict[str, InputStats | None]) -> None:
+    """A NaN/Inf statistic (activations that overflowed) would be compressed into garbage silently."""
+    for name, st in stats.items():
+        if st is None:
+            continue
+        bad = not bool(torch.isfinite(st.scaler).all()) or (st.xtx is not None and not bool(torch.isfinite(st.xtx).all()))
+        if bad:
+            raise ConfigError(f"the calibration inputs of {name} are not finite (NaN/Inf activations: an overflow in "
+                              "float16, or broken weights upstream); use --dtype bfloat16 or float32, or reload the model")
 
 
 def compress(model: nn.Module, modules: dict[str, nn.Module], stats: dict[str, InputStats | None], method: Method,

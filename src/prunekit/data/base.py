@@ -94,20 +94,28 @@ def hub_texts(split: str, path: str, name: str | None = None, field: str = "text
     return [row[field] for row in ds]
 
 
+def read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``; a binary or otherwise undecodable file is a one-line error naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "pass a text file (.txt, or .jsonl with one JSON object per line)") from None
+
+
 def jsonl_rows(path: Path):
     """``(line number, object)`` for each non-blank line of a JSON-lines file, with errors that
     name the file, the line and what is wrong."""
-    with Path(path).open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix the line") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object with fields")
-            yield lineno, row
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix the line") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object with fields")
+        yield lineno, row
 
 
 class TextFile(TextDataset):
@@ -121,10 +129,10 @@ class TextFile(TextDataset):
         self.name = str(path)
 
     def documents(self, split: str) -> list[str]:
-        return [self.path.read_text(encoding="utf-8")]
+        return [read_text(self.path)]
 
     def eval_text(self, split: str | None = None) -> str:
-        return self.path.read_text(encoding="utf-8")
+        return read_text(self.path)
 
 
 class JsonlFile(TextDataset):

@@ -186,6 +186,26 @@ def _convert_gguf(src: ModelSource, dest: Path) -> None:
         raise
 
 
+def check_weight_files(folder: Path, allow_pickle: bool = False) -> None:
+    """Fail before loading, naming the file: pickle-only weights without ``allow_pickle``, or a
+    damaged (e.g. truncated) safetensors file — its header and size are checked, which is cheap."""
+    from safetensors import safe_open
+
+    st = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(p for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if not st and pickles and not allow_pickle:
+        raise ConfigError(f"model folder {str(folder)!r} has only pickled weights ({pickles[0].name}); prunekit loads "
+                          "safetensors unless you pass --allow-pickle (unpickling can run code: only for files you trust)")
+    for f in st:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass  # opening checks the header and that it covers the whole file
+        except Exception as e:  # safetensors raises its own SafetensorError for every kind of damage
+            raise ConfigError(f"{f} is damaged ({e}); re-download the model or save it again") from None
+        if f.stat().st_size == 0:
+            raise ConfigError(f"{f} is empty; re-download the model or save it again")
+
+
 def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, trust_remote_code: bool = False,
                allow_pickle: bool = False):
     """Load ``(model, tokenizer)``; the model is in eval mode on ``device``.
@@ -208,6 +228,8 @@ def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, t
         if not (cached / "config.json").is_file():
             _convert_gguf(src, cached)
         src = ModelSource(str(cached))
+    if not src.hub:
+        check_weight_files(Path(src.path), allow_pickle)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
     try:
         if not src.hub and is_lowrank_folder(src.path):  # factorized modules saved by prunekit

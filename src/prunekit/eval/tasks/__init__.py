@@ -15,11 +15,13 @@ A task is chosen by a *spec* string:
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Callable
 
 import yaml
 
+from ...options import coerce_kwargs
 from ...registry import TASKS
 from . import arithmetic, generation, multiple_choice  # noqa: F401  (self-registering)
 from .base import Task, TaskResult, TaskSettings
@@ -50,12 +52,9 @@ def _split_path_options(rest: str, spec: str) -> tuple[str, dict]:
 
 
 def _call(factory: Callable, spec: str, *args, **opts) -> Task:
-    try:
-        return factory(*args, **opts)
-    except TypeError as e:
-        if "argument" in str(e):
-            raise ConfigError(f"task {spec!r}: bad option ({e}); see `prunekit ls` and docs/evaluation.md") from None
-        raise
+    """``factory(*args, **opts)`` with the options checked and typed by the factory's signature."""
+    skip = tuple(list(inspect.signature(factory).parameters)[: len(args)])  # the positional ones we pass
+    return factory(*args, **coerce_kwargs(factory, opts, f"task {spec!r}", skip))
 
 
 def get_task(spec: str, data_dir=None) -> Task:

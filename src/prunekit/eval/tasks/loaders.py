@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ...data import DataNotFoundError, data_dir
-from ...data.base import jsonl_rows
+from ...data.base import jsonl_rows, read_text
 from ...errors import ConfigError
 
 #: seed of the deterministic shuffles (BIG-bench example order, GSM8K exemplars)
@@ -73,7 +73,7 @@ def load_bigbench(spec: str, data_dir_path=None) -> tuple[Path, dict[str, Any]]:
             raise FileNotFoundError(f"BIG-bench task file {spec!r} does not exist; pass a task.json path")
         path = data_file(data_dir_path, "bigbench", spec, "task.json", task=f"bigbench:{spec}")
     try:
-        task = json.loads(path.read_text(encoding="utf-8"))
+        task = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
     examples = task.get("examples") if isinstance(task, dict) else None
