@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import add_model_args, setup_threads, table
+from .common import add_model_args, check_out_folder, setup_threads, table
 
 COLUMNS = ("name", "block", "kind", "shape", "n_evals", "alpha", "alpha_peak", "alpha_mid", "ks", "ks_peak",
            "stable_rank", "log_spectral_norm", "alpha_weighted")
@@ -143,8 +143,7 @@ def run(args: argparse.Namespace) -> int:
     if any(not (0.0 <= e < 1.0) for e in args.epsilon):
         raise ConfigError(f"--epsilon {args.epsilon}: each must lie in [0, 1)")
     out = Path(args.out or f"analysis-{_label(spec)}")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the tables and plots")
+    check_out_folder(out)
     t0 = time.perf_counter()
     model, tok, spectra = _analyze(spec, args, _label(spec))
     runs = {_label(spec): spectra}

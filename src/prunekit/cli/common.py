@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from ..errors import ConfigError
 
@@ -23,6 +25,32 @@ def friendly(e: BaseException) -> str | None:
             return f"{text}: {path}{other}"
         return text
     return None
+
+
+def check_json_path(path: str | None) -> None:
+    """Fail now (not after the prune) if ``--json`` cannot be written."""
+    if not path:
+        return
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ConfigError(f"--json {path!r} is a folder; give a file name such as report.json")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"--json {path!r}: folder {str(parent)!r} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ConfigError(f"--json {path!r} is not writable; choose another path")
+
+
+def check_out_folder(path, what: str = "--out") -> None:
+    """Fail now if ``path`` cannot become a folder (it is a file, or its parent cannot be made)."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{what} {str(out)!r} is a file; give a folder")
+    parent = out if out.exists() else out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {str(out)!r} cannot be created under {str(parent)!r}; choose another folder")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

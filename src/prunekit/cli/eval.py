@@ -7,7 +7,8 @@ import json
 import time
 
 from ._tasks import add_task_args, prepare, print_results, run_with_progress, task_settings
-from .common import add_eval_args, add_model_args, fmt_ppl, load_from_args, run_perplexity, setup_threads, table
+from .common import (add_eval_args, add_model_args, check_json_path, fmt_ppl, load_from_args, run_perplexity,
+                     setup_threads, table)
 
 _DEFAULT_DATASETS = ["wikitext2"]
 
@@ -34,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     seqlen = args.eval_seqlen or args.seqlen
     settings = task_settings(args, seqlen, args.max_windows, args.eval_batch_size)
     tasks = prepare(args)  # bad task names / files fail before the model loads
+    check_json_path(args.json)
     t0 = time.perf_counter()
     model, tok = load_from_args(args)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s")

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import time
 from pathlib import Path
 
 from ..errors import ConfigError
 from ..registry import ALLOCATORS, METHODS, REFINERS
 from ._tasks import add_task_args, prepare, run_with_progress, task_settings
-from .common import (add_eval_args, add_model_args, fmt_ppl, load_from_args, options_epilog, run_perplexity,
-                     setup_threads, table)
+from .common import (add_eval_args, add_model_args, check_json_path, fmt_ppl, load_from_args, options_epilog,
+                     run_perplexity, setup_threads, table)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -80,20 +79,6 @@ def build_config(args: argparse.Namespace):
         if getattr(args, flag) is not None:
             calib[key] = getattr(args, flag)
     return PruneConfig(**base, calib=CalibConfig(**calib))
-
-
-def check_json_path(path: str | None) -> None:
-    """Fail now (not after the prune) if ``--json`` cannot be written."""
-    if not path:
-        return
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise ConfigError(f"--json {path!r} is a folder; give a file name such as report.json")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(f"--json {path!r}: folder {str(parent)!r} does not exist; create it or choose another path")
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise ConfigError(f"--json {path!r} is not writable; choose another path")
 
 
 def _check_inputs(args: argparse.Namespace):

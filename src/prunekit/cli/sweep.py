@@ -11,7 +11,7 @@ from pathlib import Path
 from ..registry import ALLOCATORS, METHODS
 from ._tasks import add_task_args, prepare, task_settings
 from ..errors import ConfigError
-from .common import add_model_args, load_from_args, setup_threads
+from .common import add_model_args, check_out_folder, load_from_args, setup_threads
 
 
 def parse_sparsities(items: list[str]) -> list[float]:
@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         tasks=tuple(args.tasks), tolerance=args.tolerance, ppl_tolerance=args.ppl_tolerance)
     settings = task_settings(args, args.eval_seqlen, args.max_windows)
     tasks = prepare(args)
+    check_out_folder(out)
     from ..report import environment
 
     t0 = time.perf_counter()
