@@ -89,10 +89,15 @@ def _calibration(model: nn.Module, config: PruneConfig, calib: Tensor | None, to
 
 
 def _targets(model: nn.Module, config: PruneConfig, allocator: Allocator, linears: dict[str, nn.Module],
-             calib: Tensor | None) -> tuple[dict[str, Target], dict]:
-    """Per-linear targets from the allocator, and the allocation's summary for the report."""
+             calib: Tensor | None, weights=None) -> tuple[dict[str, Target], dict]:
+    """Per-linear targets from the allocator, and the allocation's summary for the report.
+
+    ``weights``: the linears as the allocator reads them (default ``linears``; a streamed model
+    passes a mapping that reads each weight from the checkpoint when asked for).
+    """
     pattern = config.pattern_obj
-    alloc = allocator.allocate(model, linears, config.sparsity, pattern, calib if allocator.needs_calibration else None)
+    alloc = allocator.allocate(model, linears if weights is None else weights, config.sparsity, pattern,
+                               calib if allocator.needs_calibration else None)
     params = {n: weight_view(m).numel() for n, m in linears.items()}
     block_of = block_lookup(model)
     targets = make_targets(alloc, pattern, params, {n: block_of(n) for n in alloc}, config.sparsity)

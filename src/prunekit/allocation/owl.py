@@ -85,8 +85,8 @@ def dense_input_norms(model: nn.Module, linears: Mapping[str, nn.Module], calib_
     def stop(_mod, _args, _out):
         raise _Stop
 
-    for name, mod in linears.items():
-        handles.append(mod.register_forward_pre_hook(pre_hook(name)))
+    for name in linears:  # the model's own modules (``linears`` may hand out copies read from a checkpoint)
+        handles.append(model.get_submodule(name).register_forward_pre_hook(pre_hook(name)))
     handles.append(blocks[last].register_forward_hook(stop))
     try:
         with calibration_forward_context(model):

@@ -79,6 +79,7 @@ class BlockInputs:
 
     hidden: list[Tensor] = field(default_factory=list)
     calls: list[list[BlockCall]] = field(default_factory=list)
+    returns: Any = None  # what block 0 returned once (its form: a tensor, or a tuple led by the hidden states)
 
     def call(self, index: int, block: nn.Module, b: int, hidden: Tensor | None = None) -> Tensor:
         """Block ``index`` (``block``) on batch ``b`` (its stored input unless ``hidden`` is given)."""
@@ -104,7 +105,6 @@ def _like(template: Any, hidden: Tensor) -> Any:
 def _recording(blocks: nn.ModuleList, rec: BlockInputs) -> Iterator[None]:
     """Replace every block's ``forward`` by a recorder for the duration of the context."""
     saved = [b.__dict__.get("forward") for b in blocks]  # an instance-level forward (e.g. accelerate's hook)
-    template: list[Any] = []
 
     def recorder(i: int, block: nn.Module):
         real = saved[i] or type(block).forward.__get__(block)
@@ -116,14 +116,22 @@ def _recording(blocks: nn.ModuleList, rec: BlockInputs) -> Iterator[None]:
                 rec.hidden.append(hidden)
             if i == len(blocks) - 1:
                 raise _Captured
-            if not template:  # learn once what a block returns, from one real call of block 0
-                template.append(real(*args, **kwargs))
-            return _like(template[0], hidden)
+            if rec.returns is None:  # learn once what a block returns, from one real call of block 0
+                rec.returns = real(*args, **kwargs)
+            return _like(rec.returns, hidden)
 
         return forward
 
-    for i, b in enumerate(blocks):
-        b.forward = recorder(i, b)
+    with _stubbed(blocks, [recorder(i, b) for i, b in enumerate(blocks)]):
+        yield
+
+
+@contextlib.contextmanager
+def _stubbed(blocks: nn.ModuleList, forwards: list) -> Iterator[None]:
+    """Every block's ``forward`` replaced by ``forwards[i]`` inside the context, restored after."""
+    saved = [b.__dict__.get("forward") for b in blocks]
+    for b, f in zip(blocks, forwards):
+        b.forward = f
     try:
         yield
     finally:
@@ -132,6 +140,17 @@ def _recording(blocks: nn.ModuleList, rec: BlockInputs) -> Iterator[None]:
                 del b.forward
             else:
                 b.forward = f
+
+
+def logits_from_last_hidden(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, last: Tensor, returns: Any) -> Tensor:
+    """The model's logits for ``ids`` when its last block outputs ``last``: the model's own head
+    (final norm, LM head, any logit soft-capping) runs on it, every block is skipped.
+
+    ``returns`` is a block's output form (:attr:`BlockInputs.returns`).
+    """
+    passthrough = [lambda *a, **k: _like(returns, BlockCall.split(a, k)[0]) for _ in blocks[:-1]]
+    with _stubbed(blocks, passthrough + [lambda *a, **k: _like(returns, last)]):
+        return model(input_ids=ids, use_cache=False).logits
 
 
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, batch_size: int,

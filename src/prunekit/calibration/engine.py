@@ -19,12 +19,11 @@ hidden``) and that block's statistics. The engine knows the ``Method`` interface
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import resource
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +33,7 @@ from ..methods.base import CompressResult, InputStats, Method, Target
 from ..models import block_linears, find_blocks, model_device, set_module, weight_view
 from ..report import BlockRecord, LayerRecord, Report, RunInfo
 from .context import BlockInputs, calibration_forward_context, capture_block_inputs
+from .residency import InMemory, Streamed
 
 log = logging.getLogger(__name__)
 
@@ -189,19 +189,6 @@ def _layer_record(name: str, module: nn.Module, target: Target, res: CompressRes
     return LayerRecord(name, tuple(w.shape), params, target.sparsity, str(target.pattern), sparsity, res.error, secs, res.info)
 
 
-@contextlib.contextmanager
-def _on_device(module: nn.Module, device: torch.device, home: torch.device) -> Iterator[None]:
-    """``module`` on ``device`` inside the context, back ``home`` after (no-op when they are equal)."""
-    if device == home:
-        yield
-        return
-    module.to(device)
-    try:
-        yield
-    finally:
-        module.to(home)
-
-
 def run_sequential(
     model: nn.Module,
     calib_ids: Tensor | None,
@@ -212,6 +199,7 @@ def run_sequential(
     callback: Callable[[BlockEvent], None] | None = None,
     keep_outputs: bool = False,
     info: RunInfo | None = None,
+    residency: InMemory | Streamed | None = None,
 ) -> Report:
     """Compress ``targets`` (qualified linear name → :class:`Target`) block by block.
 
@@ -226,26 +214,33 @@ def run_sequential(
         callback: called after every block with a :class:`BlockEvent` (progress bars, tests).
         keep_outputs: hand each block's outputs to the callback (the last block's included).
         info: what the report says about the run (default: derived from ``method`` and ``targets``).
+        residency: where the blocks live (:mod:`~prunekit.calibration.residency`): in memory (default;
+            moved to ``device`` one at a time when it differs from the model's), or streamed from the
+            checkpoint one block at a time.
 
     Returns:
         The complete :class:`Report`.
     """
     t_start = time.perf_counter()
     path, blocks = find_blocks(model)
-    home = model_device(model)
+    home = model_device(model) if residency is None else residency.device
     dev = torch.device(device) if device is not None else home
+    res = residency or InMemory(dev, home)
     calibrated = method.needs_calibration or keep_outputs
     if calibrated and calib_ids is None:
         raise ConfigError(f"method {method.name!r} needs calibration token ids")
-    method.prepare({n: m for i, b in enumerate(blocks) for n, m in block_linears(b, f"{path}.{i}").items()
-                    if n in targets}, targets)
+    method.prepare(res.linears({n: m for i, b in enumerate(blocks) for n, m in block_linears(b, f"{path}.{i}").items()
+                                if n in targets}), targets)
     layers: list[LayerRecord] = []
     records: list[BlockRecord] = []
     with calibration_forward_context(model):
-        inputs = _capture(model, blocks, calib_ids, batch_size, dev, home) if calibrated else BlockInputs()
+        inputs = BlockInputs()
+        if calibrated:
+            with res.capture(model, blocks):
+                inputs = capture_block_inputs(model, blocks, calib_ids, batch_size, dev)
         for idx, block in enumerate(blocks):
             t0 = time.perf_counter()
-            with _on_device(block, dev, home):
+            with res.block(idx, block):
                 modules = {n: m for n, m in block_linears(block, f"{path}.{idx}").items() if n in targets}
                 stats, ref = collect(idx, block, inputs, method, modules)
                 layers += compress(model, modules, stats, method, targets)
@@ -260,32 +255,3 @@ def run_sequential(
                 callback(BlockEvent(idx, len(blocks), rec, inputs.hidden if keep_outputs else None))
     info = info or RunInfo.of(method.name, targets)
     return info.report(layers, records, method.summary(), t_start)
-
-
-def _capture(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, batch_size: int, dev: torch.device,
-             home: torch.device) -> BlockInputs:
-    """Every block's calibration inputs, computed on ``dev``.
-
-    When ``dev`` differs from the model's device, the embedding stage (everything outside the
-    blocks) and block 0 (which runs once to show what a block returns) visit ``dev`` meanwhile.
-    """
-    if dev == home:
-        return capture_block_inputs(model, blocks, ids, batch_size, dev)
-    _move_outside_blocks(model, blocks, dev)
-    try:
-        with _on_device(blocks[0], dev, home):
-            return capture_block_inputs(model, blocks, ids, batch_size, dev)
-    finally:
-        _move_outside_blocks(model, blocks, home)
-
-
-def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """Move the parameters and buffers that live outside the decoder blocks to ``device``."""
-    inside = {id(m) for m in blocks.modules()}
-    for mod in model.modules():
-        if id(mod) in inside:
-            continue
-        for p in mod.parameters(recurse=False):
-            p.data = p.data.to(device)
-        for name, buf in mod.named_buffers(recurse=False):
-            setattr(mod, name, buf.to(device))

@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--no-dense-eval", action="store_true", help="skip the dense perplexity baseline")
     p.add_argument("--json", default=None, help="also write the report JSON to this file")
+    p.add_argument("--offload", choices=["auto", "none", "disk"], default="auto",
+                   help="disk: keep the weights on disk and work one decoder block at a time (peak memory: one "
+                        "block + activations); auto (default): only when the model would not fit in memory")
     add_eval_args(p)
     add_task_args(p)
     p.set_defaults(func=run)
@@ -114,7 +117,10 @@ def _run(args: argparse.Namespace, config) -> int:
     from ..api import prune
     from ..eval import check_seqlen
     from ..models import check_finite
+    from ._streamed import run_streamed, wants_streaming
 
+    if wants_streaming(args):
+        return run_streamed(args, config, _progress_bar(config), print_summary)
     eval_seqlen = args.eval_seqlen or config.calib.seqlen
     settings = task_settings(args, eval_seqlen, args.max_windows, args.eval_batch_size)
     tasks = prepare(args)  # bad task names / files fail before the model loads
@@ -130,7 +136,7 @@ def _run(args: argparse.Namespace, config) -> int:
                                              args.eval_batch_size, label, args.data_dir, tokens))
     dense = {} if args.no_dense_eval else evaluate("dense")
     dense_tasks = {} if args.no_dense_eval else run_with_progress(model, tok, tasks, settings, "dense")
-    report = _prune_with_progress(prune, model, tok, config, args.data_dir)
+    report = _progress_bar(config)(lambda cb: prune(model, config, tokenizer=tok, callback=cb, data_dir=args.data_dir))
     pruned = evaluate("pruned")
     pruned_tasks = run_with_progress(model, tok, tasks, settings, "pruned")
     report.evaluation = {"dense": {k: v.to_dict() for k, v in dense.items()},
@@ -151,21 +157,25 @@ def _run(args: argparse.Namespace, config) -> int:
     return 0
 
 
-def _prune_with_progress(prune, model, tok, config, data_dir):
+def _progress_bar(config):
+    """``run(fn)``: calls ``fn(callback)`` with a per-block progress bar as the callback."""
     from tqdm import tqdm
 
-    bar = tqdm(total=None, desc=f"{config.method} {config.pattern}", unit="block")
+    def run(fn):
+        bar = tqdm(total=None, desc=f"{config.method} {config.pattern}", unit="block")
 
-    def on_block(ev) -> None:
-        bar.total = ev.total
-        err = "" if ev.record.rel_error is None else f"err {ev.record.rel_error:.3f} "
-        bar.set_postfix_str(f"{err}{ev.record.seconds:.1f}s {ev.record.peak_rss_mb:.0f}MB")
-        bar.update(1)
+        def on_block(ev) -> None:
+            bar.total = ev.total
+            err = "" if ev.record.rel_error is None else f"err {ev.record.rel_error:.3f} "
+            bar.set_postfix_str(f"{err}{ev.record.seconds:.1f}s {ev.record.peak_rss_mb:.0f}MB")
+            bar.update(1)
 
-    try:
-        return prune(model, config, tokenizer=tok, callback=on_block, data_dir=data_dir)
-    finally:
-        bar.close()
+        try:
+            return fn(on_block)
+        finally:
+            bar.close()
+
+    return run
 
 
 def print_summary(report, dense: dict, pruned: dict, dense_tasks: dict | None = None,

@@ -115,6 +115,22 @@ def read_manifest(path: str | Path) -> dict:
     return data
 
 
+def _read_weights(path: Path) -> dict:
+    """The state dict of a low-rank folder: one file, or shards written block by block (streamed)."""
+    from safetensors.torch import load_file
+
+    index = path / "prunekit_lowrank.safetensors.index.json"
+    if (path / WEIGHTS).is_file():
+        return load_file(str(path / WEIGHTS))
+    if index.is_file():
+        state = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_file(str(path / shard)))
+        return state
+    raise ConfigError(f"low-rank folder {str(path)!r} has a manifest but no {WEIGHTS} (nor shards with an index); "
+                      "the save was incomplete: save it again")
+
+
 def load_lowrank_model(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """Rebuild a model saved by :func:`prunekit.export.lowrank.save_lowrank`.
 
@@ -122,20 +138,16 @@ def load_lowrank_model(path: str | Path, dtype: torch.dtype, trust_remote_code: 
     :class:`LowRankLinear` of the recorded rank before the state dict is loaded (strictly: a
     missing or unexpected tensor is an error, except tied weights).
     """
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     manifest = read_manifest(path)
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"low-rank folder {str(path)!r} has a manifest but no {WEIGHTS}; the save was incomplete")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for name, spec in manifest["modules"].items():
         set_module(model, name, LowRankLinear(int(spec["in_features"]), int(spec["out_features"]), int(spec["rank"]),
                                               bool(spec.get("bias", False)), dtype=dtype))
-    state = load_file(str(weights))
+    state = _read_weights(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     ptrs = {p.data_ptr() for k, p in model.state_dict().items() if k in state}
     params = model.state_dict()
