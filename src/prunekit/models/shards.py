@@ -44,7 +44,7 @@ class ShardWriter:
 
     def write_block(self, index: int, block: nn.Module) -> None:
         """Write block ``index`` (its parameters and persistent buffers) as one shard."""
-        from ..models.lowrank import LowRankLinear
+        from .lowrank import LowRankLinear
 
         prefix = f"{self.path}.{index}."
         self._write(index, {prefix + n: t for n, t in block.state_dict().items()})
@@ -55,7 +55,7 @@ class ShardWriter:
 
     def finish(self, model: nn.Module) -> None:
         """Write everything outside the blocks (tied tensors once), rename the shards, write the index and config."""
-        from ..models.lowrank import FORMAT, MANIFEST
+        from .lowrank import FORMAT, MANIFEST
 
         seen, rest = set(), {}
         for n, t in model.state_dict().items():
@@ -75,6 +75,7 @@ class ShardWriter:
             final[old] = new
         index = {"metadata": {"total_size": self.total}, "weight_map": {n: final[s] for n, s in self.weight_map.items()}}
         (self.folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        model.config.architectures = [type(model).__name__]  # as save_pretrained records it
         model.config.save_pretrained(self.folder)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(self.folder)
