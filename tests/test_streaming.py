@@ -104,5 +104,31 @@ def test_cli_offload_disk_end_to_end(folder, text, tmp_path, capsys):
     assert "streaming" in printed and "saved to" in printed
     report = json.loads((out / "prunekit_report.json").read_text())
     assert report["extra"]["offload"] == "disk" and report["summary"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
-    assert main(argv[:-2] + ["--out", str(tmp_path / "o2"), "--tasks", "piqa"]) == 2
-    assert "needs the whole model in memory" in capsys.readouterr().err
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"question": "the quick brown", "answer": "fox"}\n')
+    assert main(argv[:-2] + ["--out", str(tmp_path / "o2"), "--tasks", f"qa:{qa}"]) == 2
+    assert "generate text token by token, which needs the whole model in memory" in capsys.readouterr().err
+    assert main(argv[:-2] + ["--tasks", f"qa:{qa}"]) == 2  # no --out at all
+    assert "give --out" in capsys.readouterr().err
+
+
+def test_cli_eval_streams_perplexity_and_multiple_choice_with_the_in_memory_numbers(folder, text, tmp_path, capsys):
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("\n".join(json.dumps({"context": c, "choices": ["fox", "dog", "truth"], "label": i % 3})
+                            for i, c in enumerate(["the quick brown", "the lazy", "It is a", "universally"])) + "\n")
+    outs = {}
+    for mode in ("none", "disk"):
+        js = tmp_path / f"{mode}.json"
+        assert main(["eval", str(folder), "--datasets", str(text), "--seqlen", "32", "--max-windows", "3",
+                     "--tasks", f"mc:{mc}", "--offload", mode, "--json", str(js)]) == 0
+        outs[mode] = json.loads(js.read_text())
+    assert outs["disk"][str(text)]["nll"] == outs["none"][str(text)]["nll"]
+    a, b = outs["none"]["tasks"][f"mc:{mc}"], outs["disk"]["tasks"][f"mc:{mc}"]
+    assert a["metrics"] == b["metrics"]
+    for s1, s2 in zip(a["samples"], b["samples"]):
+        assert s1["loglikelihoods"] == pytest.approx(s2["loglikelihoods"], abs=2e-4)  # padding: batched differently
+    assert "streaming" in capsys.readouterr().out
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"question": "the quick brown", "answer": "fox"}\n')
+    assert main(["eval", str(folder), "--tasks", f"qa:{qa}", "--offload", "disk"]) == 2
+    assert "generate text token by token" in capsys.readouterr().err

@@ -142,7 +142,8 @@ def _stubbed(blocks: nn.ModuleList, forwards: list) -> Iterator[None]:
                 b.forward = f
 
 
-def logits_from_last_hidden(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, last: Tensor, returns: Any) -> Tensor:
+def logits_from_last_hidden(model: nn.Module, blocks: nn.ModuleList, batch: dict[str, Tensor], last: Tensor,
+                            returns: Any) -> Tensor:
     """The model's logits for ``ids`` when its last block outputs ``last``: the model's own head
     (final norm, LM head, any logit soft-capping) runs on it, every block is skipped.
 
@@ -150,7 +151,7 @@ def logits_from_last_hidden(model: nn.Module, blocks: nn.ModuleList, ids: Tensor
     """
     passthrough = [lambda *a, **k: _like(returns, BlockCall.split(a, k)[0]) for _ in blocks[:-1]]
     with _stubbed(blocks, passthrough + [lambda *a, **k: _like(returns, last)]):
-        return model(input_ids=ids, use_cache=False).logits
+        return model(**batch, use_cache=False).logits
 
 
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, batch_size: int,
@@ -160,11 +161,18 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, b
     One forward per batch runs the model's embedding stage (embeddings, masks, rotary tables)
     but no block and no LM head; the first batch also runs block 0 once to learn its output form.
     """
+    batches = [{"input_ids": ids[s : s + batch_size].to(device)} for s in range(0, ids.shape[0], batch_size)]
+    return capture_batches(model, blocks, batches)
+
+
+def capture_batches(model: nn.Module, blocks: nn.ModuleList, batches: list[dict[str, Tensor]]) -> BlockInputs:
+    """:func:`capture_block_inputs` for batches of model inputs (``input_ids`` with, e.g., an
+    ``attention_mask`` for padded sequences: the masks the model builds from it are recorded too)."""
     rec = BlockInputs(calls=[[] for _ in blocks])
     with _recording(blocks, rec):
-        for start in range(0, ids.shape[0], batch_size):
+        for batch in batches:
             try:
-                model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
+                model(**batch, use_cache=False)
             except _Captured:
                 pass
     if len(rec.hidden) != len(rec.calls[-1]):

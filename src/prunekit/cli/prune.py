@@ -119,11 +119,11 @@ def _run(args: argparse.Namespace, config) -> int:
     from ..models import check_finite
     from ._streamed import run_streamed, wants_streaming
 
-    if wants_streaming(args):
-        return run_streamed(args, config, _progress_bar(config), print_summary)
     eval_seqlen = args.eval_seqlen or config.calib.seqlen
     settings = task_settings(args, eval_seqlen, args.max_windows, args.eval_batch_size)
     tasks = prepare(args)  # bad task names / files fail before the model loads
+    if wants_streaming(args):
+        return run_streamed(args, config, tasks, settings, _progress_bar(config), print_summary)
     t0 = time.perf_counter()
     model, tok = load_from_args(args)
     print(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.dtype}, "

@@ -129,7 +129,17 @@ def perplexity(
     progress: Callable[[int, int], None] | None = None,
     token_cache: dict | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on a registered dataset's evaluation split (or a text file)."""
+    """Perplexity of ``model`` on a registered dataset's evaluation split (or a text file).
+
+    A model streamed from disk (:class:`~prunekit.models.lazy.LazyModel`) is evaluated one block at
+    a time (:func:`prunekit.eval.streamed.perplexity_streamed`), with the same numbers.
+    """
+    lazy = getattr(model, "prunekit_lazy", None)
+    if lazy is not None:
+        from .streamed import perplexity_streamed
+
+        return perplexity_streamed(lazy, tokenizer, dataset, seqlen, max_windows, batch_size, data_dir, progress,
+                                   token_cache)
     ids = eval_token_ids(tokenizer, dataset, seqlen, data_dir, cache=token_cache)
     res = perplexity_of_ids(model, ids, seqlen, max_windows, batch_size, progress, name=dataset)
     log.info("%s: ppl %.4f (seqlen %d, %d windows, %d tokens, %.0f tok/s)", dataset, res.ppl, seqlen,

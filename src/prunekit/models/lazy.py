@@ -184,6 +184,7 @@ class LazyModel:
             set_module(self.model, name, LowRankLinear(int(spec["in_features"]), int(spec["out_features"]),
                                                        int(spec["rank"]), bool(spec.get("bias")), dtype, "meta"))
         self.model.tie_weights()  # tied parameters are one object: loaded once, under the checkpoint's name
+        self.model.prunekit_lazy = self  # evaluation code sees it and walks the blocks one at a time
         self._names = set(source.names())
         self._alias = _name_aliases(self.model, self._names)
 

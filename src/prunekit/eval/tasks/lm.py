@@ -172,7 +172,7 @@ def loglikelihoods(
     order = sorted(range(len(prepared)), key=lambda i: (-len(prepared[i][0]) - max(map(len, prepared[i][1])), i))
     done = 0
     with calibration_forward_context(model):
-        if not reuse_prefix:
+        if not reuse_prefix or getattr(model, "prunekit_lazy", None) is not None:
             _score_full(model, prepared, order, out, batch_size, dev, pad, use_pos, counter)
         else:
             for start in range(0, len(order), batch_size):
@@ -229,8 +229,8 @@ def _score_batch(model, batch, outs, row_batch, dev, pad, use_pos, counter) -> N
         del past, logits, logp
 
 
-def _score_full(model, prepared, order, out, batch_size, dev, pad, use_pos, counter) -> None:
-    """Reference path: every context+continuation scored as its own right-padded sequence."""
+def _full_batches(prepared, order, batch_size, pad, use_pos):
+    """Every context+continuation as its own right-padded sequence, in batches: ``(rows, model inputs)``."""
     seqs = [(i, ctx, cont) for i in order for ctx, conts in [prepared[i]] for cont in conts]
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
@@ -240,14 +240,38 @@ def _score_full(model, prepared, order, out, batch_size, dev, pad, use_pos, coun
         for r, (_, c, k) in enumerate(chunk):
             ids[r, : len(c) + len(k)] = torch.tensor(c + k)
             mask[r, : len(c) + len(k)] = 1
-        pos = torch.arange(width)[None].expand(len(chunk), -1) if use_pos else None
-        logits = _forward(model, ids.to(dev), mask.to(dev), None if pos is None else pos.to(dev)).logits
-        counter.tokens += int(mask.sum())
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if use_pos:
+            inputs["position_ids"] = torch.arange(width)[None].expand(len(chunk), -1)
+        yield chunk, inputs
+
+
+def _add_scores(chunk, logits, out) -> None:
+    logp = F.log_softmax(logits.float(), dim=-1).cpu()
+    for r, (i, c, k) in enumerate(chunk):
+        p = torch.arange(len(c) - 1, len(c) + len(k) - 1)
+        out[i].append(float(logp[r, p, torch.tensor(k)].sum()))
+
+
+def _score_full(model, prepared, order, out, batch_size, dev, pad, use_pos, counter) -> None:
+    """Reference path: every context+continuation scored as its own right-padded sequence.
+
+    A model streamed from disk (:class:`~prunekit.models.lazy.LazyModel`) is scored this way, all
+    sequences through one block at a time (no prefix reuse: that needs every block per step).
+    """
+    batches = list(_full_batches(prepared, order, batch_size, pad, use_pos))
+    lazy = getattr(model, "prunekit_lazy", None)
+    if lazy is not None:
+        from ..streamed import streamed_logits
+
+        logits_of = streamed_logits(lazy, [inputs for _, inputs in batches])
+    else:
+        logits_of = (_forward(model, x["input_ids"].to(dev), x["attention_mask"].to(dev),
+                              x["position_ids"].to(dev) if "position_ids" in x else None).logits for _, x in batches)
+    for (chunk, inputs), logits in zip(batches, logits_of):
+        counter.tokens += int(inputs["attention_mask"].sum())
         counter.forwards += 1
-        logp = F.log_softmax(logits.float(), dim=-1).cpu()
-        for r, (i, c, k) in enumerate(chunk):
-            p = torch.arange(len(c) - 1, len(c) + len(k) - 1)
-            out[i].append(float(logp[r, p, torch.tensor(k)].sum()))
+        _add_scores(chunk, logits, out)
 
 
 def greedy_generate(
@@ -265,6 +289,9 @@ def greedy_generate(
 
     A prompt longer than ``max_len - max_new_tokens`` tokens loses its left part.
     """
+    if getattr(model, "prunekit_lazy", None) is not None:
+        raise ConfigError("greedy generation needs every block for every new token: it cannot stream a model one "
+                          "block at a time; score generation tasks where the model fits in memory")
     max_len = max_len or max_length(model)
     if max_new_tokens < 1 or max_new_tokens >= max_len:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be in [1, {max_len - 1}]")
