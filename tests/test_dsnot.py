@@ -7,7 +7,7 @@ import torch
 
 from prunekit import PruneConfig, prune
 from prunekit.masks import Pattern, is_nm_sparse, keep_mask
-from prunekit.methods.dsnot import DSnoT, dsnot, expected_error
+from prunekit.methods.dsnot import dsnot, expected_error
 from prunekit.errors import ConfigError
 from prunekit.registry import REFINERS
 from prunekit.models import decoder_linears

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.masks import Pattern, keep_mask
+from prunekit.masks import Pattern
 from prunekit.methods import Target, build_method
 from prunekit.methods.base import InputStats
 from prunekit.methods.sparsegpt import sparsegpt_prune

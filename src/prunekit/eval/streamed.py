@@ -15,7 +15,6 @@ import math
 import time
 from typing import Callable, Iterator
 
-import torch
 from torch import Tensor
 
 from ..calibration.context import calibration_forward_context, capture_batches, logits_from_last_hidden
