@@ -135,8 +135,9 @@ def resolve_device(device: "str | torch.device | None") -> torch.device:
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's (first) parameters: where its inputs must go."""
-    return next(model.parameters()).device
+    """Where the model's inputs must go: its parameters' device (a streamed model's compute device)."""
+    lazy = getattr(model, "prunekit_lazy", None)
+    return lazy.device if lazy is not None else next(model.parameters()).device
 
 
 def _looks_like_path(spec: str) -> bool:

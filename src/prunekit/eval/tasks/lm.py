@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...calibration import calibration_forward_context
-from ...models import context_length
+from ...models import context_length, model_device
 from ...errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,6 @@ def max_length(model: nn.Module, cap: int = 2048) -> int:
     return min(limit, cap) if limit else cap
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _accepts_position_ids(model: nn.Module) -> bool:
     try:
         return "position_ids" in inspect.signature(model.forward).parameters
@@ -148,7 +144,7 @@ def loglikelihoods(
     """
     max_len = max_len or max_length(model)
     counter = counter if counter is not None else Counter()
-    dev = _device(model)
+    dev = model_device(model)
     use_pos = _accepts_position_ids(model)
     pad = _pad_id(tokenizer)
     prepared = []  # (ctx_ids, [cont_ids])
@@ -296,7 +292,7 @@ def greedy_generate(
     if max_new_tokens < 1 or max_new_tokens >= max_len:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be in [1, {max_len - 1}]")
     counter = counter if counter is not None else Counter()
-    dev = _device(model)
+    dev = model_device(model)
     use_pos = _accepts_position_ids(model)
     pad = _pad_id(tokenizer)
     eos = {t for t in (tokenizer.eos_token_id,) if t is not None}
