@@ -81,16 +81,15 @@ def model_bytes_on_disk(spec: str, dtype: str | torch.dtype) -> int | None:
         from gguf import GGUFReader
 
         return sum(int(t.n_elements) for t in GGUFReader(str(Path(src.path) / src.gguf_file)).tensors) * size
-    from safetensors import safe_open
+    from .models.lazy import safetensors_header
 
     total = 0
     for f in Path(src.path).glob("*.safetensors"):
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                n = 1
-                for d in h.get_slice(k).get_shape():
-                    n *= d
-                total += n
+        for spec in safetensors_header(f)[0].values():
+            n = 1
+            for d in spec["shape"]:
+                n *= d
+            total += n
     return total * size
 
 

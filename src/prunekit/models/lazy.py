@@ -57,6 +57,18 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool}
 
 
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """``(tensor name → {dtype, shape, data_offsets}, data start)`` from a safetensors file's header."""
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{path} is damaged (unreadable header: {e}); re-download the model or save it again") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
 class SafetensorsSource(TensorSource):
     """A Hugging Face folder of safetensors (one file or shards with an index).
 
@@ -82,13 +94,9 @@ class SafetensorsSource(TensorSource):
             raise ConfigError(f"{self.folder} has no safetensors weights to stream from")
         self._where: dict[str, tuple[Path, int, dict]] = {}
         for f in files:
-            path = self.folder / f
-            with open(path, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-            header.pop("__metadata__", None)
+            header, base = safetensors_header(self.folder / f)
             for k, spec in header.items():
-                self._where[k] = (path, 8 + n, spec)
+                self._where[k] = (self.folder / f, base, spec)
 
     def names(self) -> list[str]:
         return list(self._where)
