@@ -71,14 +71,18 @@ def test_streamed_folder_holds_one_shard_per_block_and_the_tied_embedding_once(f
     assert "lm_head.weight" not in index["weight_map"] or not lazy.model.config.tie_word_embeddings
 
 
-def test_streamed_perplexity_equals_the_in_memory_perplexity(folder, text):
-    from prunekit.eval.streamed import perplexity_streamed
+def test_streamed_perplexity_equals_the_in_memory_perplexity(folder, text, monkeypatch):
+    import prunekit.eval.streamed as streamed
 
     model, tok = load_model(str(folder))
     want = evaluate(model, tok, EvalConfig((str(text),), seqlen=32, max_windows=5, batch_size=2))[str(text)]
     lazy = LazyModel(SafetensorsSource(folder), torch.float32)
-    got = perplexity_streamed(lazy, tok, str(text), 32, 5, batch_size=2, budget_bytes=2 * 32 * 64 * 8 * 2)
-    assert got.nll == want.nll and got.windows == 5  # chunks of 2 windows: 3 walks over the blocks
+    walks = []
+    real = streamed._walk
+    monkeypatch.setattr(streamed, "_walk", lambda *a: walks.append(1) or real(*a))
+    monkeypatch.setattr(streamed, "BUDGET", 2 * 32 * 64 * 4 * 2)  # two windows' hidden states per walk
+    got = evaluate(lazy.model, tok, EvalConfig((str(text),), seqlen=32, max_windows=5, batch_size=2))[str(text)]
+    assert got.nll == want.nll and got.windows == 5 and len(walks) == 3
 
 
 def test_only_one_block_is_resident_at_a_time(folder, text, tmp_path):

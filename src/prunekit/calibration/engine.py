@@ -189,6 +189,16 @@ def _layer_record(name: str, module: nn.Module, target: Target, res: CompressRes
     return LayerRecord(name, tuple(w.shape), params, target.sparsity, str(target.pattern), sparsity, res.error, secs, res.info)
 
 
+def _one_block(model: nn.Module, prefix: str, idx: int, block: nn.Module, inputs: BlockInputs, method: Method,
+               targets: dict[str, Target], keep: bool) -> tuple[list[LayerRecord], float | None]:
+    """The three steps for one block: its layers' records and its output error."""
+    modules = {n: m for n, m in block_linears(block, prefix).items() if n in targets}
+    stats, ref = collect(idx, block, inputs, method, modules)
+    layers = compress(model, modules, stats, method, targets)
+    del stats
+    return layers, propagate(idx, block, inputs, ref, keep)
+
+
 def run_sequential(
     model: nn.Module,
     calib_ids: Tensor | None,
@@ -204,8 +214,7 @@ def run_sequential(
     """Compress ``targets`` (qualified linear name → :class:`Target`) block by block.
 
     Args:
-        model: a causal LM (on its own device; blocks are moved to ``device`` one at a time if
-            they differ).
+        model: a causal LM (blocks are moved to ``device`` one at a time if it is not the model's).
         calib_ids: ``[n, seqlen]`` token ids; ``None`` only for methods without calibration.
         method: the compression method.
         targets: which linears to compress and to what.
@@ -214,9 +223,8 @@ def run_sequential(
         callback: called after every block with a :class:`BlockEvent` (progress bars, tests).
         keep_outputs: hand each block's outputs to the callback (the last block's included).
         info: what the report says about the run (default: derived from ``method`` and ``targets``).
-        residency: where the blocks live (:mod:`~prunekit.calibration.residency`): in memory (default;
-            moved to ``device`` one at a time when it differs from the model's), or streamed from the
-            checkpoint one block at a time.
+        residency: where the blocks live (:mod:`~prunekit.calibration.residency`): in memory
+            (default), or read from the checkpoint one block at a time.
 
     Returns:
         The complete :class:`Report`.
@@ -241,12 +249,9 @@ def run_sequential(
         for idx, block in enumerate(blocks):
             t0 = time.perf_counter()
             with res.block(idx, block):
-                modules = {n: m for n, m in block_linears(block, f"{path}.{idx}").items() if n in targets}
-                stats, ref = collect(idx, block, inputs, method, modules)
-                layers += compress(model, modules, stats, method, targets)
-                del stats
                 keep = calibrated and (idx < len(blocks) - 1 or keep_outputs)
-                rel = propagate(idx, block, inputs, ref, keep)
+                done, rel = _one_block(model, f"{path}.{idx}", idx, block, inputs, method, targets, keep)
+            layers += done
             rec = BlockRecord(idx, time.perf_counter() - t0, rel, peak_rss_mb(), _peak_device_mb(dev))
             records.append(rec)
             log.info("block %d/%d: %.2fs, rel. error %s, peak RSS %.0f MB", idx + 1, len(blocks), rec.seconds,

@@ -44,12 +44,12 @@ def check_streaming_args(args: argparse.Namespace, tasks: dict) -> None:
 
 
 def _evaluate(lazy, tok, args, seqlen: int, label: str, tokens: dict) -> dict:
-    from ..eval.streamed import perplexity_streamed
+    from ..eval import perplexity
 
     out = {}
     for ds in args.eval_datasets:
-        out[ds] = perplexity_streamed(lazy, tok, ds, seqlen, args.max_windows, args.eval_batch_size, args.data_dir,
-                                      token_cache=tokens)
+        out[ds] = perplexity(lazy.model, tok, ds, seqlen, args.max_windows, args.eval_batch_size, args.data_dir,
+                             token_cache=tokens)
         print(f"{label} {ds}: ppl {out[ds].ppl:.3f} ({out[ds].windows} windows, streamed)")
     return out
 

@@ -61,6 +61,17 @@ def check_seqlen(model: nn.Module, seqlen: int, what: str = "seqlen") -> None:
         )
 
 
+def _logits(model: nn.Module, batches: list[Tensor]):
+    """Logits of each batch: one forward each, or — for a model streamed from disk — all batches
+    through one block at a time (:func:`prunekit.eval.streamed.streamed_logits`), the same numbers."""
+    lazy = getattr(model, "prunekit_lazy", None)
+    if lazy is None:
+        return (model(input_ids=b, use_cache=False).logits for b in batches)
+    from .streamed import streamed_logits
+
+    return streamed_logits(lazy, [{"input_ids": b} for b in batches])
+
+
 def perplexity_of_ids(
     model: nn.Module,
     ids: Tensor,
@@ -80,16 +91,15 @@ def perplexity_of_ids(
         raise ConfigError(f"{name}: {ids.numel()} tokens is less than one window of seqlen={seqlen}; lower the seqlen")
     windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
     device = model_device(model)
+    batches = [windows[s : s + batch_size].to(device) for s in range(0, n_windows, batch_size)]
     total_nll = 0.0
     t0 = time.perf_counter()
     with calibration_forward_context(model):
-        for start in range(0, n_windows, batch_size):
-            batch = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
+        for k, (batch, logits) in enumerate(zip(batches, _logits(model, batches))):
             total_nll += shifted_nll(logits, batch)
             del logits
             if progress is not None:
-                progress(min(start + batch_size, n_windows), n_windows)
+                progress(min((k + 1) * batch_size, n_windows), n_windows)
     secs = time.perf_counter() - t0
     tokens = n_windows * (seqlen - 1)
     mean_nll = total_nll / tokens
@@ -132,14 +142,8 @@ def perplexity(
     """Perplexity of ``model`` on a registered dataset's evaluation split (or a text file).
 
     A model streamed from disk (:class:`~prunekit.models.lazy.LazyModel`) is evaluated one block at
-    a time (:func:`prunekit.eval.streamed.perplexity_streamed`), with the same numbers.
+    a time, with the same numbers.
     """
-    lazy = getattr(model, "prunekit_lazy", None)
-    if lazy is not None:
-        from .streamed import perplexity_streamed
-
-        return perplexity_streamed(lazy, tokenizer, dataset, seqlen, max_windows, batch_size, data_dir, progress,
-                                   token_cache)
     ids = eval_token_ids(tokenizer, dataset, seqlen, data_dir, cache=token_cache)
     res = perplexity_of_ids(model, ids, seqlen, max_windows, batch_size, progress, name=dataset)
     log.info("%s: ppl %.4f (seqlen %d, %d windows, %d tokens, %.0f tok/s)", dataset, res.ppl, seqlen,

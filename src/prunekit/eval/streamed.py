@@ -11,17 +11,13 @@ token needs every block) and says so.
 from __future__ import annotations
 
 import logging
-import math
-import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 from torch import Tensor
 
 from ..calibration.context import calibration_forward_context, capture_batches, logits_from_last_hidden
-from ..errors import ConfigError
 from ..models import find_blocks
 from ..models.lazy import LazyModel
-from .perplexity import PerplexityResult, check_seqlen, eval_token_ids, shifted_nll
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +41,9 @@ def _walk(lazy: LazyModel, batches: list[dict[str, Tensor]]):
     return inputs.hidden, inputs.returns
 
 
-def streamed_logits(lazy: LazyModel, batches: list[dict[str, Tensor]], budget_bytes: int = BUDGET) -> Iterator[Tensor]:
+def streamed_logits(lazy: LazyModel, batches: list[dict[str, Tensor]], budget_bytes: int | None = None) -> Iterator[Tensor]:
     """The model's logits for every batch of inputs, in order, one block of weights in memory at a time."""
+    budget_bytes = BUDGET if budget_bytes is None else budget_bytes
     model = lazy.model
     path, blocks = find_blocks(model)
     lazy.load(exclude=(path + ".",))
@@ -62,32 +59,3 @@ def streamed_logits(lazy: LazyModel, batches: list[dict[str, Tensor]], budget_by
                 for b, h in zip(chunk, last):
                     yield logits_from_last_hidden(model, blocks, b, h, returns)
                 chunk, size = [], 0
-
-
-def perplexity_streamed(lazy: LazyModel, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
-                        max_windows: int | None = None, batch_size: int = 1, data_dir=None,
-                        progress: Callable[[int, int], None] | None = None, token_cache: dict | None = None,
-                        budget_bytes: int = BUDGET) -> PerplexityResult:
-    """:func:`~prunekit.eval.perplexity.perplexity` for a :class:`LazyModel`."""
-    check_seqlen(lazy.model, seqlen)
-    ids = eval_token_ids(tokenizer, dataset, seqlen, data_dir, cache=token_cache).reshape(-1)
-    n_windows = ids.numel() // seqlen if max_windows is None else min(ids.numel() // seqlen, max_windows)
-    if n_windows == 0:
-        raise ConfigError(f"{dataset}: {ids.numel()} tokens is less than one window of seqlen={seqlen}; lower the seqlen")
-    windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
-    batches = [{"input_ids": windows[s: s + batch_size]} for s in range(0, n_windows, batch_size)]
-    total_nll, t0 = 0.0, time.perf_counter()
-    for k, (batch, logits) in enumerate(zip(batches, streamed_logits(lazy, batches, budget_bytes))):
-        total_nll += shifted_nll(logits, batch["input_ids"].to(logits.device))
-        if progress is not None:
-            progress(min((k + 1) * batch_size, n_windows), n_windows)
-    secs = time.perf_counter() - t0
-    tokens = n_windows * (seqlen - 1)
-    mean_nll = total_nll / tokens
-    if not math.isfinite(mean_nll):
-        raise ConfigError(f"{dataset}: the model's log-likelihood is {mean_nll} (NaN/Inf logits); the weights or the "
-                          "dtype overflow are broken: try --dtype float32 or reload the model")
-    ppl = math.exp(mean_nll) if mean_nll < 700 else float("inf")
-    log.info("%s (streamed): ppl %.4f (seqlen %d, %d windows, %.0f tok/s)", dataset, ppl, seqlen, n_windows,
-             n_windows * seqlen / secs)
-    return PerplexityResult(dataset, ppl, mean_nll, seqlen, n_windows, tokens, secs, n_windows * seqlen / secs)
