@@ -220,8 +220,7 @@ def run_sequential(
         targets: which linears to compress and to what.
         batch_size: calibration sequences per block forward.
         device: compute device; ``None`` = the model's device.
-        callback: called after every block with a :class:`BlockEvent` (progress bars, tests).
-        keep_outputs: hand each block's outputs to the callback (the last block's included).
+        callback: called after every block with a :class:`BlockEvent`; with ``keep_outputs``, with its outputs.
         info: what the report says about the run (default: derived from ``method`` and ``targets``).
         residency: where the blocks live (:mod:`~prunekit.calibration.residency`): in memory
             (default), or read from the checkpoint one block at a time.
