@@ -131,6 +131,54 @@ def _pick_layers(spectra, patterns, metric):
     return [ok[0], ok[len(ok) // 2], ok[-1]] if ok else []
 
 
+def _print_tables(args, runs, spectra, allocs, outliers) -> None:
+    """Every layer's metrics (unless --brief), then per block: the metric and each allocation's sparsity."""
+    if not args.brief:
+        for label, sp in runs.items():
+            print(f"\n{label}")
+            print(table([[s.name, f"{s.shape[0]}x{s.shape[1]}", *(_fmt(getattr(s, k)) for k in COLUMNS[5:])] for s in sp],
+                        ["layer", "shape", *COLUMNS[5:]]))
+    print("\nper block (mean over its linears) and the sparsity each allocation assigns at "
+          f"{args.sparsity:.0%} overall:")
+    names = list(allocs)
+    blocks = sorted({s.block for s in spectra})
+    brows = []
+    for b in blocks:
+        row = [str(b)]
+        for sp in runs.values():
+            vals = [getattr(s, args.metric) for s in sp if s.block == b]
+            row.append(_fmt(float(sum(vals) / len(vals))) if vals else "-")
+        row += [f"{allocs[n][b]:.3f}" for n in names]
+        brows.append(row)
+    print(table(brows, ["block", *(f"{args.metric} {lab}" for lab in runs), *names]))
+    if outliers:
+        print("OWL outlier ratio per block (share of Wanda scores > 5 x the block mean, %): "
+              + " ".join(f"{b}:{100 * r:.2f}" for b, r in outliers.items()))
+
+
+def _plots(args, spec, out, runs, spectra, allocs) -> None:
+    """The metric per block and per projection, the ESDs of three layers, the allocations, the comparison."""
+    from ..analysis import plots
+
+    title = f"{' vs '.join(runs)}: {args.metric} per decoder block and projection"
+    files = [plots.plot_metric_by_block(runs, args.metric, out / f"{args.metric}_by_block.png", title),
+             plots.plot_metric_by_kind(runs, args.metric, out / f"{args.metric}_by_kind.png",
+                                       f"{' vs '.join(runs)}: {args.metric} per projection type (over blocks)")]
+    chosen = _pick_layers(spectra, args.layers, args.metric)
+    if chosen:
+        files.append(plots.plot_esd(chosen, out / "esd.png",
+                                    f"{_label(spec)}: empirical spectral density (log-log) with power-law tail fits"))
+    files.append(plots.plot_allocations(allocs, args.sparsity, out / "allocation.png",
+                                        f"{_label(spec)}: per-block sparsity each allocation assigns "
+                                        f"(parameter-weighted mean {args.sparsity:.0%})"))
+    if args.compare:
+        labs = tuple(runs)
+        files.append(plots.plot_compare_scatter(runs[labs[0]], runs[labs[1]], labs, args.metric,
+                                                out / f"{args.metric}_compare.png",
+                                                f"{args.metric} per layer: {labs[0]} vs {labs[1]}"))
+    print("plots: " + ", ".join(str(f) for f in files))
+
+
 def run(args: argparse.Namespace) -> int:
     setup_threads(args)
     spec = args.model_opt or args.model
@@ -167,47 +215,8 @@ def run(args: argparse.Namespace) -> int:
         json.dump({"models": list(runs), "layers": rows, "allocation_per_block": allocs, "target": args.sparsity,
                    "owl_outlier_ratio_per_block": outliers}, f, indent=1, default=str)
 
-    if not args.brief:
-        for label, sp in runs.items():
-            print(f"\n{label}")
-            print(table([[s.name, f"{s.shape[0]}x{s.shape[1]}", *(_fmt(getattr(s, k)) for k in COLUMNS[5:])] for s in sp],
-                        ["layer", "shape", *COLUMNS[5:]]))
-    print("\nper block (mean over its linears) and the sparsity each allocation assigns at "
-          f"{args.sparsity:.0%} overall:")
-    names = list(allocs)
-    blocks = sorted({s.block for s in spectra})
-    brows = []
-    for b in blocks:
-        row = [str(b)]
-        for sp in runs.values():
-            vals = [getattr(s, args.metric) for s in sp if s.block == b]
-            row.append(_fmt(float(sum(vals) / len(vals))) if vals else "-")
-        row += [f"{allocs[n][b]:.3f}" for n in names]
-        brows.append(row)
-    print(table(brows, ["block", *(f"{args.metric} {lab}" for lab in runs), *names]))
-    if outliers:
-        print("OWL outlier ratio per block (share of Wanda scores > 5 x the block mean, %): "
-              + " ".join(f"{b}:{100 * r:.2f}" for b, r in outliers.items()))
-
+    _print_tables(args, runs, spectra, allocs, outliers)
     if not args.no_plots:
-        from ..analysis import plots
-
-        title = f"{' vs '.join(runs)}: {args.metric} per decoder block and projection"
-        files = [plots.plot_metric_by_block(runs, args.metric, out / f"{args.metric}_by_block.png", title),
-                 plots.plot_metric_by_kind(runs, args.metric, out / f"{args.metric}_by_kind.png",
-                                           f"{' vs '.join(runs)}: {args.metric} per projection type (over blocks)")]
-        chosen = _pick_layers(spectra, args.layers, args.metric)
-        if chosen:
-            files.append(plots.plot_esd(chosen, out / "esd.png",
-                                        f"{_label(spec)}: empirical spectral density (log-log) with power-law tail fits"))
-        files.append(plots.plot_allocations(allocs, args.sparsity, out / "allocation.png",
-                                            f"{_label(spec)}: per-block sparsity each allocation assigns "
-                                            f"(parameter-weighted mean {args.sparsity:.0%})"))
-        if args.compare:
-            labs = tuple(runs)
-            files.append(plots.plot_compare_scatter(runs[labs[0]], runs[labs[1]], labs, args.metric,
-                                                    out / f"{args.metric}_compare.png",
-                                                    f"{args.metric} per layer: {labs[0]} vs {labs[1]}"))
-        print("plots: " + ", ".join(str(f) for f in files))
+        _plots(args, spec, out, runs, spectra, allocs)
     print(f"tables: {out / 'layers.csv'}, {out / 'layers.json'}  ({time.perf_counter() - t0:.1f}s)")
     return 0
