@@ -81,6 +81,35 @@ def run_one(model: str, mode: str, nsamples: int, seqlen: int, windows: int) -> 
     return row
 
 
+CGROUP_ROWS = [("qwen2.5-coder-1.5b", "auto"), ("qwen2.5-coder-1.5b", "none")]
+
+
+def run_in_cgroup(model: str, offload: str, gb: float) -> dict:
+    """``prunekit prune`` (CLI, default settings but small calibration) in a memory cgroup of ``gb``
+    GB — smaller than the model's float32 weights — as on a machine whose memory cannot hold it."""
+    import os
+
+    cg = Path(f"/sys/fs/cgroup/memory/prunekit-bench-{os.getpid()}")
+    cg.mkdir()
+    try:
+        (cg / "memory.limit_in_bytes").write_text(str(int(gb * 2**30)))
+        out = Path(tempfile.mkdtemp(prefix="scale-cg-")) / "out"
+        cmd = [sys.executable, "-m", "prunekit.cli", "prune", model, "--method", "wanda", "--sparsity", "0.5",
+               "--nsamples", "16", "--seqlen", "512", "--eval", "wikitext2", "--eval-seqlen", "1024",
+               "--max-windows", "8", "--threads", "2", "--offload", offload, "--out", str(out)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              preexec_fn=lambda: (cg / "cgroup.procs").write_text(str(os.getpid())))
+        peak = int((cg / "memory.max_usage_in_bytes").read_text()) / 2**20
+        lines = [x for x in proc.stdout.splitlines() if "ppl" in x or "peak RSS" in x or "streaming" in x]
+        return {"model": model, "offload": offload, "cgroup_gb": gb, "returncode": proc.returncode,
+                "seconds": time.perf_counter() - t0, "cgroup_peak_mb": peak, "output": lines[-8:],
+                "stderr_tail": proc.stderr.strip().splitlines()[-1:] if proc.returncode else [],
+                "command": "prunekit " + " ".join(cmd[3:])}
+    finally:
+        cg.rmdir() if not (cg / "cgroup.procs").read_text().strip() else None
+
+
 def render(data: dict) -> str:
     env = data["environment"]
     lines = ["# Scale: in-memory vs block-streamed pruning (Wanda 50 %, fp32)", "",
@@ -99,6 +128,15 @@ def render(data: dict) -> str:
         lines.append(f"| {r['model']} | {r['mode']} | {r['calibration']} | {r['load_s']:.1f} | {r['prune_s']:.1f} | "
                      f"{r['calib_tok_s']:.0f} | {r['prune_peak_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['ppl']:.3f} ({r['eval_windows']}) | {r['eval_tok_s']:.0f} | {same} |")
+    if data.get("cgroup"):
+        lines += ["", "In a memory cgroup smaller than the model's float32 weights (as on a machine that cannot hold "
+                  "them; the cgroup's peak counts page cache too):", "",
+                  "| model | --offload | cgroup GB | exit code | seconds | cgroup peak MB | what it printed |", "|---|---|---|---|---|---|---|"]
+        for r in data["cgroup"]:
+            said = "; ".join(r["output"][-3:] + r["stderr_tail"]).replace("|", "/")
+            lines.append(f"| {r['model']} | {r['offload']} | {r['cgroup_gb']:g} | {r['returncode']} | {r['seconds']:.0f} | "
+                         f"{r['cgroup_peak_mb']:.0f} | {said} |")
+        lines += ["", "Command: " + "; ".join(f"`{r['command']}`" for r in data["cgroup"])]
     return "\n".join(lines) + "\n"
 
 
@@ -107,6 +145,9 @@ def main() -> int:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--only", default=None, help="comma-separated row indices")
     ap.add_argument("--out", default=str(HERE / "results" / "scale_stream"))
+    ap.add_argument("--cgroup-gb", type=float, default=0.0,
+                    help="also run the CLI in a memory cgroup of this size (needs root and cgroup v1); 0: skip")
+    ap.add_argument("--cgroup-only", action="store_true", help="only the cgroup rows, merged into --out's JSON")
     args = ap.parse_args()
     if args.one:
         print("RESULT " + json.dumps(run_one(*json.loads(args.one))))
@@ -114,9 +155,14 @@ def main() -> int:
     from prunekit.report import environment
     from prunekit.streaming import available_memory
 
-    picks = [int(i) for i in args.only.split(",")] if args.only else range(len(ROWS))
+    picks = [] if args.cgroup_only else [int(i) for i in args.only.split(",")] if args.only else range(len(ROWS))
     data = {"command": "PRUNEKIT_DATA=../shared/data python benchmarks/bench_scale.py " + " ".join(sys.argv[1:]),
             "environment": environment(), "memory_gb": available_memory() / 2**30, "rows": []}
+    if args.cgroup_only:
+        data = json.loads(Path(args.out + ".json").read_text())
+    if args.cgroup_gb:
+        data["cgroup"] = [run_in_cgroup(m, o, args.cgroup_gb) for m, o in CGROUP_ROWS]
+        print(json.dumps(data["cgroup"], indent=1), flush=True)
     for k in picks:
         proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(ROWS[k])], capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]

@@ -60,15 +60,46 @@ def open_lazy(spec: str, dtype: str | torch.dtype = "float32", device: str | tor
 
 
 def available_memory() -> int:
-    """Bytes the system could give this process now (``MemAvailable``)."""
+    """Bytes this process could get now: the system's ``MemAvailable``, or less when the process's
+    cgroup (a container's memory limit) allows less."""
+    avail = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if avail is None:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    room = _cgroup_room()
+    return min(avail, room) if room is not None else avail
+
+
+def _cgroup_room() -> int | None:
+    """The memory limit minus the usage of this process's cgroup (v1 or v2), if it has a limit."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "memory":  # cgroup v1
+            base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            limit, usage = base / "memory.limit_in_bytes", base / "memory.usage_in_bytes"
+        elif controllers == "":  # cgroup v2
+            base = Path("/sys/fs/cgroup") / path.lstrip("/")
+            limit, usage = base / "memory.max", base / "memory.current"
+        else:
+            continue
+        try:
+            text = limit.read_text().strip()
+            if text == "max" or int(text) >= 1 << 60:
+                continue
+            return int(text) - int(usage.read_text().strip())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def model_bytes_on_disk(spec: str, dtype: str | torch.dtype) -> int | None:
