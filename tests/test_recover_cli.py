@@ -134,3 +134,27 @@ def test_missing_model_existing_out_and_missing_teacher(tmp_path, folders, capsy
     _fails(capsys, ["recover", str(pruned), "--teacher", str(dense), "--out", str(out), *small(txt)],
            "already exists", "--overwrite")
     _fails(capsys, ["recover", str(pruned), "--out", str(tmp_path / "o"), *small(txt)], "--teacher")
+
+
+def test_prune_chains_recover(tmp_path, folders, capsys):
+    dense, _, txt = folders
+    out = tmp_path / "pr"
+    rc = main(["prune", str(dense), "--method", "magnitude", "--sparsity", "0.5", "--out", str(out), "--eval",
+               "--recover", "--recover-option", f"data={txt}", "--recover-option", "tokens=128",
+               "--recover-option", "seqlen=32", "--recover-option", "grad_accum=2", "--recover-option", "val_windows=2",
+               "--recover-option", "teacher_dtype=float32", "--recover-option", "lr=0.01"])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    rep = json.loads((out / "prunekit_report.json").read_text())
+    r = rep["extra"]["recover"]
+    assert r["steps"] == 2 and r["masks_kept"] and r["sparsity_after"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    model, _ = load_model(str(out))
+    zeros = sum(int((m.weight == 0).sum()) for m in decoder_linears(model).values())
+    assert zeros == r["sparsity_after"]["zeros"]
+
+
+def test_prune_recover_bad_option_fails_before_loading(tmp_path, folders, capsys, no_training):
+    dense, _, txt = folders
+    base = ["prune", str(dense), "--method", "magnitude", "--out", str(tmp_path / "o"), "--eval", "--recover"]
+    _fails(capsys, base + ["--recover-option", "tokens=0"], "tokens=0")
+    _fails(capsys, base + ["--recover-option", "tokenz=5"], "'tokenz'", "tokens")
+    _fails(capsys, base[:-1] + ["--recover-option", "tokens=5"], "without --recover")

@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="also write the report JSON to this file")
     add_eval_args(p)
     add_task_args(p)
+    from .recover import add_chain_args
+
+    add_chain_args(p)
     p.set_defaults(func=run)
 
 
@@ -97,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-windows={args.max_windows} must be >= 1")
     settings = task_settings(args, eval_seqlen, args.max_windows, args.eval_batch_size)
     tasks = prepare(args)  # bad task names / files fail before the model loads
+    from .recover import chain_after_prune, chain_config, dense_teacher
+
+    recover_cfg = chain_config(args)  # --recover settings fail before the model loads too
 
     t0 = time.perf_counter()
     model, tok = load_model(args.model, args.dtype, args.device, args.trust_remote_code, getattr(args, "allow_pickle", False))
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     dense = {} if args.no_dense_eval else run_perplexity(model, tok, args.eval_datasets, eval_seqlen, args.max_windows,
                                                          args.eval_batch_size, "dense")
     dense_tasks = {} if args.no_dense_eval else run_with_progress(model, tok, tasks, settings, "dense")
+    teacher = dense_teacher(model, recover_cfg)
     bar = tqdm(total=None, desc=f"{config.method} {config.pattern}", unit="block")
 
     def on_block(ev) -> None:
@@ -127,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
     report.extra["model"] = args.model
     report.extra["dtype"] = args.dtype
     print_summary(report, dense, pruned, dense_tasks, pruned_tasks)
+    if recover_cfg is not None:
+        chain_after_prune(args, recover_cfg, model, teacher, tok, report, tasks, settings)
     if args.json:
         with open(args.json, "w") as f:
             f.write(report.to_json())

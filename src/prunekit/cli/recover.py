@@ -230,3 +230,70 @@ def print_summary(report) -> None:
     rows.append(["optimizer state (MB) / peak RSS (MB)", "",
                  f"{report.optimizer_state_bytes / 2**20:.0f} / {report.peak_rss_mb:.0f}"])
     print(table(rows, ["", "before", "after"]))
+
+
+# -- `prunekit prune ... --recover`: the chained step ----------------------------------------------
+def add_chain_args(p: argparse.ArgumentParser) -> None:
+    """``--recover`` / ``--recover-option`` for ``prune`` (prune's own --seqlen/--seed stay calibration's)."""
+    p.add_argument("--recover", action="store_true",
+                   help="after pruning, distill from the dense model keeping the zeros (docs/recover.md)")
+    p.add_argument("--recover-option", action="append", metavar="K=V",
+                   help="a RecoverConfig setting for --recover, e.g. tokens=262144, data=austen, optimizer=spam "
+                        "(repeatable)")
+
+
+def chain_config(args: argparse.Namespace):
+    """The RecoverConfig of ``prune --recover`` (``None`` without it), validated before any work."""
+    from ..recover import RecoverConfig
+    from ..recover.data import load_documents
+    from .common import parse_options
+
+    opts = parse_options(getattr(args, "recover_option", None), "recover")
+    if not getattr(args, "recover", False):
+        if opts:
+            raise UserError("--recover-option given without --recover")
+        return None
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(RecoverConfig)}
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise UserError(f"--recover-option {unknown[0]!r} is not a recovery setting; choose from: {', '.join(sorted(known))}")
+    for key in ("hidden_layers", "betas"):
+        if key in opts and not isinstance(opts[key], (list, tuple)):
+            opts[key] = [opts[key]]
+    cfg = RecoverConfig(**opts)
+    load_documents(cfg)
+    return cfg
+
+
+def dense_teacher(model, cfg):
+    """A copy of the still-dense model to distill from (``None`` when no objective needs one)."""
+    import copy
+
+    return copy.deepcopy(model) if cfg is not None and cfg.needs_teacher else None
+
+
+def chain_after_prune(args, cfg, model, teacher, tok, report, tasks, settings) -> None:
+    """Recover the just-pruned ``model`` in place; its report goes to ``report.extra['recover']``."""
+    from ..recover import recover
+
+    bar, on_step = progress_bar(cfg.steps)
+    ckpt = checkpoint_dir(args.out) if args.out and cfg.checkpoint_every else None
+    try:
+        rep = recover(model, teacher, tok, cfg, checkpoint_dir=ckpt, callback=on_step)
+    finally:
+        bar.close()
+    eval_seqlen = args.eval_seqlen or report.calibration.get("seqlen") or cfg.seqlen
+    ppl = run_perplexity(model, tok, args.eval_datasets, eval_seqlen, args.max_windows, args.eval_batch_size,
+                         "recovered")
+    res = run_with_progress(model, tok, tasks, settings, "recovered")
+    report.evaluation["recovered"] = {k: v.to_dict() for k, v in ppl.items()}
+    if res:
+        report.evaluation.setdefault("tasks", {})["recovered"] = {k: r.to_dict() for k, r in res.items()}
+    report.extra["recover"] = rep.to_dict()
+    print_summary(rep)
+    for ds, r in ppl.items():
+        print(f"{ds} ppl after recovery (seqlen {r.seqlen}, {r.windows} win): {fmt_ppl(r.ppl)}")
+    if ckpt is not None and ckpt.exists():
+        shutil.rmtree(ckpt, ignore_errors=True)
