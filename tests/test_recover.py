@@ -111,7 +111,9 @@ def test_chunked_loss_gives_the_full_loss_gradient():
     teacher, s1 = pruned_pair()
     s2 = copy.deepcopy(s1)
     ids = torch.randint(0, VOCAB, (2, 16))
-    got = Objective(cfg(loss_chunk=5, hidden_weight=0.3), s1, teacher).forward_backward(ids)
+    chunked = Objective(cfg(loss_chunk=5, hidden_weight=0.3), s1, teacher)
+    assert chunked.chunked  # Llama's logits are lm_head(last hidden state): the memory-bounded path
+    got = chunked.forward_backward(ids)
     obj = Objective(cfg(loss_chunk=5, hidden_weight=0.3), s2, teacher)
     obj.chunked = False  # the reference path: full logits, one backward
     want = obj.forward_backward(ids)
@@ -321,3 +323,34 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert f(2) == 1.0 and f(9) == pytest.approx(0.1)
     lin = lr_lambda(RecoverConfig(warmup_ratio=0.0, schedule="linear", min_lr_ratio=0.0), 5)
     assert [lin(s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_low_rank_modules_train_as_they_are():
+    """A factorized module has no zeros, so no mask: its two factors train, its rank stays."""
+    from prunekit.models import set_module
+    from prunekit.models.lowrank import LowRankLinear
+
+    teacher, student = pruned_pair()
+    name = "model.layers.1.mlp.up_proj"
+    w = teacher.get_submodule(name).weight.detach()
+    u, s_, vh = torch.linalg.svd(w, full_matrices=False)
+    k = 8
+    set_module(student, name, LowRankLinear.from_factors(s_[:k].sqrt()[:, None] * vh[:k], u[:, :k] * s_[:k].sqrt()))
+    lr_mod = student.get_submodule(name)
+    a0, b0 = lr_mod.down.weight.detach().clone(), lr_mod.up.weight.detach().clone()
+    tr = trainer_for(student, teacher, cfg(), text())
+    assert not any(n.startswith(name + ".") for n in tr.masks.pruned)
+    tr.run()
+    assert lr_mod.rank == k and lr_mod.down.weight.shape == a0.shape
+    assert not torch.equal(lr_mod.down.weight, a0) and not torch.equal(lr_mod.up.weight, b0)
+    assert not tr.masks.violations()
+
+
+def test_bf16_autocast_trains_float32_weights():
+    teacher, student = pruned_pair()
+    c = cfg(bf16=True)
+    obj = Objective(c, student, teacher)
+    parts = obj.forward_backward(torch.randint(0, VOCAB, (2, 16)))
+    assert math.isfinite(parts["loss"]) and parts["kl"] > 0
+    p = student.get_submodule("model.layers.0.self_attn.q_proj").weight
+    assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32

@@ -40,9 +40,6 @@ class TrainingText:
     val: Tensor  # [n_val, seqlen]
     tokens_available: int  # tokens of the whole text (before windowing)
 
-    def window(self, index: int) -> Tensor:
-        return self.train[index]
-
     def describe(self) -> dict:
         return {"name": self.name, "split": self.split, "tokens_available": self.tokens_available,
                 "seqlen": int(self.train.shape[1]), "train_windows": int(self.train.shape[0]),
