@@ -158,3 +158,39 @@ def test_prune_recover_bad_option_fails_before_loading(tmp_path, folders, capsys
     _fails(capsys, base + ["--recover-option", "tokens=0"], "tokens=0")
     _fails(capsys, base + ["--recover-option", "tokenz=5"], "'tokenz'", "tokens")
     _fails(capsys, base[:-1] + ["--recover-option", "tokens=5"], "without --recover")
+
+
+def test_interrupted_recover_resumes_to_the_same_model(tmp_path, folders, capsys, monkeypatch):
+    """Ctrl-C after step 2 keeps OUT.checkpoint; the same command resumes there and saves exactly the
+    model an uninterrupted run saves."""
+    import prunekit.cli.recover as cli_recover
+
+    dense, pruned, txt = folders
+    argv = ["recover", str(pruned), "--teacher", str(dense), "--checkpoint-every", "1", "--lr", "1e-2",
+            *small(txt, "--tokens", "512")]
+    assert main(argv + ["--out", str(tmp_path / "ref")]) == 0
+    real = cli_recover.progress_bar
+
+    def interrupting(total):
+        bar, on_step = real(total)
+
+        def step(info):
+            on_step(info)
+            if info.step == 2:
+                raise KeyboardInterrupt
+
+        return bar, step
+
+    monkeypatch.setattr(cli_recover, "progress_bar", interrupting)
+    out = tmp_path / "out"
+    assert main(argv + ["--out", str(out)]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert (tmp_path / "out.checkpoint" / "state.pt").is_file() and not out.exists()
+    monkeypatch.setattr(cli_recover, "progress_bar", real)
+    assert main(argv + ["--out", str(out)]) == 0
+    rep = json.loads((out / "prunekit_report.json").read_text())["recover"]
+    assert rep["resumed_from"] == 2 and rep["steps"] == 4
+    a, _ = load_model(str(tmp_path / "ref"))
+    b, _ = load_model(str(out))
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
