@@ -181,6 +181,40 @@ def run_row(name: str, args) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def speed(args) -> dict:
+    """Tokens/s of one distillation forward+backward (seqlen 1024, batch 1) on Wanda 50 %: student
+    fp32 or bf16 autocast x teacher fp32 or bf16, and next-token loss without a teacher."""
+    import copy
+
+    import torch
+
+    import prunekit
+    from prunekit.recover import RecoverConfig
+    from prunekit.recover.objectives import Objective
+
+    student, _ = prunekit.load_model(str(Path(args.cache) / "wanda50"))
+    dense, _ = prunekit.load_model("smollm2-135m")
+    for n, p in student.named_parameters():
+        p.requires_grad_("embed" not in n)
+    student.train()
+    ids = torch.randint(0, student.config.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0))
+    out = []
+    for bf16, tdt in ((False, "float32"), (False, "bfloat16"), (True, "float32"), (True, "bfloat16"), (False, None),
+                      (True, None)):
+        teacher = copy.deepcopy(dense).to(getattr(torch, tdt)) if tdt else None
+        kw = dict(teacher_dtype=tdt) if tdt else dict(kl_weight=0.0, ce_weight=1.0)
+        obj = Objective(RecoverConfig(bf16=bf16, **kw), student, teacher)
+        times = []
+        for _ in range(3):  # the first is warm-up
+            t = time.perf_counter()
+            obj.forward_backward(ids)
+            times.append(time.perf_counter() - t)
+            student.zero_grad(set_to_none=True)
+        out.append({"student": "bf16 autocast" if bf16 else "fp32", "teacher": tdt or "none",
+                    "tok_s": 1024 / min(times[1:]), "seconds": times})
+    return {"rows": out}
+
+
 # -- orchestration -------------------------------------------------------------------------------
 def child(args, *extra) -> dict:
     cmd = [sys.executable, __file__, "--threads", str(args.threads), "--cache", args.cache,
@@ -227,16 +261,20 @@ def main() -> None:
     ap.add_argument("--lock", default="/tmp/prunekit-heavy.lock", help="flock file per row ('' to skip)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prepare", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--speed", action="store_true", help="only measure training step speed by dtype (needs wanda50)")
+    ap.add_argument("--speed-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--before", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.one or args.prepare:
+    if args.one or args.prepare or args.speed_child:
         import logging
 
         import torch
 
         logging.basicConfig(level=logging.WARNING)
         torch.set_num_threads(args.threads)
-        if args.prepare:
+        if args.speed_child:
+            print("RESULT " + json.dumps(speed(args)))
+        elif args.prepare:
             print("RESULT " + json.dumps(prepare_student(args.prepare, args)))
         else:
             spec = json.loads(args.one)
@@ -261,6 +299,10 @@ def main() -> None:
     res["settings"] = {"base": BASE, "budget": BUDGET, "long": LONG, "tasks": list(TASKS), "task_limit": args.task_limit,
                        "eval": "WikiText-2 test, seqlen 1024, first 20 windows (core.md protocol)",
                        "calibration": "austen, 32 x 1024 tokens, seed 0", "wt2valid": WT2_VALID}
+    if args.speed:
+        res["speed"] = child(args, "--speed-child")
+        save_results(res)
+        return
     rows = dict(ROWS)
     if args.student_dir:
         key = "dir-" + hashlib.sha1(str(Path(args.student_dir).resolve()).encode()).hexdigest()[:8]

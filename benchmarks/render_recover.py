@@ -75,6 +75,12 @@ def render(res: dict) -> str:
             f"{_acc(b.get('tasks'), 'boolq')} → {_acc(a.get('tasks'), 'boolq')} | "
             f"{r['validation_before'].get('kl', float('nan')):.3f} → {r['validation_after'].get('kl', float('nan')):.3f} | "
             f"{'/'.join(map(str, row.get('loadavg_1min', [])))} |")
+    sp = res.get("speed")
+    if sp:
+        lines += ["", "Training-step speed by dtype (Wanda 50 % student, one 1024-token window, distillation forward + "
+                  "backward, best of 2 after a warm-up; `--speed`):", "",
+                  "| student compute | teacher | tok/s |", "|---|---|---|"]
+        lines += [f"| {r['student']} | {r['teacher']} | {r['tok_s']:.0f} |" for r in sp["rows"]]
     lora = [(n, row) for n, row in res.get("rows", {}).items() if row["report"].get("lora")]
     if lora:
         lines += ["", "LoRA: merged through the mask vs merged plainly (the plain merge densifies every pruned layer):", ""]
