@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "block + activations); auto (default): only when the model would not fit in memory")
     add_eval_args(p)
     add_task_args(p)
+    from .recover import add_chain_args
+
+    add_chain_args(p)
     p.set_defaults(func=run)
 
 
@@ -122,7 +125,13 @@ def _run(args: argparse.Namespace, config) -> int:
     eval_seqlen = args.eval_seqlen or config.calib.seqlen
     settings = task_settings(args, eval_seqlen, args.max_windows, args.eval_batch_size)
     tasks = prepare(args)  # bad task names / files fail before the model loads
+    from .recover import chain_after_prune, chain_config, dense_teacher
+
+    recover_cfg = chain_config(args)  # --recover settings fail before the model loads too
     if wants_streaming(args):
+        if recover_cfg is not None:
+            raise ConfigError("--recover trains the whole model in memory, so it cannot follow a streamed prune; "
+                              "prune with --offload disk, then run prunekit recover where the model fits")
         return run_streamed(args, config, tasks, settings, _progress_bar(config), print_summary)
     t0 = time.perf_counter()
     model, tok = load_from_args(args)
@@ -136,6 +145,7 @@ def _run(args: argparse.Namespace, config) -> int:
                                              args.eval_batch_size, label, args.data_dir, tokens))
     dense = {} if args.no_dense_eval else evaluate("dense")
     dense_tasks = {} if args.no_dense_eval else run_with_progress(model, tok, tasks, settings, "dense")
+    teacher = dense_teacher(model, recover_cfg)
     report = _progress_bar(config)(lambda cb: prune(model, config, tokenizer=tok, callback=cb, data_dir=args.data_dir))
     pruned = evaluate("pruned")
     pruned_tasks = run_with_progress(model, tok, tasks, settings, "pruned")
@@ -146,6 +156,8 @@ def _run(args: argparse.Namespace, config) -> int:
                                       "pruned": {k: r.to_dict() for k, r in pruned_tasks.items()}}
     report.extra.update(model=args.model, dtype=args.dtype)
     print_summary(report, dense, pruned, dense_tasks, pruned_tasks)
+    if recover_cfg is not None:
+        chain_after_prune(args, recover_cfg, model, teacher, tok, report, tasks, settings)
     if args.out:  # the model first: a finished prune must not be lost to a bad report path
         from ..export.lowrank import save_compressed
 

@@ -1,0 +1,345 @@
+"""Recovery after pruning on SmolLM2-135M: what distillation / fine-tuning wins back, and at what cost.
+
+Starting models (pruned once, cached under ``--cache``; calibration Austen, 32 x 1024 tokens, seed 0,
+the core.md protocol): Wanda 50 %, uniform Wanda 70 %, SparseGPT 70 % + AlphaPruning eps = 0.3 (the
+best 70 % recipe of allocation.md). Every row trains one starting model with one recipe in a fresh
+process and records: training text, tokens, training time, tokens/s and that rate as a share of
+this machine's matmul ceiling for the row's forward+backward FLOPs (measured here: fp32 and bf16
+GFLOP/s of a 2048^2 matmul), peak RSS, optimizer-state bytes, sparsity before/after, WikiText-2
+perplexity (core.md protocol: seqlen 1024, first 20 windows) and PIQA / BoolQ (first 60 each,
+with standard errors) before and after, plus the held-out KL to the teacher.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_recover.py                 # every row, in order
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_recover.py --rows w50-kd   # some rows
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_recover.py --student-dir DIR --label "structured 25%"
+
+Each row takes ``--lock`` (default /tmp/prunekit-heavy.lock) for itself, so other heavy jobs can run
+between rows. Results are merged into ``benchmarks/results/recover.{json,md}`` after every row; rows
+already there are skipped unless ``--redo``. ``--student-dir`` adds a row for any saved prunekit
+model folder (e.g. a structured model) with ``--recipe`` (default: the best full recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "recover"
+WT2_VALID = "wikitext-2-v1-tokens/wiki.valid.tokens"
+
+# starting models: PruneConfig keywords (calibration: austen 32 x 1024, seed 0)
+STUDENTS = {
+    "wanda50": ("Wanda 50%", dict(method="wanda", sparsity=0.5)),
+    "wanda70": ("Wanda 70% uniform", dict(method="wanda", sparsity=0.7)),
+    "sgpt70a": ("SparseGPT 70% + AlphaPruning eps=0.3", dict(method="sparsegpt", sparsity=0.7, allocation="alpha",
+                                                             allocation_options={"epsilon": 0.3})),
+}
+BUDGET, LONG = 65_536, 262_144
+BASE = dict(seqlen=1024, batch_size=1, grad_accum=4, val_windows=4, lr=2e-4, bf16=True, teacher_dtype="auto",
+            warmup_ratio=0.1, min_lr_ratio=0.1, seed=0)
+RECIPES = {
+    "kd-full-adamw": ("distill, full (masked), AdamW", {}),
+    "ce-full-adamw": ("next-token, full (masked), AdamW", dict(kl_weight=0.0, ce_weight=1.0)),
+    "kd-lora-adamw": ("distill, LoRA r16 (masked merge), AdamW", dict(trainable="lora", lr=1e-3)),
+    "kd-full-galore": ("distill, full (masked), GaLore r128", dict(optimizer="galore", galore_rank=128,
+                                                                    galore_update_gap=8)),
+    "kd-full-spam": ("distill, full (masked), SPAM", dict(optimizer="spam", spam_reset_interval=8, spam_warmup=3,
+                                                          spam_clip_delay=2)),
+    "kd-full-adamw-fp32": ("distill, full (masked), AdamW, fp32 student+teacher",
+                           dict(bf16=False, teacher_dtype="float32")),
+}
+# row name -> (student, recipe, data, tokens), in the order they run ("prep:KEY" only prunes and
+# evaluates a starting model: uniform Wanda 70 % one-shot is the baseline the 70 % rows are compared with)
+ROWS = {
+    "w50-kd": ("wanda50", "kd-full-adamw", "wt2valid", BUDGET),
+    "a70-kd": ("sgpt70a", "kd-full-adamw", "wt2valid", BUDGET),
+    "prep:wanda70": ("wanda70", None, None, 0),
+    "w50-ce": ("wanda50", "ce-full-adamw", "wt2valid", BUDGET),
+    "w50-lora": ("wanda50", "kd-lora-adamw", "wt2valid", BUDGET),
+    "w50-galore": ("wanda50", "kd-full-galore", "wt2valid", BUDGET),
+    "w50-spam": ("wanda50", "kd-full-spam", "wt2valid", BUDGET),
+    "w50-kd-long": ("wanda50", "kd-full-adamw", "wt2valid", LONG),
+    "w50-kd-austen": ("wanda50", "kd-full-adamw", "austen", BUDGET),
+    "w50-kd-fp32": ("wanda50", "kd-full-adamw-fp32", "wt2valid", BUDGET),
+    "a70-kd-long": ("sgpt70a", "kd-full-adamw", "wt2valid", LONG),
+    "u70-kd": ("wanda70", "kd-full-adamw", "wt2valid", BUDGET),
+}
+TASKS = ("piqa", "boolq")
+
+
+def data_spec(name: str) -> str:
+    return str(Path(os.environ["PRUNEKIT_DATA"]) / WT2_VALID) if name == "wt2valid" else name
+
+
+@contextlib.contextmanager
+def heavy_lock(path: str | None):
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# -- the measurements (each in its own process) ---------------------------------------------------
+def evaluate(model, tok, args) -> dict:
+    import prunekit
+    from prunekit.eval.tasks import TaskSettings, prepare_tasks, run_tasks
+
+    ppl = prunekit.evaluate(model, tok, prunekit.EvalConfig(("wikitext2",), 1024, 20))["wikitext2"]
+    tasks = run_tasks(model, tok, prepare_tasks(list(TASKS)), TaskSettings(limit=args.task_limit))
+    return {"wikitext2": ppl.to_dict(), "tasks": {k: {"metrics": r.metrics, "stderr": r.stderr, "n": r.n}
+                                                  for k, r in tasks.items()}}
+
+
+def prepare_student(key: str, args) -> dict:
+    """Prune the dense model, save it under the cache, evaluate it once (the rows' 'before')."""
+    import torch
+
+    import prunekit
+    from prunekit.config import CalibConfig
+    from prunekit.export import save_model
+
+    folder = Path(args.cache) / key
+    if key == "dense":
+        model, tok = prunekit.load_model("smollm2-135m")
+        return {"eval": evaluate(model, tok, args)}
+    model, tok = prunekit.load_model("smollm2-135m")
+    calib = CalibConfig("austen", nsamples=32, seqlen=1024, seed=0, batch_size=8)
+    t = time.perf_counter()
+    rep = prunekit.prune(model, prunekit.PruneConfig(**STUDENTS[key][1], calib=calib), tokenizer=tok)
+    secs = time.perf_counter() - t
+    save_model(model, tok, folder, rep.to_dict(), overwrite=True)
+    del rep
+    torch.manual_seed(0)
+    return {"prune_s": secs, "eval": evaluate(model, tok, args)}
+
+
+def matmul_gflops(dtype, n: int = 2048, reps: int = 10) -> float:
+    import torch
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def flops_per_token(model, seqlen: int, trainable: str, teacher: bool) -> dict:
+    """Matmul FLOPs per training token: student forward 2N, backward 4N for full training (input and
+    weight gradients of the blocks; the frozen LM head only needs its input gradient, 2 V h) or 2N for
+    LoRA (input gradients only); the teacher's forward 2N; attention scores and values on top."""
+    from prunekit.models import decoder_linears
+
+    cfg = model.config
+    blocks = sum(m.weight.numel() for m in decoder_linears(model).values())
+    head = cfg.vocab_size * cfg.hidden_size
+    attn = 2 * 2 * (seqlen + 1) / 2 * cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads) \
+        * cfg.num_hidden_layers
+    fwd = 2 * (blocks + head) + attn
+    bwd = (4 * blocks if trainable == "full" else 2 * blocks) + 2 * head + 2 * attn
+    return {"student": fwd + bwd, "teacher": fwd if teacher else 0.0}
+
+
+def run_row(name: str, args) -> dict:
+    import torch
+
+    import prunekit
+    from prunekit.recover import RecoverConfig, recover
+
+    student_key, recipe, data, tokens = args.row_spec
+    over = RECIPES[recipe][1]
+    cfg = RecoverConfig(**{**BASE, **over, "data": data_spec(data), "tokens": tokens})
+    folder = args.student_dir or str(Path(args.cache) / student_key)
+    student, tok = prunekit.load_model(folder)
+    teacher, _ = prunekit.load_model("smollm2-135m")
+    before = args.before
+    calls = []
+
+    def ev(model):  # recover() calls it before training, on the unmasked LoRA merge, and after
+        calls.append(1)
+        return before if len(calls) == 1 and before else evaluate(model, tok, args)
+
+    rep = recover(student, teacher, tok, cfg, evaluate=ev)
+    fl = flops_per_token(student, cfg.seqlen, cfg.trainable, cfg.needs_teacher)
+    return {"row": name, "student": student_key, "student_dir": args.student_dir, "recipe": recipe,
+            "recipe_label": RECIPES[recipe][0], "data": data, "report": rep.to_dict(), "flops_per_token": fl,
+            "threads": torch.get_num_threads()}
+
+
+def speed(args) -> dict:
+    """Tokens/s of one distillation forward+backward (seqlen 1024, batch 1) on Wanda 50 %: student
+    fp32 or bf16 autocast x teacher fp32 or bf16, and next-token loss without a teacher."""
+    import copy
+
+    import torch
+
+    import prunekit
+    from prunekit.recover import RecoverConfig
+    from prunekit.recover.objectives import Objective
+
+    student, _ = prunekit.load_model(str(Path(args.cache) / "wanda50"))
+    dense, _ = prunekit.load_model("smollm2-135m")
+    for n, p in student.named_parameters():
+        p.requires_grad_("embed" not in n)
+    student.train()
+    ids = torch.randint(0, student.config.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0))
+    out = []
+    for bf16, tdt in ((False, "float32"), (False, "bfloat16"), (True, "float32"), (True, "bfloat16"), (False, None),
+                      (True, None)):
+        teacher = copy.deepcopy(dense).to(getattr(torch, tdt)) if tdt else None
+        kw = dict(teacher_dtype=tdt) if tdt else dict(kl_weight=0.0, ce_weight=1.0)
+        obj = Objective(RecoverConfig(bf16=bf16, **kw), student, teacher)
+        times = []
+        for _ in range(3):  # the first is warm-up
+            t = time.perf_counter()
+            obj.forward_backward(ids)
+            times.append(time.perf_counter() - t)
+            student.zero_grad(set_to_none=True)
+        out.append({"student": "bf16 autocast" if bf16 else "fp32", "teacher": tdt or "none",
+                    "tok_s": 1024 / min(times[1:]), "seconds": times})
+    return {"rows": out}
+
+
+# -- orchestration -------------------------------------------------------------------------------
+def child(args, *extra) -> dict:
+    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--cache", args.cache,
+           "--task-limit", str(args.task_limit), *extra]
+    load = os.getloadavg()[0]
+    with heavy_lock(args.lock):
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{extra} failed:\n{proc.stderr[-4000:]}")
+    out = json.loads(lines[-1][7:])
+    out["process_wall_s"] = wall
+    out["loadavg_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+    return out
+
+
+def load_results() -> dict:
+    f = RESULTS.with_suffix(".json")
+    return json.loads(f.read_text()) if f.is_file() else {"students": {}, "rows": {}, "commands": []}
+
+
+def save_results(res: dict) -> None:
+    from render_recover import render  # noqa: PLC0415 - beside this file
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
+    RESULTS.with_suffix(".md").write_text(render(res))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="*", default=None, help=f"rows to run (default all): {', '.join(ROWS)}")
+    ap.add_argument("--redo", action="store_true", help="rerun rows already in the results")
+    ap.add_argument("--student-dir", default=None, help="a saved (e.g. structured) model folder to recover")
+    ap.add_argument("--label", default=None, help="its name in the table (with --student-dir)")
+    ap.add_argument("--recipe", default="kd-full-adamw", choices=list(RECIPES), help="recipe for --student-dir")
+    ap.add_argument("--data", default="wt2valid", help="training text for --student-dir rows")
+    ap.add_argument("--tokens", type=int, default=BUDGET, help="budget for --student-dir rows")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--task-limit", type=int, default=60)
+    ap.add_argument("--cache", default="/work/cache-recover")
+    ap.add_argument("--lock", default="/tmp/prunekit-heavy.lock", help="flock file per row ('' to skip)")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--speed", action="store_true", help="only measure training step speed by dtype (needs wanda50)")
+    ap.add_argument("--speed-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--before", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one or args.prepare or args.speed_child:
+        import logging
+
+        import torch
+
+        logging.basicConfig(level=logging.WARNING)
+        torch.set_num_threads(args.threads)
+        if args.speed_child:
+            print("RESULT " + json.dumps(speed(args)))
+        elif args.prepare:
+            print("RESULT " + json.dumps(prepare_student(args.prepare, args)))
+        else:
+            spec = json.loads(args.one)
+            args.row_spec, args.student_dir = spec["spec"], spec.get("student_dir")
+            args.before = json.loads(Path(args.before).read_text()) if args.before else None
+            print("RESULT " + json.dumps(run_row(spec["name"], args), default=str))
+        return
+    if "PRUNEKIT_DATA" not in os.environ:
+        raise SystemExit("set PRUNEKIT_DATA to the data directory")
+    import torch
+
+    from prunekit.report import environment
+
+    res = load_results()
+    res["commands"] = sorted(set(res.get("commands", [])) | {
+        "OMP_WAIT_POLICY=PASSIVE PRUNEKIT_DATA=../shared/data python benchmarks/bench_recover.py " + " ".join(sys.argv[1:])})
+    torch.set_num_threads(args.threads)
+    with heavy_lock(args.lock):
+        res["machine"] = {**environment(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+                          "matmul_gflops": {"float32": matmul_gflops(torch.float32),
+                                            "bfloat16": matmul_gflops(torch.bfloat16)}}
+    res["settings"] = {"base": BASE, "budget": BUDGET, "long": LONG, "tasks": list(TASKS), "task_limit": args.task_limit,
+                       "eval": "WikiText-2 test, seqlen 1024, first 20 windows (core.md protocol)",
+                       "calibration": "austen, 32 x 1024 tokens, seed 0", "wt2valid": WT2_VALID}
+    if args.speed:
+        res["speed"] = child(args, "--speed-child")
+        save_results(res)
+        return
+    rows = dict(ROWS)
+    if args.student_dir:
+        key = "dir-" + hashlib.sha1(str(Path(args.student_dir).resolve()).encode()).hexdigest()[:8]
+        STUDENTS[key] = (args.label or Path(args.student_dir).name, {"dir": args.student_dir})
+        rows = {f"{key}-{args.recipe}": (key, args.recipe, args.data, args.tokens)}
+    wanted = args.rows if args.rows else list(rows)
+
+    def prepare(key: str) -> None:  # prune + evaluate a starting model once (its rows' 'before')
+        if key.startswith("dir-") or (key in res["students"] and not args.redo):
+            return  # a saved folder's 'before' is measured inside its row
+        print(f"preparing {key} ...", flush=True)
+        res["students"][key] = {"label": STUDENTS[key][0] if key != "dense" else "dense", **child(args, "--prepare", key)}
+        save_results(res)
+
+    prepare("dense")
+    for name in wanted:
+        student, recipe, data, tokens = rows[name]
+        prepare(student)
+        if name.startswith("prep:") or (name in res["rows"] and not args.redo):
+            continue
+        before_file = None
+        if student in res["students"]:
+            before_file = Path(args.cache) / f"{student}.before.json"
+            before_file.write_text(json.dumps(res["students"][student]["eval"]))
+        spec = {"name": name, "spec": [student, recipe, data, tokens], "student_dir": args.student_dir}
+        print(f"row {name}: {student} / {recipe} / {data} / {tokens} tokens ...", flush=True)
+        extra = ["--one", json.dumps(spec)] + (["--before", str(before_file)] if before_file else [])
+        row = child(args, *extra)
+        row["label"] = STUDENTS[student][0]
+        res["rows"][name] = row
+        save_results(res)
+        r = row["report"]
+        print(f"  {r['tokens']} tokens in {r['seconds']:.0f}s ({r['tokens_per_s']:.0f} tok/s): ppl "
+              f"{r['evaluation']['before']['wikitext2']['ppl']:.2f} -> {r['evaluation']['after']['wikitext2']['ppl']:.2f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    main()

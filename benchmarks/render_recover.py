@@ -1,0 +1,93 @@
+"""Markdown for ``benchmarks/results/recover.json`` (used by bench_recover.py)."""
+
+from __future__ import annotations
+
+
+def _ppl(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}" if x < 1e4 else f"{x:.3e}"
+
+
+def _acc(t: dict | None, task: str) -> str:
+    if not t or task not in t:
+        return "-"
+    r = t[task]
+    return f"{r['metrics']['acc']:.3f}±{r['stderr']['acc']:.3f}"
+
+
+def _ceiling(row: dict, gf: dict) -> tuple[float, float]:
+    """(tokens/s ceiling, achieved share): FLOPs per token over the measured matmul rate of the
+    dtypes the row computes in (student bf16 autocast or fp32; teacher in its dtype)."""
+    r, fl = row["report"], row["flops_per_token"]
+    s_rate = gf["bfloat16" if r["config"]["bf16"] else "float32"] * 1e9
+    t_rate = gf["bfloat16" if r.get("teacher_dtype") == "bfloat16" else "float32"] * 1e9
+    secs_per_token = fl["student"] / s_rate + (fl["teacher"] / t_rate if fl["teacher"] else 0.0)
+    ceiling = 1.0 / secs_per_token
+    return ceiling, r["tokens_per_s"] / ceiling
+
+
+def render(res: dict) -> str:
+    m = res.get("machine", {})
+    gf = m.get("matmul_gflops", {"float32": float("nan"), "bfloat16": float("nan")})
+    s = res.get("settings", {})
+    dense = res.get("students", {}).get("dense", {}).get("eval")
+    lines = [
+        "# Recovery after pruning: SmolLM2-135M", "",
+        f"Machine: {m.get('processor', '?')}, {m.get('threads', '?')} threads, OMP_WAIT_POLICY={m.get('omp_wait_policy')}; "
+        f"torch {m.get('torch')}, transformers {m.get('transformers')}, prunekit {m.get('prunekit')}. "
+        f"Measured matmul (2048², this machine): fp32 {gf['float32']:.0f} GFLOP/s, bf16 {gf['bfloat16']:.0f} GFLOP/s.",
+        "",
+        "Command(s): " + "; ".join(f"`{c}`" for c in res.get("commands", [])), "",
+        f"- starting models: pruned from the dense model with calibration {s.get('calibration')}; "
+        f"evaluation: {s.get('eval')}; tasks {', '.join(s.get('tasks', []))}: first {s.get('task_limit')} examples, "
+        "acc ± one standard error",
+        f"- training: {s.get('base')}; training text `wt2valid` = WikiText-2 *validation* (`{s.get('wt2valid')}`), "
+        "`austen` = the six novels; the test split is never trained on; 4 windows of the text are held out "
+        "(held-out KL = mean KL(teacher || student) per token on them)",
+        "- tok/s = training tokens / training seconds (forward, backward, optimizer; evaluation excluded); "
+        "ceiling = tokens/s if every matmul FLOP of the row (student forward+backward, teacher forward, attention) "
+        "ran at the measured matmul rate of its dtype; share = tok/s ÷ ceiling",
+        "- sparsity = zeros / weights over the decoder linears, before → after training "
+        "(must be identical: pruned positions are held at zero)", "",
+    ]
+    if dense:
+        lines.append(f"Dense SmolLM2-135M: WikiText-2 ppl {_ppl(dense['wikitext2']['ppl'])}, "
+                     f"piqa {_acc(dense['tasks'], 'piqa')}, boolq {_acc(dense['tasks'], 'boolq')}.")
+        lines.append("")
+    lines += [
+        "| row | starting model | recipe | text | tokens | train s | tok/s | ceiling tok/s (share) | peak RSS MB | "
+        "opt. state MB | sparsity before → after | WikiText-2 ppl before → after | piqa before → after | "
+        "boolq before → after | held-out KL before → after | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in res.get("rows", {}).items():
+        r = row["report"]
+        ev = r["evaluation"]
+        b, a = ev.get("before", {}), ev.get("after", {})
+        ceil, share = _ceiling(row, gf)
+        sb, sa = r["sparsity_before"]["sparsity"], r["sparsity_after"]["sparsity"]
+        same = "identical" if r["sparsity_before"] == r["sparsity_after"] and r["masks_kept"] else "CHANGED"
+        lines.append(
+            f"| {name} | {row['label']} | {row['recipe_label']} | {row['data']} | {r['tokens']} | {r['seconds']:.0f} | "
+            f"{r['tokens_per_s']:.0f} | {ceil:.0f} ({share:.0%}) | {r['peak_rss_mb']:.0f} | "
+            f"{r['optimizer_state_bytes'] / 2**20:.0f} | {sb:.4f} → {sa:.4f} ({same}) | "
+            f"{_ppl(b.get('wikitext2', {}).get('ppl'))} → {_ppl(a.get('wikitext2', {}).get('ppl'))} | "
+            f"{_acc(b.get('tasks'), 'piqa')} → {_acc(a.get('tasks'), 'piqa')} | "
+            f"{_acc(b.get('tasks'), 'boolq')} → {_acc(a.get('tasks'), 'boolq')} | "
+            f"{r['validation_before'].get('kl', float('nan')):.3f} → {r['validation_after'].get('kl', float('nan')):.3f} | "
+            f"{'/'.join(map(str, row.get('loadavg_1min', [])))} |")
+    sp = res.get("speed")
+    if sp:
+        lines += ["", "Training-step speed by dtype (Wanda 50 % student, one 1024-token window, distillation forward + "
+                  "backward, best of 2 after a warm-up; `--speed`):", "",
+                  "| student compute | teacher | tok/s |", "|---|---|---|"]
+        lines += [f"| {r['student']} | {r['teacher']} | {r['tok_s']:.0f} |" for r in sp["rows"]]
+    lora = [(n, row) for n, row in res.get("rows", {}).items() if row["report"].get("lora")]
+    if lora:
+        lines += ["", "LoRA: merged through the mask vs merged plainly (the plain merge densifies every pruned layer):", ""]
+        for n, row in lora:
+            r = row["report"]
+            um = r["evaluation"].get("unmasked_merge", {}).get("wikitext2", {}).get("ppl")
+            lines.append(f"- {n}: WikiText-2 ppl {_ppl(r['evaluation']['after']['wikitext2']['ppl'])} masked vs "
+                         f"{_ppl(um)} unmasked (dense); {r['lora']['dropped_energy']:.1%} of the adapters' update energy "
+                         f"fell on pruned positions and was dropped")
+    return "\n".join(lines) + "\n"

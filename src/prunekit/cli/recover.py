@@ -1,0 +1,318 @@
+"""``prunekit recover``: train a compressed model back towards its dense teacher, keep the compression."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ._tasks import add_task_args, prepare, run_with_progress, task_settings
+from ..errors import ConfigError
+from .common import add_eval_args, add_model_args, check_json_path, fmt_ppl, run_perplexity, setup_threads, table
+
+# flag -> RecoverConfig field, for the flags that map one to one (None: not given, keep the default)
+_FIELDS = ("data", "text_field", "tokens", "seqlen", "batch_size", "grad_accum", "val_windows", "val_every",
+           "kl_weight", "ce_weight", "hidden_weight", "temperature", "hidden_layers", "loss_chunk", "trainable",
+           "train_embeddings", "lora_rank", "lora_alpha", "lora_dropout", "optimizer", "lr", "weight_decay",
+           "max_grad_norm", "warmup_ratio", "schedule", "min_lr_ratio", "galore_rank", "galore_update_gap",
+           "galore_scale", "spam_threshold", "spam_reset_interval", "spam_warmup", "spam_clip_delay", "bf16",
+           "teacher_dtype", "seed", "checkpoint_every")
+
+
+def add_recover_args(p: argparse.ArgumentParser) -> None:
+    """The training flags (shared with ``prune --recover``); every default lives in RecoverConfig."""
+    from ..recover.config import OPTIMIZERS, SCHEDULES, TEACHER_DTYPES, TRAINABLE
+
+    g = p.add_argument_group("recovery (docs/recover.md)")
+    g.add_argument("--data", default=None, help="training text: registered dataset (its training split) or "
+                   ".txt/.jsonl file (default austen); never an evaluation split")
+    g.add_argument("--text-field", default=None, help="JSONL field holding the text (default text)")
+    g.add_argument("--tokens", type=int, default=None, help="training budget in tokens (default 262144)")
+    g.add_argument("--seqlen", type=int, default=None, help="tokens per training window (default 1024)")
+    g.add_argument("--batch-size", type=int, default=None, help="windows per forward/backward (default 1)")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 8)")
+    g.add_argument("--val-windows", type=int, default=None, help="held-out windows for validation (default 8)")
+    g.add_argument("--val-every", type=int, default=None, help="validate every N steps (default: before/after only)")
+    g.add_argument("--kl-weight", type=float, default=None, help="weight of T^2*KL distillation (default 1)")
+    g.add_argument("--ce-weight", type=float, default=None, help="weight of next-token cross-entropy (default 0)")
+    g.add_argument("--hidden-weight", type=float, default=None, help="weight of hidden-state MSE (default 0)")
+    g.add_argument("--temperature", type=float, default=None, help="distillation temperature T (default 1)")
+    g.add_argument("--hidden-layers", type=int, nargs="+", default=None, help="hidden states to match (default -1)")
+    g.add_argument("--loss-chunk", type=int, default=None, help="positions per logits chunk (default 256)")
+    g.add_argument("--trainable", default=None, choices=TRAINABLE, help="full (masked) or lora (default full)")
+    g.add_argument("--train-embeddings", action="store_true", default=None, help="also train embeddings / LM head")
+    g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 16)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 32)")
+    g.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout (default 0)")
+    g.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="adamw, galore or spam (default adamw)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4)")
+    g.add_argument("--weight-decay", type=float, default=None, help="decoupled weight decay on matrices (default 0)")
+    g.add_argument("--max-grad-norm", type=float, default=None, help="gradient-norm clip (default 1)")
+    g.add_argument("--warmup-ratio", type=float, default=None, help="fraction of steps of linear warm-up (default 0.05)")
+    g.add_argument("--schedule", default=None, choices=SCHEDULES, help="decay after warm-up (default cosine)")
+    g.add_argument("--min-lr-ratio", type=float, default=None, help="final lr / peak lr (default 0.1)")
+    g.add_argument("--galore-rank", type=int, default=None, help="GaLore projection rank (default 128)")
+    g.add_argument("--galore-update-gap", type=int, default=None, help="steps between GaLore SVDs (default 200)")
+    g.add_argument("--galore-scale", type=float, default=None, help="GaLore update scale alpha (default 1)")
+    g.add_argument("--spam-threshold", type=float, default=None, help="SPAM spike threshold theta (default 5000)")
+    g.add_argument("--spam-reset-interval", type=int, default=None, help="SPAM momentum reset interval (default 500)")
+    g.add_argument("--spam-warmup", type=int, default=None, help="SPAM warm-up steps after a reset (default 150)")
+    g.add_argument("--spam-clip-delay", type=int, default=None, help="steps after a reset before clipping (default 20)")
+    g.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast for the student's compute")
+    g.add_argument("--teacher-dtype", default=None, choices=TEACHER_DTYPES,
+                   help="teacher weights dtype (default auto: bfloat16 where the CPU has bf16 units)")
+    g.add_argument("--seed", type=int, default=None, help="seed of data order and LoRA init (default 0)")
+    g.add_argument("--checkpoint-every", type=int, default=None,
+                   help="write a resumable checkpoint beside --out every N steps (default: never)")
+    g.add_argument("--restart", action="store_true", help="discard an existing checkpoint instead of resuming it")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recover", help="train a compressed model back towards its dense teacher, keeping its zeros",
+                       description="Distillation / fine-tuning after compression. Pruned weights stay exactly zero "
+                                   "(full training with masked gradients, or LoRA merged through the mask); the "
+                                   "model is evaluated before and after and saved atomically with a JSON report.")
+    add_model_args(p)
+    p.add_argument("--teacher", default=None, help="the dense model the student was compressed from")
+    add_recover_args(p)
+    p.add_argument("--out", required=True, help="save the recovered model here (atomic; safetensors + report)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--json", default=None, help="also write the report JSON to this file")
+    add_eval_args(p, default=["wikitext2"])
+    p.set_defaults(eval_seqlen=1024)
+    add_task_args(p)
+    p.set_defaults(func=run)
+
+
+def build_recover_config(args: argparse.Namespace):
+    from ..recover import RecoverConfig
+
+    given = {f: getattr(args, f) for f in _FIELDS if getattr(args, f, None) is not None}
+    return RecoverConfig(**given)
+
+
+def checkpoint_dir(out: str) -> Path:
+    """Checkpoints live beside the output folder: ``OUT.checkpoint``."""
+    o = Path(out).expanduser()
+    return o.with_name(o.name + ".checkpoint")
+
+
+def make_evaluator(tok, args, tasks, settings):
+    """``model -> {"ppl": {...}, "tasks": {...}}`` with the CLI's progress bars."""
+    def evaluate(model) -> dict:
+        ppl = run_perplexity(model, tok, args.eval_datasets, args.eval_seqlen, args.max_windows, args.eval_batch_size,
+                             "eval")
+        res = run_with_progress(model, tok, tasks, settings, "tasks")
+        return {"ppl": {k: v.to_dict() for k, v in ppl.items()}, "tasks": {k: r.to_dict() for k, r in res.items()}}
+
+    return evaluate
+
+
+def progress_bar(total: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="recover", unit="step")
+
+    def on_step(info) -> None:
+        bar.n = info.step
+        bar.set_postfix_str(f"loss {info.loss:.4f} lr {info.lr:.2e} {info.tokens_per_s:.0f} tok/s "
+                            f"ETA {info.eta_s / 60:.1f} min")
+        bar.refresh()
+
+    return bar, on_step
+
+
+def prior_report(model_spec: str) -> dict | None:
+    """The compression report saved beside the student (``prunekit prune --out``), if any."""
+    from ..export import REPORT_FILE
+
+    f = Path(model_spec).expanduser() / REPORT_FILE
+    if not f.is_file():
+        return None
+    try:
+        rep = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    keep = ("method", "target_sparsity", "pattern", "allocation", "summary", "config", "evaluation")
+    return {k: rep[k] for k in keep if k in rep}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import reserve_output
+
+    setup_threads(args)
+    cfg = build_recover_config(args)  # every bad value fails here, before anything loads
+    with reserve_output(args.out, args.overwrite):  # checked, and held against a second run, from now on
+        return _run(args, cfg)
+
+
+def _run(args: argparse.Namespace, cfg) -> int:
+    from ..data import get_dataset
+    from ..models import load_model
+    from ..recover.data import load_documents
+
+    check_json_path(args.json)
+    for name in args.eval_datasets:
+        get_dataset(name, args.data_dir)
+    load_documents(cfg)  # unknown / missing / test-split training text fails now
+    if cfg.needs_teacher and not args.teacher:
+        raise ConfigError("distillation needs --teacher DENSE (the model the student was compressed from); or train on "
+                        "next-token loss alone with --kl-weight 0 --ce-weight 1")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise ConfigError(f"--max-windows={args.max_windows} must be >= 1")
+    settings = task_settings(args, args.eval_seqlen, args.max_windows, args.eval_batch_size)
+    tasks = prepare(args)
+    ckpt = checkpoint_dir(args.out)
+    if args.restart and ckpt.exists():
+        shutil.rmtree(ckpt)
+
+    t0 = time.perf_counter()
+    student, tok = load_model(args.model, args.dtype, args.device, args.trust_remote_code, args.allow_pickle)
+    teacher = None
+    if cfg.needs_teacher:
+        teacher, _ = load_model(args.teacher, "float32", args.device, args.trust_remote_code, args.allow_pickle)
+    print(f"loaded {args.model}" + (f" and teacher {args.teacher}" if teacher is not None else "")
+          + f" in {time.perf_counter() - t0:.1f}s; {cfg.steps} steps x {cfg.tokens_per_step} tokens")
+    return train_and_save(args, cfg, student, teacher, tok, tasks, settings, ckpt, prior_report(args.model))
+
+
+def train_and_save(args, cfg, student, teacher, tok, tasks, settings, ckpt: Path, prior: dict | None) -> int:
+    """Recover, print the summary, save atomically, drop the checkpoint (shared with ``prune --recover``)."""
+    from ..export.lowrank import save_compressed
+    from ..recover import recover
+
+    bar, on_step = progress_bar(cfg.steps)
+    evaluator = make_evaluator(tok, args, tasks, settings) if (args.eval_datasets or tasks) else None
+    try:
+        report = recover(student, teacher, tok, cfg, checkpoint_dir=ckpt if cfg.checkpoint_every else None,
+                         callback=on_step, evaluate=evaluator)
+    except KeyboardInterrupt:
+        bar.close()
+        if (ckpt / "state.pt").is_file():
+            print(f"interrupted; checkpoint kept in {ckpt} — rerun the same command to resume", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+    out_report = {"recover": report.to_dict(), "model": args.model, "teacher": getattr(args, "teacher", None),
+                  "compression": prior, "command": ["prunekit", *sys.argv[1:]]}
+    print_summary(report)
+    out, how = save_compressed(student, tok, args.out, out_report, args.overwrite)
+    if args.json:  # after the model: a report problem must not lose a finished training
+        Path(args.json).write_text(json.dumps(out_report, indent=2, default=str))
+    if ckpt.exists():
+        shutil.rmtree(ckpt, ignore_errors=True)
+    print(f"saved to {out} ({how})")
+    return 0 if report.masks_kept else 1
+
+
+def print_summary(report) -> None:
+    from ._tasks import fmt_metric
+
+    ev = report.evaluation
+    rows = []
+    for ds, after in ev.get("after", {}).get("ppl", {}).items():
+        before = ev.get("before", {}).get("ppl", {}).get(ds)
+        rows.append([f"{ds} ppl (seqlen {after['seqlen']}, {after['windows']} win)",
+                     fmt_ppl(before["ppl"] if before else None), fmt_ppl(after["ppl"])])
+    for spec, after in ev.get("after", {}).get("tasks", {}).items():
+        before = ev.get("before", {}).get("tasks", {}).get(spec)
+        for m, v in after["metrics"].items():
+            b = before["metrics"].get(m) if before else None
+            rows.append([f"{spec} {m} (n={after['n']})", fmt_metric(b, before["stderr"].get(m) if before else None),
+                         fmt_metric(v, after["stderr"].get(m))])
+    vb, va = report.validation_before, report.validation_after
+    rows.append([f"held-out {report.data['name']} ppl ({vb['tokens']} tok)", fmt_ppl(vb["ppl"]), fmt_ppl(va["ppl"])])
+    if "kl" in va:
+        rows.append(["held-out KL to teacher (nats/token)", f"{vb['kl']:.4f}", f"{va['kl']:.4f}"])
+    if report.lora:
+        rows.append(["held-out ppl, LoRA merged WITHOUT the mask (dense)", "", fmt_ppl(report.lora["validation_unmasked"]["ppl"])])
+    rows.append(["sparsity of decoder linears", f"{report.sparsity_before['sparsity']:.4f}",
+                 f"{report.sparsity_after['sparsity']:.4f}" + ("" if report.masks_kept else " (MASK BROKEN)")])
+    rows.append(["training tokens / steps", "", f"{report.tokens} / {report.steps}"])
+    rows.append(["training time (s) / tok/s", "", f"{report.seconds:.0f} / {report.tokens_per_s:.0f}"])
+    rows.append(["optimizer state (MB) / peak RSS (MB)", "",
+                 f"{report.optimizer_state_bytes / 2**20:.0f} / {report.peak_rss_mb:.0f}"])
+    print(table(rows, ["", "before", "after"]))
+
+
+# -- `prunekit prune ... --recover`: the chained step ----------------------------------------------
+def add_chain_args(p: argparse.ArgumentParser) -> None:
+    """``--recover`` / ``--recover-option`` for ``prune`` (prune's own --seqlen/--seed stay calibration's)."""
+    p.add_argument("--recover", action="store_true",
+                   help="after pruning, distill from the dense model keeping the zeros (docs/recover.md)")
+    p.add_argument("--recover-option", action="append", metavar="K=V",
+                   help="a RecoverConfig setting for --recover, e.g. tokens=262144, data=austen, optimizer=spam "
+                        "(repeatable)")
+
+
+def _yaml_values(items: list[str] | None) -> dict:
+    """``["tokens=65536", "betas=[0.9, 0.95]"]`` → typed values (RecoverConfig checks them)."""
+    import yaml
+
+    from ..options import parse_pairs
+
+    out = {}
+    for key, value in parse_pairs(items, "recover").items():
+        try:
+            out[key] = yaml.safe_load(value) if value else value
+        except yaml.YAMLError:
+            raise ConfigError(f"--recover-option {key}={value!r} is not a value (a number, word or [list])") from None
+    return out
+
+
+def chain_config(args: argparse.Namespace):
+    """The RecoverConfig of ``prune --recover`` (``None`` without it), validated before any work."""
+    from ..recover import RecoverConfig
+    from ..recover.data import load_documents
+    opts = _yaml_values(getattr(args, "recover_option", None))
+    if not getattr(args, "recover", False):
+        if opts:
+            raise ConfigError("--recover-option given without --recover")
+        return None
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(RecoverConfig)}
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise ConfigError(f"--recover-option {unknown[0]!r} is not a recovery setting; choose from: {', '.join(sorted(known))}")
+    for key in ("hidden_layers", "betas"):
+        if key in opts and not isinstance(opts[key], (list, tuple)):
+            opts[key] = [opts[key]]
+    cfg = RecoverConfig(**opts)
+    load_documents(cfg)
+    return cfg
+
+
+def dense_teacher(model, cfg):
+    """A copy of the still-dense model to distill from (``None`` when no objective needs one)."""
+    import copy
+
+    return copy.deepcopy(model) if cfg is not None and cfg.needs_teacher else None
+
+
+def chain_after_prune(args, cfg, model, teacher, tok, report, tasks, settings) -> None:
+    """Recover the just-pruned ``model`` in place; its report goes to ``report.extra['recover']``."""
+    from ..recover import recover
+
+    bar, on_step = progress_bar(cfg.steps)
+    ckpt = checkpoint_dir(args.out) if args.out and cfg.checkpoint_every else None
+    try:
+        rep = recover(model, teacher, tok, cfg, checkpoint_dir=ckpt, callback=on_step)
+    finally:
+        bar.close()
+    eval_seqlen = args.eval_seqlen or report.calibration.get("seqlen") or cfg.seqlen
+    ppl = run_perplexity(model, tok, args.eval_datasets, eval_seqlen, args.max_windows, args.eval_batch_size,
+                         "recovered")
+    res = run_with_progress(model, tok, tasks, settings, "recovered")
+    report.evaluation["recovered"] = {k: v.to_dict() for k, v in ppl.items()}
+    if res:
+        report.evaluation.setdefault("tasks", {})["recovered"] = {k: r.to_dict() for k, r in res.items()}
+    report.extra["recover"] = rep.to_dict()
+    print_summary(rep)
+    for ds, r in ppl.items():
+        print(f"{ds} ppl after recovery (seqlen {r.seqlen}, {r.windows} win): {fmt_ppl(r.ppl)}")
+    if ckpt is not None and ckpt.exists():
+        shutil.rmtree(ckpt, ignore_errors=True)
