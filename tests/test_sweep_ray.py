@@ -148,6 +148,18 @@ def test_killed_cli_driver_resumes_and_matches_the_serial_sweep(ray_local, setup
     assert (out / "report.md").is_file()
 
 
+def test_a_failing_cell_raises_its_own_error(ray_local, setup, tmp_path):
+    d, folder, _, settings = setup
+    cfg = SweepConfig(methods=("magnitude",), sparsities=(0.0, 0.5), calibs=(str(d / "t.txt"),),
+                      tasks=(f"ppl:{d / 't.txt'}",))
+    missing = str(tmp_path / "gone")
+    # the driver needs no model when the memory is given and nothing calibrates: the workers find it missing
+    with pytest.raises(FileNotFoundError, match="gone"):
+        run_sweep_ray(ModelSpec(missing), cfg, prepare_tasks(list(cfg.tasks)), settings, tmp_path / "sw",
+                      RayResources(memory_per_cell_gb=0.5))
+    assert not (tmp_path / "sw" / "results.json").exists()  # nothing finished, nothing written
+
+
 def test_ray_flag_without_ray_is_one_line(setup, tmp_path, capsys, monkeypatch):
     _, folder, _, _ = setup
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError

@@ -21,6 +21,7 @@ Design (docs/sweeps.md#ray):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -232,14 +233,9 @@ def run_sweep_ray(spec: ModelSpec, config: SweepConfig, tasks: dict[str, Task], 
     if list(tasks) != list(config.tasks):
         raise ValueError(f"prepared tasks {list(tasks)} differ from the sweep's tasks {list(config.tasks)}")
     ray = require_ray()
-    threads = resources.threads_per_cell
     gpus = resources.gpus(spec)
-    sig = signature_for(spec.name, spec.torch_dtype, spec.device_type, threads, config, settings)
-    mem = int(resources.memory_per_cell_gb * GIB) if resources.memory_per_cell_gb else cell_memory_bytes(spec, config)
-    facts = {"address": resources.address or "local", "cpus_per_cell": resources.cpus_per_cell,
-             "gpus_per_cell": gpus, "memory_per_cell_gb": round(mem / GIB, 2), "threads_per_cell": threads,
-             "memory_derived": resources.memory_per_cell_gb is None}
-    data, _ = resume_results(out_dir, sig, config, {**(extra or {}), "ray": facts})
+    sig = signature_for(spec.name, spec.torch_dtype, spec.device_type, resources.threads_per_cell, config, settings)
+    data, _ = resume_results(out_dir, sig, config, extra)
     done = {r["key"] for r in data["rows"]}
     todo: list[Mapping[str, Any] | None] = ([None] if "dense" not in done else []) + [
         c for c in config.cells() if cell_key(c) not in done]
@@ -250,31 +246,63 @@ def run_sweep_ray(spec: ModelSpec, config: SweepConfig, tasks: dict[str, Task], 
             finished += 1
             notify(key, None, finished, total)
     if todo:
+        mem = int(resources.memory_per_cell_gb * GIB) if resources.memory_per_cell_gb else cell_memory_bytes(spec, config)
+        need = {"CPU": float(resources.cpus_per_cell), "memory": float(mem), **({"GPU": gpus} if gpus else {})}
+        data["ray"] = {"address": resources.address or "local", "cpus_per_cell": resources.cpus_per_cell,
+                       "gpus_per_cell": gpus, "memory_per_cell_gb": round(mem / GIB, 2),
+                       "memory_derived": resources.memory_per_cell_gb is None,
+                       "threads_per_cell": resources.threads_per_cell}
         calibs = _calibrations(spec, config, todo, settings)
-        owned = _connect(ray, resources)
-        pending: dict[Any, str] = {}
-        try:
-            need = {"CPU": float(resources.cpus_per_cell), "memory": float(mem), **({"GPU": gpus} if gpus else {})}
-            _check_feasible(ray, need, strict=owned and resources.address is None)
-            pending = _submit(ray, spec, config, todo, tasks, settings, calibs, threads, need)
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                key = pending.pop(ready[0])
-                row, f = _result(ray, ready[0])
-                log.info("%s done on %s (pid %d): model loaded in %.1fs, worker peak RSS %.0f MB", key, f["host"],
-                         f["pid"], f["load_seconds"], f["worker_peak_rss_mb"])
-                facts["worker_peak_rss_mb"] = max(facts.get("worker_peak_rss_mb", 0.0), f["worker_peak_rss_mb"])
+        with contextlib.closing(_completed(ray, spec, config, todo, tasks, settings, calibs, resources, need)) as rows:
+            for key, row, facts in rows:
+                data["ray"]["worker_peak_rss_mb"] = max(data["ray"].get("worker_peak_rss_mb", 0.0),
+                                                        facts["worker_peak_rss_mb"])
                 add_row(out_dir, data, config, row)
                 finished += 1
                 notify(key, row, finished, total)
-        finally:
-            for ref in pending:  # the driver is leaving: cells in flight are lost, not left running
-                ray.cancel(ref, force=True)
-            if owned:
-                ray.shutdown()
     data["knees"] = knees(data, config)
     save_results(out_dir, data)
     return data
+
+
+def _completed(ray, spec: ModelSpec, config: SweepConfig, todo: list, tasks: dict[str, Task], settings: TaskSettings,
+               calibs: dict[str, Tensor], resources: RayResources, need: dict[str, float]):
+    """Submit every cell, then yield ``(key, row, facts)`` as each finishes.
+
+    Closing the generator early (the driver fails or is interrupted) cancels the cells in flight and
+    stops a Ray instance this call started.
+    """
+    owned = _connect(ray, resources)
+    pending: dict[Any, str] = {}
+    try:
+        _check_feasible(ray, need, strict=owned and resources.address is None)
+        pending = _submit(ray, spec, config, todo, tasks, settings, calibs, resources.threads_per_cell, need)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            key = pending.pop(ready[0])
+            row, facts = _result(ray, ready[0])
+            log.info("%s done on %s (pid %d): model loaded in %.1fs, worker peak RSS %.0f MB", key, facts["host"],
+                     facts["pid"], facts["load_seconds"], facts["worker_peak_rss_mb"])
+            yield key, row, facts
+    finally:
+        _abandon(ray, list(pending))
+        if owned:
+            ray.shutdown()
+
+
+def _abandon(ray, refs: list) -> None:
+    """Cancel the cells still in flight (the driver is leaving: they are lost, not left running), and take
+    their outcome so that Ray does not print the errors of abandoned tasks at exit."""
+    for ref in refs:
+        ray.cancel(ref, force=True)
+    if not refs:
+        return
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except Exception:  # noqa: BLE001 - cancelled or failed: either way the cell is redone by a rerun
+            pass
 
 
 def _calibrations(spec: ModelSpec, config: SweepConfig, todo: list, settings: TaskSettings) -> dict[str, Tensor]:
