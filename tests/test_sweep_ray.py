@@ -193,6 +193,26 @@ def test_resources_declared_per_cell(setup):
     assert cell_memory_bytes(ModelSpec(folder, dtype="bf16"), cfg) == 3 * 2 * n_params + 2 * 2 * 16 * 64 * 2 + (1 << 30)
 
 
+def test_ray_init_keeps_the_callers_sigterm_handler():
+    from prunekit.sweep.ray_executor import ray_init
+
+    class FakeRay:  # what ray.init does to the handler (ray/_private/worker.py: sigterm_handler -> sys.exit)
+        def init(self, **kwargs):
+            self.kwargs = kwargs
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+
+    def ours(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        fake = FakeRay()
+        ray_init(fake, address="local", num_cpus=2)
+        assert signal.getsignal(signal.SIGTERM) is ours and fake.kwargs == {"address": "local", "num_cpus": 2}
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_a_cell_no_node_can_hold_is_refused(ray_local):
     import ray
 

@@ -25,7 +25,9 @@ import contextlib
 import logging
 import os
 import resource
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,12 +183,22 @@ def _connect(ray, resources: RayResources) -> bool:
     if ray.is_initialized():
         return False
     if resources.address is not None:
-        ray.init(address=resources.address, log_to_driver=True)
+        ray_init(ray, address=resources.address, log_to_driver=True)
         return True
     workers = resources.workers or max(1, (os.cpu_count() or 1) // resources.cpus_per_cell)
-    ray.init(address="local", num_cpus=workers * resources.cpus_per_cell, include_dashboard=False,
+    ray_init(ray, address="local", num_cpus=workers * resources.cpus_per_cell, include_dashboard=False,
              object_store_memory=resources.object_store_mb << 20, log_to_driver=True)
     return True
+
+
+def ray_init(ray, **kwargs) -> None:
+    """``ray.init`` that keeps the caller's SIGTERM handler: Ray installs ``sys.exit`` there, which would skip
+    the CLI's handling of SIGTERM like Ctrl-C ("interrupted; N finished cells are saved")."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    ray.init(**kwargs)
+    if before is not None:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _check_feasible(ray, need: dict[str, float], strict: bool) -> None:
