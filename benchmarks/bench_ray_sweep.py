@@ -212,7 +212,8 @@ def markdown(r: dict) -> str:
               f"{k['skipped_on_resume']} rows skipped, {k['redone_on_resume']} cells run, {k['resume_wall_s']:.0f} s; "
               f"final file equal to serial: **{k['resumed_equals_serial']}**.", "",
               "## Numbers (identical in the serial `--threads 1`, Ray and resumed Ray files)", "", "| cell | actual sparsity | wikitext2 ppl |", "|---|---|---|"]
-    lines += [f"| {row['key']} | {row['actual_sparsity']:.4f} | {row['ppl']:.4f} |" for row in r["rows"]]
+    cell = {row["key"]: row["key"].replace("|", " / ") for row in r["rows"]}  # a "|" would split the table cell
+    lines += [f"| {cell[row['key']]} | {row['actual_sparsity']:.4f} | {row['ppl']:.4f} |" for row in r["rows"]]
     return "\n".join(lines) + "\n"
 
 
