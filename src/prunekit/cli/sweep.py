@@ -65,7 +65,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (results.json/csv, plots/, report.md)")
     p.add_argument("--title", default=None, help="report title")
     p.add_argument("--report-only", action="store_true", help="redraw plots and report from results.json; run nothing")
+    add_ray_args(p)
     p.set_defaults(func=run)
+
+
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray (docs/sweeps.md#ray; needs pip install 'prunekit[ray]')")
+    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run every cell as a Ray task: alone, on a local Ray instance; with an address (auto, "
+                        "HOST:PORT, ray://HOST:PORT), on that cluster. Write it after the model, or as --ray=ADDRESS")
+    g.add_argument("--ray-workers", type=int, default=None,
+                   help="local instance: cells at once (default: CPU cores / --ray-cpus-per-cell)")
+    g.add_argument("--ray-cpus-per-cell", type=int, default=1,
+                   help="CPUs each cell declares; also its torch threads unless --threads is given (default 1)")
+    g.add_argument("--ray-memory-per-cell", type=float, default=None, metavar="GB",
+                   help="memory each cell declares (default: 3 x the weights + calibration activations + 1 GiB)")
+    g.add_argument("--ray-gpus-per-cell", type=float, default=None,
+                   help="GPUs each cell declares (default: 1 with --device cuda, else 0; 0.5 puts two cells on a GPU)")
 
 
 def _scoped(items: list[str] | None, names: list[str], what: str) -> dict[str, dict]:
@@ -112,24 +128,48 @@ def run(args: argparse.Namespace) -> int:
         allocation_options=_scoped(args.alloc_option, args.allocations, "allocation"),
         tasks=tuple(args.tasks), tolerance=args.tolerance, ppl_tolerance=args.ppl_tolerance)
     settings = task_settings(args, args.eval_seqlen, args.max_windows)
+    ray_run = _ray_runner(args, config, settings) if args.ray is not None else None
     tasks = prepare(args)
     check_out_folder(out)
     from ..report import environment
 
-    t0 = time.perf_counter()
-    model, tok = load_from_args(args)
-    print(f"loaded {args.model} ({args.dtype}) in {time.perf_counter() - t0:.1f}s")
     command = "prunekit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("prunekit") else None
     extra = {"environment": environment(), "dtype": args.dtype, **({"command": command} if command else {})}
-    data = _run_reporting_progress(model, tok, config, tasks, settings, out, args.model, extra)
+    if ray_run is not None:
+        data = _reporting_progress(lambda on_cell: ray_run(tasks, out, extra, on_cell), out)
+    else:
+        from ..sweep import run_sweep
+
+        t0 = time.perf_counter()
+        model, tok = load_from_args(args)
+        print(f"loaded {args.model} ({args.dtype}) in {time.perf_counter() - t0:.1f}s")
+        data = _reporting_progress(
+            lambda on_cell: run_sweep(model, tok, config, tasks, settings, out, args.model, extra, on_cell), out)
     print(f"results: {out / 'results.json'}, {out / 'results.csv'}")
     print(f"report: {write_report(out, data, args.title)}")
     return 0
 
 
-def _run_reporting_progress(model, tok, config, tasks, settings, out: Path, model_name: str, extra: dict) -> dict:
-    """The serial sweep with one line per cell; an interruption says how much was kept."""
-    from ..sweep import load_results, run_sweep
+def _ray_runner(args: argparse.Namespace, config, settings):
+    """Check the Ray settings (and that ray is installed) before anything is loaded; return the runner."""
+    from ..sweep.ray_executor import ModelSpec, RayResources, require_ray, run_sweep_ray
+
+    require_ray()
+    spec = ModelSpec(args.model, args.dtype, args.device, args.trust_remote_code, args.allow_pickle)
+    resources = RayResources(address=args.ray or None, workers=args.ray_workers, cpus_per_cell=args.ray_cpus_per_cell,
+                             memory_per_cell_gb=args.ray_memory_per_cell, gpus_per_cell=args.ray_gpus_per_cell,
+                             threads=args.threads)
+    resources.gpus(spec)  # a CUDA cell without a GPU fails now
+    where = f"the Ray cluster at {resources.address}" if resources.address else "a local Ray instance"
+    print(f"running cells on {where}: {resources.cpus_per_cell} CPU(s) and {resources.threads_per_cell} torch "
+          f"thread(s) per cell", flush=True)
+    return lambda tasks, out, extra, on_cell: run_sweep_ray(spec, config, tasks, settings, out, resources, extra,
+                                                            on_cell)
+
+
+def _reporting_progress(run_sweep, out: Path) -> dict:
+    """Run a sweep (``run_sweep(on_cell)``) with one line per cell; an interruption says how much was kept."""
+    from ..sweep import load_results
 
     def on_cell(key: str, row, i: int, total: int) -> None:
         if row is None:
@@ -140,7 +180,7 @@ def _run_reporting_progress(model, tok, config, tasks, settings, out: Path, mode
               f"(prune {row['prune_seconds']:.0f}s, eval {row['eval_seconds']:.0f}s)", flush=True)
 
     try:
-        return run_sweep(model, tok, config, tasks, settings, out, model_name, extra, on_cell)
+        return run_sweep(on_cell)
     except KeyboardInterrupt:
         data = load_results(out)
         n = len(data["rows"]) if data else 0

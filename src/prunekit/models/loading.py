@@ -267,12 +267,7 @@ def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, t
 
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    src = resolve_source(spec)
-    if src.gguf_file:
-        cached = _gguf_cache_dir(src)
-        if not (cached / "config.json").is_file():
-            _convert_gguf(src, cached)
-        src = ModelSource(str(cached))
+    src = _materialized(resolve_source(spec))
     if not src.hub:
         check_weight_files(Path(src.path), allow_pickle)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
@@ -293,6 +288,38 @@ def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, t
             ) from e
         raise
     model.to(dev).eval()
+    return model, _pad_with_eos(tok)
+
+
+def _materialized(src: ModelSource) -> ModelSource:
+    """A GGUF source as its converted safetensors folder (converted once, then read from the cache)."""
+    if not src.gguf_file:
+        return src
+    cached = _gguf_cache_dir(src)
+    if not (cached / "config.json").is_file():
+        _convert_gguf(src, cached)
+    return ModelSource(str(cached))
+
+
+def _pad_with_eos(tok):
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
-    return model, tok
+    return tok
+
+
+def model_folder(spec: str) -> str:
+    """The folder (or hub id) :func:`load_model` reads ``spec`` from; a GGUF is converted into the cache first."""
+    return _materialized(resolve_source(spec)).path
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    """The tokenizer :func:`load_model` would return, without loading the weights (for a driver that
+    draws calibration ids while workers load the model)."""
+    from transformers import AutoTokenizer
+
+    path = model_folder(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise FileNotFoundError(f"could not load the tokenizer of model {spec!r} from {path}: {e}") from e
+    return _pad_with_eos(tok)

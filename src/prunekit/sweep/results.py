@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..eval.knee import piecewise_knee, tolerance_knee
 from ..eval.tasks import TaskSettings
-from .config import SweepConfig
+from .config import SweepConfig, cell_key
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +32,35 @@ RESULTS = "results.json"
 
 
 def signature(model_name: str, model: nn.Module, config: SweepConfig, settings: TaskSettings) -> dict[str, Any]:
-    """What must match for stored cells to be comparable with new ones."""
+    """What must match for stored cells to be comparable with new ones (dtype and device from ``model``)."""
     p = next(model.parameters())
+    return signature_for(model_name, p.dtype, p.device.type, torch.get_num_threads(), config, settings)
+
+
+def signature_for(model_name: str, dtype: torch.dtype, device_type: str, threads: int, config: SweepConfig,
+                  settings: TaskSettings) -> dict[str, Any]:
+    """:func:`signature` from the facts alone, for an executor whose driver holds no model (Ray).
+
+    ``threads`` is the torch thread count the cells run with: CPU reductions may split differently
+    with another count, so it is part of what makes two numbers comparable.
+    """
     sig = {"model": model_name, "tasks": list(config.tasks), "pattern": config.pattern,
            "calib": {k: v for k, v in asdict(config.calib).items() if k != "dataset"},
            "settings": {k: v for k, v in asdict(settings).items() if k not in ("data_dir", "batch_size")},
            "method_options": {k: dict(v) for k, v in config.method_options.items()},
            "allocation_options": {k: dict(v) for k, v in config.allocation_options.items()},
-           "dtype": str(p.dtype).replace("torch.", ""), "device": p.device.type, "threads": torch.get_num_threads()}
+           "dtype": str(dtype).replace("torch.", ""), "device": device_type, "threads": int(threads)}
     return json.loads(json.dumps(sig))  # the form it has after a round trip through results.json
+
+
+def order_rows(data: dict[str, Any], config: SweepConfig) -> None:
+    """Sort ``data["rows"]`` in place: dense first, then the config's cell order, whatever order they finished in.
+
+    Rows of cells the config no longer runs (an earlier, larger sweep) keep their relative order at the end.
+    The order is what makes a file written by parallel executors equal to the serial one.
+    """
+    rank = {"dense": 0, **{cell_key(c): i for i, c in enumerate(config.cells(), 1)}}
+    data["rows"].sort(key=lambda r: rank.get(r["key"], len(rank)))
 
 
 def versions() -> dict[str, str]:

@@ -28,7 +28,8 @@ from ..data import calibration_ids
 from ..eval.tasks import Task, TaskSettings, run_tasks
 from ..registry import ALLOCATORS, METHODS
 from .config import SweepConfig, cell_key
-from .results import check_resumable, knees, load_results, metric_values, save_results, signature, versions
+from .results import (check_resumable, knees, load_results, metric_values, order_rows, save_results, signature,
+                      versions)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,17 @@ def prune_config(config: SweepConfig, cell: Mapping[str, Any]) -> PruneConfig:
 
 def needs_calibration(cell: Mapping[str, Any]) -> bool:
     return METHODS.get(cell["method"]).needs_calibration or ALLOCATORS.get(cell["allocation"]).needs_calibration
+
+
+def calibration_for(config: SweepConfig, cell: Mapping[str, Any], tokenizer, settings: TaskSettings,
+                    cache: dict[str, Tensor]) -> Tensor | None:
+    """The cell's calibration ids, drawn once per calibration source and kept in ``cache``
+    (``None`` when neither its method nor its allocation calibrates)."""
+    if not needs_calibration(cell):
+        return None
+    if cell["calib"] not in cache:
+        cache[cell["calib"]] = calibration_ids(prune_config(config, cell).calib, tokenizer, settings.data_dir)
+    return cache[cell["calib"]]
 
 
 def run_cell(model: nn.Module, tokenizer, config: SweepConfig, cell: Mapping[str, Any], tasks: dict[str, Task],
@@ -73,11 +85,16 @@ def dense_row(model: nn.Module, tokenizer, tasks: dict[str, Task], settings: Tas
 def open_results(out_dir: str | Path, model_name: str, model: nn.Module, config: SweepConfig,
                  settings: TaskSettings, extra: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
     """The results dict to continue (checked comparable) or a fresh one, and any version warnings."""
-    sig = signature(model_name, model, config, settings)
+    return resume_results(out_dir, signature(model_name, model, config, settings), config, extra)
+
+
+def resume_results(out_dir: str | Path, sig: Mapping[str, Any], config: SweepConfig,
+                   extra: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    """:func:`open_results` for a signature the caller made (an executor whose driver holds no model)."""
     data = load_results(out_dir)
     warnings: list[str] = []
     if data is None:
-        data = {"signature": sig, "rows": []}
+        data = {"signature": dict(sig), "rows": []}
     else:
         warnings = check_resumable(Path(out_dir) / "results.json", data, sig)
     data["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
@@ -88,6 +105,13 @@ def open_results(out_dir: str | Path, model_name: str, model: nn.Module, config:
     for w in warnings:
         log.warning(w)
     return data, warnings
+
+
+def add_row(out_dir: str | Path, data: dict[str, Any], config: SweepConfig, row: dict[str, Any]) -> None:
+    """Store one finished row: rows in the config's cell order, the file rewritten atomically."""
+    data["rows"].append(row)
+    order_rows(data, config)
+    save_results(out_dir, data)
 
 
 def run_sweep(
@@ -117,9 +141,9 @@ def run_sweep(
     total = len(cells) + 1
     notify = on_cell or (lambda *a: None)
     if "dense" not in done:
-        data["rows"].append(dense_row(model, tokenizer, tasks, settings))
-        save_results(out_dir, data)
-        notify("dense", data["rows"][-1], 1, total)
+        row = dense_row(model, tokenizer, tasks, settings)
+        add_row(out_dir, data, config, row)
+        notify("dense", row, 1, total)
     else:
         notify("dense", None, 1, total)
     calib_cache: dict[str, Tensor] = {}
@@ -128,11 +152,9 @@ def run_sweep(
         if key in done:
             notify(key, None, i, total)
             continue
-        if needs_calibration(cell) and cell["calib"] not in calib_cache:
-            calib_cache[cell["calib"]] = calibration_ids(prune_config(config, cell).calib, tokenizer, settings.data_dir)
-        row = run_cell(model, tokenizer, config, cell, tasks, settings, calib_cache.get(cell["calib"]))
-        data["rows"].append(row)
-        save_results(out_dir, data)
+        calib = calibration_for(config, cell, tokenizer, settings, calib_cache)
+        row = run_cell(model, tokenizer, config, cell, tasks, settings, calib)
+        add_row(out_dir, data, config, row)
         notify(key, row, i, total)
     data["knees"] = knees(data, config)
     save_results(out_dir, data)
