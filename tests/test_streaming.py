@@ -59,16 +59,24 @@ def test_streamed_prune_gives_the_in_memory_weights_bit_for_bit(folder, text, tm
     assert report.extra["streamed"] and len(report.layers) == 21
 
 
-def test_streamed_folder_holds_one_shard_per_block_and_the_tied_embedding_once(folder, text, tmp_path):
+@pytest.mark.parametrize("tied", [True, False])
+def test_streamed_folder_holds_one_shard_per_block_and_the_lm_head_once(tmp_path, tied):
+    folder = save_tiny(tmp_path / "tiny", num_hidden_layers=3, tie_word_embeddings=tied)
     lazy, tok = open_lazy(str(folder))
     out = tmp_path / "out"
     out.mkdir()
     prune_streamed(lazy, PruneConfig(method="magnitude", sparsity=0.5), out, tok)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert shards == [f"model-{k:05d}-of-00004.safetensors" for k in range(1, 5)]
+    n = 4 if tied else 5  # blocks, the rest, and an untied LM head on its own (never held with the embeddings)
+    assert shards == [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
     assert set(load_file(out / shards[1])) == {k for k in index["weight_map"] if k.startswith("model.layers.1.")}
-    assert "lm_head.weight" not in index["weight_map"] or not lazy.model.config.tie_word_embeddings
+    assert ("lm_head.weight" in index["weight_map"]) == (not tied)
+    if not tied:
+        assert set(load_file(out / shards[-1])) == {"lm_head.weight"}
+    tok.save_pretrained(out)
+    model, _ = load_model(str(out))
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
 
 
 def test_streamed_perplexity_equals_the_in_memory_perplexity(folder, text, monkeypatch):

@@ -154,12 +154,13 @@ def prune_streamed(
         calib, calib_info = _calibration(model, config, calib, tokenizer, data_dir)
     with lazy.autoload(path):  # OWL's dense forward reads each block as it runs
         targets, alloc_summary = _targets(model, config, allocator, linears, calib, residency.linears(linears))
-    writer = ShardWriter(out_folder, path, len(blocks))
+    writer = ShardWriter(out_folder, path)
     residency.on_done = writer.write_block
     info = RunInfo(config.method, config.sparsity, config.pattern, config.allocation, calib_info, to_dict(config),
                    {"allocation": alloc_summary, "streamed": True}, started=t0)
     report = run_sequential(model, calib if method.needs_calibration else None, method, targets,
                             config.calib.batch_size, None, callback, info=info, residency=residency)
+    lazy.write_outside(writer, path)
     writer.finish(model)
     log.info("pruned (streamed) to %.4f sparsity in %.1fs", report.sparsity, report.seconds)
     return report

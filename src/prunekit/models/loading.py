@@ -213,12 +213,12 @@ def _convert_gguf(src: ModelSource, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
     try:
-        writer = ShardWriter(tmp, path, len(blocks))
-        lazy.load(exclude=(path + ".",))
+        writer = ShardWriter(tmp, path)
         for i, block in enumerate(blocks):
             lazy.load(f"{path}.{i}")
             writer.write_block(i, block)
             lazy.release(f"{path}.{i}")
+        lazy.write_outside(writer, path)
         clear_quantizer(lazy.model)
         writer.finish(lazy.model)
         tok.save_pretrained(tmp)

@@ -14,29 +14,26 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
 
 class ShardWriter:
-    """Shards of one model, written block by block into ``folder`` (see module docstring)."""
+    """Shards of one model, written one group of tensors at a time into ``folder`` (see module docstring)."""
 
-    def __init__(self, folder: str | Path, blocks_path: str, n_blocks: int) -> None:
-        self.folder, self.path, self.n_blocks = Path(folder), blocks_path, n_blocks
+    def __init__(self, folder: str | Path, blocks_path: str) -> None:
+        self.folder, self.path = Path(folder), blocks_path
         self.weight_map: dict[str, str] = {}
         self.total = 0
         self.lowrank: dict[str, dict] = {}
         self.shards: list[str] = []
 
-    def _shard_name(self, k: int) -> str:
-        return f"shard-{k + 1:05d}-of-{self.n_blocks + 1:05d}.safetensors"
-
-    def _write(self, k: int, tensors: dict) -> None:
-        from safetensors.torch import save_file
-
-        name = self._shard_name(k)
-        save_file({n: t.detach().contiguous() for n, t in tensors.items()}, str(self.folder / name), metadata={"format": "pt"})
+    def write_tensors(self, tensors: dict) -> None:
+        """Write ``tensors`` (full names → tensors) as one shard, now."""
+        name = f"part-{len(self.shards):05d}.safetensors"  # renamed in finish(), when the count is known
+        write_safetensors(self.folder / name, tensors, {"format": "pt"})
         for n, t in tensors.items():
             self.weight_map[n] = name
             self.total += t.numel() * t.element_size()
@@ -47,26 +44,16 @@ class ShardWriter:
         from .lowrank import LowRankLinear
 
         prefix = f"{self.path}.{index}."
-        self._write(index, {prefix + n: t for n, t in block.state_dict().items()})
+        self.write_tensors({prefix + n: t for n, t in block.state_dict().items()})
         for n, m in block.named_modules():
             if isinstance(m, LowRankLinear):
                 self.lowrank[prefix + n] = {"rank": m.rank, "in_features": m.in_features,
                                             "out_features": m.out_features, "bias": m.up.bias is not None}
 
     def finish(self, model: nn.Module) -> None:
-        """Write everything outside the blocks (tied tensors once), rename the shards, write the index and config."""
+        """Name the shards, write the index, the config and (for factorized models) the manifest."""
         from .lowrank import FORMAT, MANIFEST
 
-        seen, rest = set(), {}
-        for n, t in model.state_dict().items():
-            if n.startswith(self.path + ".") or t.device.type == "meta":
-                continue
-            key = (t.data_ptr(), tuple(t.shape))
-            if key in seen:  # a tied weight (the LM head sharing the embeddings) is stored once
-                continue
-            seen.add(key)
-            rest[n] = t
-        self._write(self.n_blocks, rest)
         stem = "prunekit_lowrank" if self.lowrank else "model"
         final = {}
         for k, old in enumerate(self.shards):
@@ -83,3 +70,48 @@ class ShardWriter:
             (self.folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "version": 1, "modules": self.lowrank,
                                                             "sharded": True}, indent=2))
         log.info("wrote %d shards (%.0f MB) to %s", len(self.shards), self.total / 2**20, self.folder)
+
+
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    """A safetensors file written tensor by tensor from the tensors' own memory.
+
+    ``safetensors.torch.save_file`` first turns every tensor into a ``bytes`` copy; for a 0.9 GB
+    embedding that copy is the peak of a streamed run. The format is simple enough to write
+    directly: an 8-byte little-endian header length, the JSON header (offsets into the data, padded
+    to 8 bytes with spaces), then the raw data in header order.
+    """
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset, parts = 0, []
+    for name, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        parts.append(t)
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in parts:
+            if t.numel():
+                f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+
+
+def outside_blocks(model: nn.Module, blocks_path: str) -> dict:
+    """The loaded tensors outside the decoder blocks, a tied weight (the LM head sharing the embeddings) once."""
+    seen, rest = set(), {}
+    for n, t in model.state_dict().items():
+        if n.startswith(blocks_path + ".") or t.device.type == "meta":
+            continue
+        key = (t.data_ptr(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        rest[n] = t
+    return rest
