@@ -186,7 +186,7 @@ def encode(w: Tensor, sparse_ok: bool = True, candidates: tuple[int, ...] = NM_C
     """The smallest correct encoding of ``w`` (ties: dense, then ``nm`` with the smaller ``m``, then bitmask).
 
     2:4 costs the same either way (2 two-bit indices or 4 mask bits per group of 4), and is then
-    stored as ``nm``, the layout sparse kernels read; for 4:8 the 3-bit indices cost 1.5 bits per
+    stored as ``nm`` (the 2-bit positions are what sparse 2:4 kernels keep as metadata); for 4:8 the 3-bit indices cost 1.5 bits per
     weight against the mask's 1, so a 4:8 layer is stored as ``bitmask``.
 
     Only 2-D floating-point tensors with ``sparse_ok`` are candidates for ``bitmask``/``nm``;
