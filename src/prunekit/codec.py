@@ -17,10 +17,11 @@ Bits are packed eight to a byte, least significant bit first (``numpy.packbits(.
 bitorder="little")``): bit ``k`` of the stream is bit ``k % 8`` of byte ``k // 8``; the last byte
 is zero-padded.
 
-Zeros are compared numerically (``-0.0 == 0``), but the result is exact to the bit: when a tensor
-contains any ``-0.0``, an extra ``signs`` bit string (one bit per entry *not* stored in
-``values``, row-major, set for ``-0.0``) records them. Pruning in prunekit writes ``+0.0``, so
-its checkpoints never need it.
+Everything works on the weights' bit patterns (as signed integers), so a round trip is exact to
+the bit. A zero is an entry whose bits other than the sign bit are all clear (``+0.0`` and
+``-0.0``, what ``w == 0`` finds); when a tensor holds any ``-0.0``, an extra ``signs`` bit string
+(one bit per entry *not* stored in ``values``, row-major, set for ``-0.0``) records them.
+Pruning in prunekit writes ``+0.0``, so its checkpoints never need it.
 
 :func:`encode` computes the size of every correct encoding (``nm`` with ``m`` in
 :data:`NM_CANDIDATES`, ``n`` = the largest count of non-zeros in any group) and keeps the
@@ -58,19 +59,41 @@ class Encoded:
         return sum(t.numel() * t.element_size() for t in self.parts.values())
 
 
-def pack_bits(bits: Tensor) -> Tensor:
-    """Bool/0-1 tensor → ``uint8[ceil(numel/8)]``, row-major, least significant bit first."""
-    arr = bits.reshape(-1).to(torch.bool).cpu().numpy()
+_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits_of(w: Tensor) -> np.ndarray:
+    """The raw bit patterns of a floating tensor as a signed-integer numpy array (no copy)."""
+    return w.detach().contiguous().view(_INT[w.element_size()]).numpy()
+
+
+def _as_float(a: np.ndarray, dtype: torch.dtype) -> Tensor:
+    """Inverse of :func:`_bits_of`."""
+    return torch.from_numpy(np.ascontiguousarray(a)).view(dtype)
+
+
+def _zero_masks(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(zero, negative zero)`` from bit patterns: zero = every bit but the sign bit is clear."""
+    sign = np.iinfo(u.dtype).min  # only the sign bit set: -0.0
+    return (u & ~sign) == 0, u == sign
+
+
+def pack_bits(bits: Tensor | np.ndarray) -> Tensor:
+    """Bool/0-1 values → ``uint8[ceil(numel/8)]``, row-major, least significant bit first."""
+    arr = bits.reshape(-1).to(torch.bool).cpu().numpy() if isinstance(bits, Tensor) else bits.reshape(-1)
     return torch.from_numpy(np.packbits(arr, bitorder="little"))
+
+
+def _unpack(packed: Tensor, count: int) -> np.ndarray:
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (count + 7) // 8:
+        raise CodecError(f"a bit string of {count} bits needs {(count + 7) // 8} uint8 bytes, "
+                         f"got {packed.numel()} {packed.dtype}")
+    return np.unpackbits(packed.numpy(), count=count, bitorder="little").view(np.bool_)
 
 
 def unpack_bits(packed: Tensor, count: int) -> Tensor:
     """Inverse of :func:`pack_bits`: the first ``count`` bits as a bool tensor."""
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (count + 7) // 8:
-        raise CodecError(f"a bit string of {count} bits needs {(count + 7) // 8} uint8 bytes, "
-                         f"got {packed.numel()} {packed.dtype}")
-    arr = np.unpackbits(packed.numpy(), count=count, bitorder="little")
-    return torch.from_numpy(arr.astype(np.bool_, copy=False))
+    return torch.from_numpy(_unpack(packed, count))
 
 
 def index_bits(m: int) -> int:
@@ -78,58 +101,59 @@ def index_bits(m: int) -> int:
     return max(1, (m - 1).bit_length())
 
 
-def pack_indices(idx: Tensor, bits: int) -> Tensor:
+def pack_indices(idx: Tensor | np.ndarray, bits: int) -> Tensor:
     """Non-negative integers ``< 2**bits`` → a packed bit string, ``bits`` bits each, LSB first."""
-    shifts = torch.arange(bits, dtype=torch.int64)
-    return pack_bits((idx.reshape(-1, 1).to(torch.int64) >> shifts) & 1)
+    a = np.asarray(idx, dtype=np.uint8).reshape(-1, 1)
+    return pack_bits((a >> np.arange(bits, dtype=np.uint8)) & 1)
+
+
+def _unpack_indices(packed: Tensor, count: int, bits: int) -> np.ndarray:
+    b = _unpack(packed, count * bits).reshape(count, bits).astype(np.uint8)
+    return (b << np.arange(bits, dtype=np.uint8)).sum(1, dtype=np.uint8)
 
 
 def unpack_indices(packed: Tensor, count: int, bits: int) -> Tensor:
     """Inverse of :func:`pack_indices`: ``count`` int64 values."""
-    b = unpack_bits(packed, count * bits).reshape(count, bits).to(torch.int64)
-    return (b << torch.arange(bits, dtype=torch.int64)).sum(1)
-
-
-def _zeros_like_signs(signs: Tensor, dtype: torch.dtype) -> Tensor:
-    """``+0.0`` where ``signs`` is False, ``-0.0`` where True, in ``dtype``."""
-    out = torch.zeros(signs.shape, dtype=dtype)
-    return out.masked_fill_(signs, -0.0)
+    return torch.from_numpy(_unpack_indices(packed, count, bits).astype(np.int64))
 
 
 def encode_bitmask(w: Tensor, with_signs: bool) -> Encoded:
     """``bitmask`` encoding of a 2-D tensor (see the module docstring for the layout)."""
-    zero = w == 0
-    parts = {"values": w[~zero].contiguous(), "mask": pack_bits(~zero)}
+    u = _bits_of(w)
+    zero, neg = _zero_masks(u)
+    keep = ~zero
+    parts = {"values": _as_float(u[keep], w.dtype), "mask": pack_bits(keep)}
     if with_signs:
-        parts["signs"] = pack_bits(torch.signbit(w[zero]))
+        parts["signs"] = pack_bits(neg[zero])
     return Encoded("bitmask", parts, {"nnz": int(parts["values"].numel())})
 
 
 def decode_bitmask(parts: dict[str, Tensor], shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
     numel = math.prod(shape)
-    keep = unpack_bits(parts["mask"], numel)
+    keep = _unpack(parts["mask"], numel)
     values = parts["values"]
-    nnz = int(keep.sum())
+    nnz = int(np.count_nonzero(keep))
     if values.dim() != 1 or values.numel() != nnz or values.dtype != dtype:
         raise CodecError(f"mask has {nnz} set bits but values are {values.dtype} {tuple(values.shape)}")
-    out = torch.zeros(numel, dtype=dtype)
+    out = np.zeros(numel, dtype=_np_int(dtype))
     if "signs" in parts:
-        out[~keep] = _zeros_like_signs(unpack_bits(parts["signs"], numel - nnz), dtype)
-    out[keep] = values
-    return out.view(shape)
+        out[~keep] = _unpack(parts["signs"], numel - nnz) * np.iinfo(out.dtype).min
+    out[keep] = _bits_of(values)
+    return _as_float(out, dtype).view(shape)
 
 
 def encode_nm(w: Tensor, n: int, m: int, with_signs: bool) -> Encoded:
     """``nm`` encoding; every group of ``m`` must hold at most ``n`` non-zeros (the caller checks)."""
     rows, cols = w.shape
-    g = w.reshape(rows, cols // m, m)
+    u = _bits_of(w).reshape(rows, cols // m, m)
+    zero, neg = _zero_masks(u)
     # non-zeros first, then the earliest zeros; stored in position order
-    kept = torch.sort((g == 0).to(torch.uint8), dim=-1, stable=True).indices[..., :n]
-    kept = torch.sort(kept, dim=-1).values
-    parts = {"values": g.gather(-1, kept).contiguous(), "indices": pack_indices(kept, index_bits(m))}
+    kept = np.sort(np.argsort(zero, axis=-1, kind="stable")[..., :n], axis=-1)
+    parts = {"values": _as_float(np.take_along_axis(u, kept, -1), w.dtype), "indices": pack_indices(kept, index_bits(m))}
     if with_signs:
-        dropped = torch.ones_like(g, dtype=torch.bool).scatter_(-1, kept, False)
-        parts["signs"] = pack_bits(torch.signbit(g[dropped]))
+        dropped = np.ones(u.shape, dtype=np.bool_)
+        np.put_along_axis(dropped, kept, False, -1)
+        parts["signs"] = pack_bits(neg[dropped])
     return Encoded("nm", parts, {"n": n, "m": m, "index_bits": index_bits(m)})
 
 
@@ -141,20 +165,25 @@ def decode_nm(parts: dict[str, Tensor], shape: tuple[int, int], dtype: torch.dty
     values = parts["values"]
     if tuple(values.shape) != (rows, groups, n) or values.dtype != dtype:
         raise CodecError(f"values must be {dtype} {(rows, groups, n)}, got {values.dtype} {tuple(values.shape)}")
-    idx = unpack_indices(parts["indices"], rows * groups * n, index_bits(m)).view(rows, groups, n)
+    idx = _unpack_indices(parts["indices"], rows * groups * n, index_bits(m)).reshape(rows, groups, n)
     increasing = n == 1 or bool((idx[..., 1:] > idx[..., :-1]).all())
     if not increasing or bool((idx >= m).any()):
         raise CodecError(f"in-group indices are not increasing positions below {m}")
-    out = torch.zeros(rows, groups, m, dtype=dtype)
+    out = np.zeros((rows, groups, m), dtype=_np_int(dtype))
     if "signs" in parts:
-        dropped = torch.ones(rows, groups, m, dtype=torch.bool).scatter_(-1, idx, False)
-        out[dropped] = _zeros_like_signs(unpack_bits(parts["signs"], rows * groups * (m - n)), dtype)
-    out.scatter_(-1, idx, values)
-    return out.view(rows, cols)
+        dropped = np.ones(out.shape, dtype=np.bool_)
+        np.put_along_axis(dropped, idx.astype(np.intp), False, -1)
+        out[dropped] = _unpack(parts["signs"], rows * groups * (m - n)) * np.iinfo(out.dtype).min
+    np.put_along_axis(out, idx.astype(np.intp), _bits_of(values), -1)
+    return _as_float(out, dtype).view(rows, cols)
+
+
+def _np_int(dtype: torch.dtype) -> np.dtype:
+    return np.dtype(f"int{torch.empty(0, dtype=dtype).element_size() * 8}")
 
 
 def has_negative_zero(w: Tensor) -> bool:
-    return bool(((w == 0) & torch.signbit(w)).any())
+    return bool(_zero_masks(_bits_of(w))[1].any())
 
 
 def encoded_sizes(w: Tensor, candidates: tuple[int, ...] = NM_CANDIDATES,
@@ -165,14 +194,14 @@ def encoded_sizes(w: Tensor, candidates: tuple[int, ...] = NM_CANDIDATES,
     """
     rows, cols = w.shape
     numel, es = w.numel(), w.element_size()
-    zero = w == 0
-    nnz = numel - int(zero.sum())
-    signs = has_negative_zero(w) if signs is None else signs
+    zero, neg = _zero_masks(_bits_of(w))
+    nnz = numel - int(np.count_nonzero(zero))
+    signs = bool(neg.any()) if signs is None else signs
     out = [(numel * es, "dense", {})]
     for m in candidates:
         if m > cols or cols % m:
             continue
-        n = max(1, int((~zero).reshape(rows, cols // m, m).sum(-1).max()))
+        n = max(1, int(np.count_nonzero(~zero.reshape(rows, cols // m, m), axis=-1).max()))
         if n >= m:
             continue
         kept = rows * (cols // m) * n
@@ -186,8 +215,9 @@ def encode(w: Tensor, sparse_ok: bool = True, candidates: tuple[int, ...] = NM_C
     """The smallest correct encoding of ``w`` (ties: dense, then ``nm`` with the smaller ``m``, then bitmask).
 
     2:4 costs the same either way (2 two-bit indices or 4 mask bits per group of 4), and is then
-    stored as ``nm`` (the 2-bit positions are what sparse 2:4 kernels keep as metadata); for 4:8 the 3-bit indices cost 1.5 bits per
-    weight against the mask's 1, so a 4:8 layer is stored as ``bitmask``.
+    stored as ``nm`` (the 2-bit positions are what sparse 2:4 kernels keep as metadata); for 4:8
+    the 3-bit indices cost 1.5 bits per weight against the mask's 1, so a 4:8 layer is stored as
+    ``bitmask``.
 
     Only 2-D floating-point tensors with ``sparse_ok`` are candidates for ``bitmask``/``nm``;
     everything else is stored ``dense``. ``w`` is read on the CPU; a ``dense`` part may share its
