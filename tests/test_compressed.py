@@ -240,7 +240,8 @@ def test_lowrank_model_with_sparse_linears(tmp_path, calib_ids):
     assert lowrank_modules(model)
     out, back = save_load(model, tmp_path)
     assert_same_model(model, back, calib_ids[:2])
-    assert {n: m.rank for n, m in lowrank_modules(back).items()} == {n: m.rank for n, m in lowrank_modules(model).items()}
+    ranks = {n: m.rank for n, m in lowrank_modules(model).items()}
+    assert {n: m.rank for n, m in lowrank_modules(back).items()} == ranks
     assert all(isinstance(m, LowRankLinear) for m in lowrank_modules(back).values())
     man = json.loads((out / "prunekit_compressed.json").read_text())
     assert man["tensors"]["model.layers.0.self_attn.q_proj.weight"]["encoding"] == "bitmask"

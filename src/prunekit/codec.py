@@ -149,7 +149,8 @@ def encode_nm(w: Tensor, n: int, m: int, with_signs: bool) -> Encoded:
     zero, neg = _zero_masks(u)
     # non-zeros first, then the earliest zeros; stored in position order
     kept = np.sort(np.argsort(zero, axis=-1, kind="stable")[..., :n], axis=-1)
-    parts = {"values": _as_float(np.take_along_axis(u, kept, -1), w.dtype), "indices": pack_indices(kept, index_bits(m))}
+    parts = {"values": _as_float(np.take_along_axis(u, kept, -1), w.dtype),
+             "indices": pack_indices(kept, index_bits(m))}
     if with_signs:
         dropped = np.ones(u.shape, dtype=np.bool_)
         np.put_along_axis(dropped, kept, False, -1)

@@ -68,8 +68,8 @@ def encode_tensor(t: Tensor, transposed: bool | None) -> tuple[codec.Encoded, di
     enc = codec.encode(t.t() if transposed else t, sparse_ok=transposed is not None)
     if enc.encoding == "dense" and transposed:  # dense tensors are stored in the module's own layout
         enc = codec.Encoded("dense", {"data": t.detach().cpu().contiguous()})
-    entry: dict[str, Any] = {"encoding": enc.encoding, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                             "bytes": enc.nbytes}
+    entry: dict[str, Any] = {"encoding": enc.encoding, "shape": list(t.shape),
+                             "dtype": str(t.dtype).removeprefix("torch."), "bytes": enc.nbytes}
     if enc.encoding != "dense":
         entry.update(transposed=bool(transposed), signs="signs" in enc.parts, **enc.meta)
     return enc, entry
@@ -137,8 +137,9 @@ def save_compressed_folder(model: nn.Module, tokenizer, out_dir: str | os.PathLi
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_report(tmp, report, dense, "compressed")
+        sizes = info["sizes"]
         log.info("compressed %d tensors (%s) into %.1f MB (dense %.1f MB)", len(info["tensors"]),
-                 info["sizes"]["encodings"], info["sizes"]["stored_bytes"] / 2**20, info["sizes"]["dense_bytes"] / 2**20)
+                 sizes["encodings"], sizes["stored_bytes"] / 2**20, sizes["dense_bytes"] / 2**20)
 
     return atomic_folder(out_dir, write, overwrite, needed_bytes=_estimate_bytes(model))
 

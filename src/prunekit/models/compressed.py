@@ -147,7 +147,8 @@ class CompressedReader:
         try:
             handle = safe_open(str(f), framework="pt")
         except Exception as e:  # noqa: BLE001 - safetensors raises its own types for truncated files
-            raise CorruptCheckpointError(f"{f}: cannot be read ({e}); the file is truncated or damaged: {_FIX}") from None
+            raise CorruptCheckpointError(f"{f}: cannot be read ({e}); the file is truncated or damaged: "
+                                         f"{_FIX}") from None
         out = {}
         with handle:
             keys = set(handle.keys())
@@ -170,11 +171,13 @@ class CompressedReader:
         shape = [int(s) for s in entry["shape"]]
         try:
             dtype = dtype_from_name(entry["dtype"])
-            if entry.get("transposed") and entry["encoding"] != "dense":  # Conv1D: encoded as the [out, in] view of its [in, out] weight
+            # Conv1D: encoded as the [out, in] view of its [in, out] weight
+            if entry.get("transposed") and entry["encoding"] != "dense":
                 return codec.decode(entry["encoding"], parts, (shape[1], shape[0]), dtype, entry).t().contiguous()
             return codec.decode(entry["encoding"], parts, tuple(shape), dtype, entry)
         except (codec.CodecError, ValueError, KeyError, IndexError) as e:
-            raise CorruptCheckpointError(f"{f}: tensor {name!r} does not match its manifest entry ({e}); {_FIX}") from None
+            raise CorruptCheckpointError(f"{f}: tensor {name!r} does not match its manifest entry ({e}); "
+                                         f"{_FIX}") from None
 
 
 def _assign(model: nn.Module, name: str, tensor: Tensor, where: Path) -> None:
