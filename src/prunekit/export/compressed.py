@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .. import codec
@@ -75,10 +76,49 @@ def encode_tensor(t: Tensor, transposed: bool | None) -> tuple[codec.Encoded, di
     return enc, entry
 
 
-def write_shards(model: nn.Module, folder: Path) -> dict[str, Any]:
-    """Encode and write every shard into ``folder``, one block at a time; returns the manifest."""
-    from safetensors.torch import save_file
+class ShardWriter:
+    """Writes a compressed folder's shards one group (a decoder block, or the rest) at a time.
 
+    :func:`write_shards` feeds it a whole model; a block-streamed pipeline can call
+    :meth:`write` as soon as each block is compressed and :meth:`manifest` at the end.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.tensors: dict[str, dict] = {}
+        self.dense_bytes = 0
+
+    def write(self, block: int | None, tensors: dict[str, Tensor], candidates: dict[str, bool]) -> None:
+        """Encode ``tensors`` (name → tensor) into the shard of ``block`` (``None``: the rest shard).
+
+        ``candidates`` maps the names worth encoding sparsely to ``transposed`` (see
+        :func:`sparse_candidates`); every other tensor is stored dense.
+        """
+        from safetensors.torch import save_file
+
+        file = REST_FILE if block is None else block_file(block)
+        parts: dict[str, Tensor] = {}
+        for name, t in tensors.items():
+            enc, entry = encode_tensor(t, candidates.get(name))
+            parts.update({part_key(name, p): v for p, v in enc.parts.items()})
+            self.tensors[name] = {"file": file, "block": block, **entry}
+            self.dense_bytes += t.numel() * t.element_size()
+        save_file(parts, str(self.folder / file), metadata={"format": "pt", "prunekit": FORMAT})
+
+    def manifest(self, dtype: torch.dtype, block_path: str | None, count: int, tied: dict[str, str],
+                 lowrank: dict[str, dict]) -> dict[str, Any]:
+        """The manifest (see :mod:`prunekit.models.compressed`) of everything written so far."""
+        encodings = {k: sum(e["encoding"] == k for e in self.tensors.values()) for k in codec.ENCODINGS}
+        return {
+            "format": FORMAT, "version": VERSION, "dtype": str(dtype).removeprefix("torch."),
+            "blocks": {"path": block_path, "count": count}, "tensors": self.tensors, "tied": tied, "lowrank": lowrank,
+            "sizes": {"stored_bytes": sum(e["bytes"] for e in self.tensors.values()), "dense_bytes": self.dense_bytes,
+                      "encodings": encodings},
+        }
+
+
+def write_shards(model: nn.Module, folder: Path) -> dict[str, Any]:
+    """Encode and write every shard of ``model`` into ``folder``, one block at a time; returns the manifest."""
     state, tied = unique_state(model)
     candidates = sparse_candidates(model)
     try:
@@ -89,30 +129,13 @@ def write_shards(model: nn.Module, folder: Path) -> dict[str, Any]:
     groups: dict[int | None, list[str]] = {}
     for name in state:
         groups.setdefault(block_of(name, block_path), []).append(name)
-    tensors: dict[str, dict] = {}
+    writer = ShardWriter(folder)
     for block in [None, *range(count)]:
-        names = groups.get(block, [])
-        if not names:
-            continue
-        file = REST_FILE if block is None else block_file(block)
-        parts: dict[str, Tensor] = {}
-        for name in names:
-            enc, entry = encode_tensor(state[name], candidates.get(name))
-            parts.update({part_key(name, p): v for p, v in enc.parts.items()})
-            tensors[name] = {"file": file, "block": block, **entry}
-        save_file(parts, str(folder / file), metadata={"format": "pt", "prunekit": FORMAT})
-        del parts  # one block's encoded tensors at a time
-    stored = sum(e["bytes"] for e in tensors.values())
-    dense = sum(state[n].numel() * state[n].element_size() for n in tensors)
-    return {
-        "format": FORMAT, "version": VERSION, "dtype": str(model.dtype).removeprefix("torch."),
-        "blocks": {"path": block_path, "count": count},
-        "tensors": tensors, "tied": tied,
-        "lowrank": {n: {"rank": m.rank, "in_features": m.in_features, "out_features": m.out_features,
-                        "bias": m.up.bias is not None} for n, m in lowrank_modules(model).items()},
-        "sizes": {"stored_bytes": stored, "dense_bytes": dense,
-                  "encodings": {k: sum(e["encoding"] == k for e in tensors.values()) for k in codec.ENCODINGS}},
-    }
+        if groups.get(block):
+            writer.write(block, {n: state[n] for n in groups[block]}, candidates)
+    lowrank = {n: {"rank": m.rank, "in_features": m.in_features, "out_features": m.out_features,
+                   "bias": m.up.bias is not None} for n, m in lowrank_modules(model).items()}
+    return writer.manifest(model.dtype, block_path, count, tied, lowrank)
 
 
 def save_compressed_folder(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report: dict | None = None,
