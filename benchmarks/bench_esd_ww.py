@@ -58,7 +58,7 @@ def powerlaw_window_alpha(evals: np.ndarray) -> tuple[float, float]:
     """
     import torch
 
-    from prunekit.allocation.esd import _sorted_nz, hill_ks_table, peak_range
+    from prunekit.analysis.esd import _sorted_nz, hill_ks_table, peak_range
 
     e = _sorted_nz(evals)
     alphas, ds = hill_ks_table(e)
@@ -96,7 +96,7 @@ def main() -> None:
     import weightwatcher as ww
 
     import prunekit
-    from prunekit.allocation.esd import analyze_model
+    from prunekit.analysis.esd import analyze_model
     from prunekit.report import environment
 
     model, _ = prunekit.load_model(args.model, "float32")

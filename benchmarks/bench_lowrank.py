@@ -64,13 +64,17 @@ def latency(model, vocab: int, prefill: int, decode: int, repeats: int) -> dict:
     ids = torch.randint(0, vocab, (1, prefill), generator=g)
     prompt = ids[:, :64]
 
+    from prunekit.eval.tasks.lm import _cache_arg, cache_of
+
+    key = _cache_arg(model)  # "cache" on transformers >= 5.2x ("past_key_values" is deprecated there)
+
     def decode_run() -> float:
         out = model(prompt, use_cache=True)
-        pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        pkv, nxt = cache_of(out), out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(decode):
-            out = model(nxt, past_key_values=pkv, use_cache=True)
-            pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(nxt, use_cache=True, **{key: pkv})
+            pkv, nxt = cache_of(out), out.logits[:, -1:].argmax(-1)
         return (time.perf_counter() - t0) / decode
 
     model(ids, use_cache=False)  # warm-up

@@ -32,9 +32,23 @@ def tiny_config(arch: str = "llama", **over):
                             num_attention_heads=4, max_position_embeddings=256, **over)
     elif arch == "gpt2":
         cfg = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0, **over)
+    elif arch in ("gemma2", "gemma3"):
+        cfg = _gemma_config(arch, common, over)
     else:
         raise ValueError(arch)
     return cfg
+
+
+def _gemma_config(arch: str, common: dict, over: dict):
+    """Gemma-2/3-style mixed attention: sliding-window layers (window 4) between full-attention
+    layers; Gemma-3 also keeps a rotary table per layer type (local base 10k, global 1M)."""
+    from transformers import Gemma2Config, Gemma3TextConfig
+
+    base = {**common, "num_hidden_layers": 4, "head_dim": 16, "sliding_window": 4}
+    if arch == "gemma2":
+        return Gemma2Config(**{**base, **over})
+    types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    return Gemma3TextConfig(**{**base, "layer_types": types, **over})
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, **over):

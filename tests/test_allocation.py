@@ -7,10 +7,11 @@ import torch
 
 import prunekit
 from prunekit import PruneConfig
+from prunekit.errors import ConfigError
 from prunekit.allocation import build_allocator, nm_allocation, project_to_mean, weighted_mean
 from prunekit.allocation.alpha import alpha_allocation
 from prunekit.allocation.owl import dense_input_norms, outlier_ratio, owl_sparsities
-from prunekit.api import make_targets
+from prunekit.allocation import make_targets
 from prunekit.masks import Pattern
 from prunekit.models import decoder_linears, weight_view
 
@@ -154,14 +155,15 @@ def test_mixed_nm_through_prune(alloc, calib_ids, tmp_path, monkeypatch):
         assert r.sparsity == pytest.approx(1 - n / 8)
 
 
-def test_bad_allocation_options_are_value_errors():
-    with pytest.raises(ValueError, match="metric"):
-        build_allocator("alpha", metric="nope")
-    with pytest.raises(ValueError, match="epsilon"):
-        build_allocator("alpha", epsilon=1.5)
-    with pytest.raises(ValueError, match="mapping"):
-        build_allocator("alpha", mapping="row")
-    with pytest.raises(ValueError, match="lam"):
-        build_allocator("owl", lam=0.7)
-    with pytest.raises(ValueError, match="bad option"):
-        build_allocator("owl", lamda=0.1)
+def test_bad_allocation_options_are_config_errors():
+    with pytest.raises(ConfigError, match=r"^allocation 'alpha' option metric='nope' is invalid: it must be one of 'alpha', "):
+        build_allocator("alpha", {"metric": "nope"})
+    with pytest.raises(ConfigError, match=r"option epsilon=1.5 is invalid: it must be a number in \[0.0, 1.0\) \(default 0.3\)$"):
+        build_allocator("alpha", {"epsilon": "1.5"})
+    with pytest.raises(ConfigError, match=r"option mapping='row' is invalid: it must be one of 'block', 'layer'"):
+        build_allocator("alpha", {"mapping": "row"})
+    with pytest.raises(ConfigError, match=r"option lam=0.5 is invalid: it must be a number in \[0.0, 0.5\)"):
+        build_allocator("owl", {"lam": 0.5})
+    with pytest.raises(ConfigError, match=r"^allocation 'owl' has no option 'lamda'; its options are: lam=0.08, m=5.0, "):
+        build_allocator("owl", {"lamda": 0.1})
+    assert build_allocator("owl", {"lam": "0.1", "batch-size": "4"}).opts.batch_size == 4

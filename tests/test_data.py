@@ -95,3 +95,31 @@ def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
 def test_tokenize_keeps_special_tokens_like_the_reference():
     tok = tiny_tokenizer(200)
     assert tokenize(tok, "the fox") == tok("the fox")["input_ids"]
+
+
+def test_wikitext2_calibration_is_the_reference_get_wikitext2_draw(tmp_path):
+    """Short rows are packed in order, joined with ' ', windows at seeded randint positions."""
+    tok = tiny_tokenizer(200)
+    (tmp_path / "wikitext-2-raw").mkdir()
+    rows = [f" the quick brown fox number {i} jumps over the lazy dog \n" if i % 3 else "" for i in range(200)]
+    (tmp_path / "wikitext-2-raw" / "wiki.train.raw").write_text("\n".join(r.rstrip("\n") for r in rows) + "\n")
+    got = calibration_ids(CalibConfig("wikitext2", nsamples=5, seqlen=64, seed=7), tok, tmp_path)
+    docs = get_dataset("wikitext2", tmp_path).documents("train")
+    enc = tok(" ".join(docs))["input_ids"]
+    random.seed(7)
+    want = []
+    for _ in range(5):
+        i = random.randint(0, len(enc) - 64 - 1)
+        want.append(enc[i : i + 64])
+    assert torch.equal(got, torch.tensor(want))
+
+
+def test_short_documents_fail_before_anything_is_tokenized(monkeypatch):
+    import prunekit.data.calibration as cal
+
+    calls = []
+    monkeypatch.setattr(cal, "tokenize", lambda tok, text: calls.append(text) or [])
+    with pytest.raises(CalibrationError, match=r"longest of 3 documents has 11 characters, fewer than seqlen=2048 "
+                                                r"tokens; pack short documents with --packing"):
+        cal.sample_windows(["short row 1", "row 2", "row 3"], None, 4, 2048, 0)
+    assert calls == []

@@ -20,10 +20,11 @@ class Identity(Method):
     needs_hessian = True
 
     def __init__(self):
+        super().__init__()
         self.seen = {}
 
-    def compress(self, linear, stats, target):
-        self.seen[id(linear)] = (stats.count, stats.scaler.clone(), stats.xtx.clone())
+    def compress(self, name, linear, stats, target):
+        self.seen[name] = (stats.count, stats.scaler.clone(), stats.xtx.clone())
         return CompressResult()
 
 
@@ -73,7 +74,7 @@ def test_statistics_equal_those_of_plain_hooks_despite_sharing_and_early_exit(ca
     nseq = calib_ids.shape[0]
     for n, m in linears.items():
         x = torch.cat(xs[n]).float()
-        count, scaler, xtx = method.seen[id(m)]
+        count, scaler, xtx = method.seen[n]
         assert count == x.shape[0]
         # the reference normalisations: per-sequence means (wanda scaler_row, SparseGPT's H)
         torch.testing.assert_close(scaler * nseq, (x * x).sum(0), rtol=1e-5, atol=1e-5)
@@ -87,7 +88,7 @@ def test_statistics_do_not_depend_on_the_batch_size(calib_ids):
         model = tiny_model("llama")
         method = Identity()
         run_sequential(model, calib_ids, method, {n: Target(0.5) for n in decoder_linears(model)}, batch_size=bs)
-        seen.append([method.seen[id(m)] for m in decoder_linears(model).values()])
+        seen.append([method.seen[n] for n in decoder_linears(model)])
     for (c1, s1, h1), (c2, s2, h2) in zip(*seen):
         assert c1 == c2 and torch.equal(s1, s2) and torch.equal(h1, h2)
 
@@ -131,6 +132,20 @@ def test_method_pattern_allocation_matrix(allocation, method, pattern, calib_ids
             p = Pattern.parse(rec.pattern)
             assert is_nm_sparse(w, p.n, p.m), rec.name
         assert 0.0 <= rec.target <= 0.99
+
+
+def test_block_error_is_the_relative_output_error_of_the_first_batch(calib_ids):
+    model = tiny_model("llama", num_hidden_layers=1)
+    _, blocks = find_blocks(model)
+    outs = []
+    hook = blocks[0].register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(input_ids=calib_ids[:2], use_cache=False)
+        report = prune(model, PruneConfig(method="wanda", sparsity=0.5, calib={"batch_size": 2}), calib=calib_ids)
+        model(input_ids=calib_ids[:2], use_cache=False)
+    hook.remove()
+    dense, pruned = outs[0], outs[-1]
+    assert report.blocks[0].rel_error == pytest.approx(float((pruned - dense).norm() / dense.norm()), rel=1e-5)
 
 
 def test_include_exclude_select_layers(calib_ids):

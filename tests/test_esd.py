@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from prunekit.allocation import esd
-from prunekit.allocation.esd import fit_power_law, hill_ks_table, peak_range, spectrum_metrics
+from prunekit.analysis import esd
+from prunekit.analysis.esd import fit_power_law, hill_ks_table, peak_range, spectrum_metrics
 
 
 def _pareto(alpha: float, n: int, seed: int) -> np.ndarray:

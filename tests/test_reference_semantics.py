@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.masks import Pattern, keep_mask
+from prunekit.masks import Pattern
 from prunekit.methods import Target, build_method
 from prunekit.methods.base import InputStats
 from prunekit.methods.sparsegpt import sparsegpt_prune
@@ -144,7 +144,7 @@ def test_wanda_mask_equals_reference_rule(pattern):
     ref = _ref_wanda_pruned(w, _ref_scaler_row(batches), 0.5, n_pruned, pat.m)
     lin = _linear(w)
     # prunekit batches by 3 samples, the reference runs one sample at a time: same statistics
-    build_method("wanda").compress(lin, _stats(_batches(per_batch=3)), Target(0.5, pat))
+    build_method("wanda").compress("layer", lin, _stats(_batches(per_batch=3)), Target(0.5, pat))
     assert torch.equal(lin.weight == 0, ref)
     assert int(ref.sum()) == w.numel() // 2
 
@@ -154,7 +154,7 @@ def test_wanda_counts_per_row_with_floor():
     batches = _batches(d=10)
     ref = _ref_wanda_pruned(w, _ref_scaler_row(batches), 0.55)  # int(10 * 0.55) = 5 per row
     lin = _linear(w)
-    build_method("wanda").compress(lin, _stats(batches), Target(0.55))
+    build_method("wanda").compress("layer", lin, _stats(batches), Target(0.55))
     assert torch.equal(lin.weight == 0, ref)
     assert (ref.sum(1) == 5).all()
 
@@ -164,7 +164,7 @@ def test_magnitude_differs_from_reference_only_by_the_threshold_entry():
     w = torch.randn(16, 32, generator=_gen(3))
     ref = _ref_magnitude_pruned(w, 0.5)
     lin = _linear(w)
-    build_method("magnitude").compress(lin, None, Target(0.5))
+    build_method("magnitude").compress("layer", lin, None, Target(0.5))
     ours = lin.weight == 0
     assert int(ours.sum()) == w.numel() // 2 and int(ref.sum()) == w.numel() // 2 + 1
     extra = ref & ~ours
@@ -179,14 +179,14 @@ def test_magnitude_reference_prunes_every_tie_at_the_threshold():
     ref = _ref_magnitude_pruned(w, 0.25)  # int(8 * 0.25) = 2, threshold sorted[2] = 0.2
     assert ref.tolist() == [[True, True, True, True], [False, False, False, False]]
     lin = _linear(w)
-    build_method("magnitude").compress(lin, None, Target(0.25))
+    build_method("magnitude").compress("layer", lin, None, Target(0.25))
     assert (lin.weight == 0).tolist() == [[True, True, False, False], [False, False, False, False]]
 
 
 def test_magnitude_nm_equals_reference_rule():
     w = torch.randn(16, 32, generator=_gen(4))
     lin = _linear(w)
-    build_method("magnitude").compress(lin, None, Target(0.5, Pattern.parse("2:4")))
+    build_method("magnitude").compress("layer", lin, None, Target(0.5, Pattern.parse("2:4")))
     assert torch.equal(lin.weight == 0, _ref_nm_pruned(w.abs(), 2, 4))
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import tiny_model, tiny_tokenizer
 from prunekit.eval.knee import piecewise_knee, quality_loss, tolerance_knee
-from prunekit.eval.sweep import SweepConfig, cell_key, knees, run_sweep
+from prunekit.errors import ConfigError
+from prunekit.sweep import SweepConfig, cell_key, knees, run_sweep
 from prunekit.eval.tasks import TaskSettings, prepare_tasks
 
 S = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
@@ -48,7 +49,7 @@ def test_piecewise_knee_uses_log_perplexity_and_rejects_curves_that_do_not_break
 
 
 def test_sweep_config_validates():
-    with pytest.raises(KeyError, match="unknown method 'nope'"):
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
         SweepConfig(methods=("nope",))
     with pytest.raises(ValueError, match="must lie in"):
         SweepConfig(sparsities=(0.0, 1.0))
@@ -73,7 +74,7 @@ def toy(tmp_path):
 def test_resumed_sweep_does_no_repeated_work(toy, tmp_path, monkeypatch):
     from prunekit.calibration import calibration_forward_context  # noqa: F401
     import prunekit.api as api
-    import prunekit.eval.sweep as sweep_mod
+    import prunekit.sweep.run as sweep_mod
     from prunekit.config import CalibConfig
 
     model, tok, text, mc = toy
@@ -116,7 +117,8 @@ def test_resumed_sweep_does_no_repeated_work(toy, tmp_path, monkeypatch):
     run_sweep(model, tok, cfg3, tasks, settings, out, "tiny")
     assert calls == {"prune": 6, "eval": 7}
     # different evaluation settings are refused, not mixed
-    with pytest.raises(ValueError, match="different model/tasks/evaluation settings"):
+    with pytest.raises(ConfigError, match=r"holds a sweep with different settings \(settings.ppl_seqlen: stored 32, "
+                                          r"now 16\); use another --out folder"):
         run_sweep(model, tok, cfg3, tasks, TaskSettings(batch_size=2, ppl_seqlen=16, ppl_max_windows=2), out, "tiny")
     assert {k["metric"] for k in knees(json.loads((out / "results.json").read_text()))} >= {
         f"ppl:{text}/ppl", f"mc:{mc}/acc", f"mc:{mc}/acc_norm"}
@@ -129,7 +131,7 @@ def torch_equal(a, b) -> bool:
 
 
 def test_plots_and_report(tmp_path):
-    from prunekit.eval.plots import markdown_report, plot_sweep
+    from prunekit.sweep.plots import markdown_report, plot_sweep
 
     def row(method, s, acc, ppl):
         return {"key": "dense" if method == "dense" else f"{method}|uniform|austen|{s:.4f}", "method": method,

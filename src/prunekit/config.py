@@ -6,17 +6,19 @@ Every check raises ``ValueError`` naming the field, the bad value and what is al
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from .masks import Pattern
+from .errors import ConfigError
 
 
 def _check_int(name: str, value: int, lo: int, hi: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name}={value!r} is invalid: it must be an integer {rng}")
+        raise ConfigError(f"{name}={value!r} is invalid: it must be an integer {rng}")
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class CalibConfig:
 
     def __post_init__(self) -> None:
         if not self.dataset:
-            raise ValueError("calibration dataset is empty: pass a dataset name (see `prunekit ls`) or a file path")
+            raise ConfigError("calibration dataset is empty: pass a dataset name (see `prunekit ls`) or a file path")
         _check_int("nsamples", self.nsamples, 1)
         _check_int("seqlen", self.seqlen, 2)
         _check_int("batch_size", self.batch_size, 1)
@@ -78,26 +80,44 @@ class PruneConfig:
         if self.refine in ("", "none"):
             object.__setattr__(self, "refine", None)
         if self.refine_options and self.refine is None:
-            raise ValueError(f"refine_options={dict(self.refine_options)} given without a refiner: add --refine dsnot")
+            raise ConfigError(f"refine_options={dict(self.refine_options)} given without a refiner: add --refine dsnot")
         pat = Pattern.parse(self.pattern)  # raises a clear ValueError
         object.__setattr__(self, "pattern", str(pat))
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        for key in ("include", "exclude"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+            for rx in getattr(self, key):
+                try:
+                    re.compile(rx)
+                except re.error as e:
+                    raise ConfigError(f"--{key} regex {rx!r} is invalid ({e}); fix it, e.g. 'mlp' or 'self_attn'") from None
         if self.sparsity is None:
             if not pat.is_nm:
-                raise ValueError("sparsity is required for an unstructured pattern: e.g. --sparsity 0.5")
+                raise ConfigError("sparsity is required for an unstructured pattern: e.g. --sparsity 0.5")
             object.__setattr__(self, "sparsity", pat.sparsity)
         s = self.sparsity
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not (0.0 <= float(s) < 1.0):
-            raise ValueError(f"sparsity={s!r} is out of range: it must be a fraction in [0, 1), e.g. 0.5 for 50%")
+            raise ConfigError(f"sparsity={s!r} is out of range: it must be a fraction in [0, 1), e.g. 0.5 for 50%")
         object.__setattr__(self, "sparsity", float(s))
         if pat.is_nm and self.allocation == "uniform" and abs(self.sparsity - pat.sparsity) > 1e-9:
-            raise ValueError(
+            raise ConfigError(
                 f"sparsity={self.sparsity} contradicts pattern {pat} (which is {pat.sparsity:.0%} sparse); "
                 "drop --sparsity or use a non-uniform --allocation for mixed N:M"
             )
         if not isinstance(self.calib, CalibConfig):
             object.__setattr__(self, "calib", CalibConfig(**dict(self.calib)))
+        self._typed_options()
+
+    def _typed_options(self) -> None:
+        """Names checked and option values converted by each component's declared ``Options``."""
+        from .registry import ALLOCATORS, METHODS, REFINERS
+
+        for reg, name, key in ((METHODS, self.method, "method_options"), (ALLOCATORS, self.allocation,
+                               "allocation_options"), (REFINERS, self.refine, "refine_options")):
+            raw = dict(getattr(self, key))
+            if name is None:
+                continue
+            opts = reg.get(name).Options.parse(raw, f"{reg.kind} {name!r}")
+            object.__setattr__(self, key, {k.replace("-", "_"): getattr(opts, k.replace("-", "_")) for k in raw})
 
     @property
     def pattern_obj(self) -> Pattern:

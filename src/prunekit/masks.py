@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,9 @@ class Pattern:
 
     def __post_init__(self) -> None:
         if self.kind not in ("unstructured", "nm"):
-            raise ValueError(f"pattern kind {self.kind!r} is not one of 'unstructured', 'nm'")
+            raise ConfigError(f"pattern kind {self.kind!r} is not one of 'unstructured', 'nm'")
         if self.kind == "nm" and not (0 < self.n < self.m):
-            raise ValueError(
+            raise ConfigError(
                 f"N:M pattern {self.n}:{self.m} needs 0 < N < M (N weights kept in every M); "
                 "e.g. 2:4 or 4:8"
             )
@@ -52,9 +53,9 @@ class Pattern:
             try:
                 n, m = int(a), int(b)
             except ValueError:
-                raise ValueError(f"pattern {text!r} is not 'unstructured' or N:M such as '2:4'") from None
+                raise ConfigError(f"pattern {text!r} is not 'unstructured' or N:M such as '2:4'") from None
             return cls("nm", n, m)
-        raise ValueError(f"pattern {text!r} is not 'unstructured' or N:M such as '2:4'")
+        raise ConfigError(f"pattern {text!r} is not 'unstructured' or N:M such as '2:4'")
 
     @property
     def is_nm(self) -> bool:
@@ -68,7 +69,7 @@ class Pattern:
     def check_width(self, in_features: int, name: str = "layer") -> None:
         """Raise a clear error if N:M groups do not tile ``in_features``."""
         if self.is_nm and in_features % self.m:
-            raise ValueError(
+            raise ConfigError(
                 f"N:M pattern {self} needs M={self.m} to divide the input width of {name} "
                 f"({in_features} % {self.m} = {in_features % self.m}); choose an M that divides "
                 f"{in_features} or exclude this layer with --exclude"
@@ -107,7 +108,7 @@ def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
     """
     rows, cols = scores.shape
     if cols % m:
-        raise ValueError(f"N:M with M={m} needs M to divide the input width {cols}")
+        raise ConfigError(f"N:M with M={m} needs M to divide the input width {cols}")
     groups = scores.reshape(rows, cols // m, m)
     pruned = torch.topk(groups, m - n, dim=-1, largest=False).indices
     return torch.ones_like(groups, dtype=torch.bool).scatter_(-1, pruned, False).reshape(rows, cols)

@@ -7,7 +7,9 @@ names come from here, never from an ``elif`` chain.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
+
+from .errors import ConfigError
 
 T = TypeVar("T")
 
@@ -41,8 +43,17 @@ class Registry(Generic[T]):
         key = str(name).lower()
         if key not in self._items:
             known = ", ".join(sorted(self._items)) or "(none)"
-            raise KeyError(f"unknown {self.kind} {name!r}; choose one of: {known}")
+            raise ConfigError(f"unknown {self.kind} {name!r}; choose one of: {known}")
         return self._items[key]
+
+    def build(self, name: str, options: Mapping[str, Any] | None = None):
+        """Instantiate a registered class with its typed options (its ``Options`` dataclass).
+
+        Raises:
+            ConfigError: unknown name, or an option name or value its declaration does not allow.
+        """
+        cls = self.get(name)
+        return cls(cls.Options.parse(options, f"{self.kind} {name!r}"))
 
     def help(self, name: str) -> str:
         return self._help.get(name.lower(), "")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import platform
+import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 
 @dataclass
@@ -80,6 +81,40 @@ class Report:
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, default=str)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a report says about the run as a whole, known before the engine starts.
+
+    ``prune`` fills it from the configuration; the engine adds what it measured and builds the
+    complete :class:`Report` in one step (:meth:`report`).
+    """
+
+    method: str
+    target_sparsity: float
+    pattern: str
+    allocation: str = "uniform"
+    calibration: Mapping[str, Any] = field(default_factory=dict)
+    config: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    started: float | None = None  # time.perf_counter() when the run began (default: when the engine began)
+
+    @classmethod
+    def of(cls, method: str, targets: Mapping[str, Any]) -> "RunInfo":
+        """The defaults for a bare engine run: the targets' mean sparsity and their patterns."""
+        ts = list(targets.values())
+        mean = sum(t.sparsity for t in ts) / len(ts) if ts else 0.0
+        return cls(method, mean, ",".join(sorted({str(t.pattern) for t in ts})))
+
+    def report(self, layers: list[LayerRecord], blocks: list[BlockRecord], method_summary: dict | None,
+               engine_started: float) -> Report:
+        extra = dict(self.extra)
+        if method_summary:
+            extra["method_summary"] = method_summary
+        start = self.started if self.started is not None else engine_started
+        return Report(self.method, self.target_sparsity, self.pattern, self.allocation, layers, blocks,
+                      time.perf_counter() - start, dict(self.calibration), dict(self.config), {}, extra)
 
 
 def environment() -> dict[str, Any]:

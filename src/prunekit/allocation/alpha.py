@@ -2,7 +2,7 @@
 arXiv:2410.10912, Sec. 3 and their ``ww_sparsity``).
 
 1. Per linear, a spectral metric of its ESD (default ``alpha_peak``, the power-law exponent fit
-   around the ESD peak; see :mod:`prunekit.allocation.esd`).
+   around the ESD peak; see :mod:`prunekit.analysis.esd`).
 2. Block-wise mapping (default): average the metric over each block's linears.
 3. Linear map onto ``[1 - eps, 1 + eps]``: ``r_l = (1 - eps) + 2 eps (q_l - q_min) / (q_max - q_min)``.
 4. Scale so the parameter-weighted mean is the target: ``s_l = eta r_l``,
@@ -14,15 +14,18 @@ Higher alpha (a lighter tail: less structure learned) → pruned more.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 from torch import Tensor, nn
 
 from ..masks import Pattern
-from ..models import weight_view
+from ..errors import ConfigError
+from ..models import block_lookup, weight_view
+from ..options import Options, option
 from ..registry import ALLOCATORS
-from .base import Allocator, block_lookup, minmax, project_to_mean
-from .esd import METRICS, analyze_linears
+from .base import Allocator, minmax, project_to_mean
+from ..analysis.esd import METRICS, analyze_linears
 
 
 def alpha_allocation(metric: Mapping[str, float], params: Mapping[str, int], sparsity: float, epsilon: float,
@@ -52,38 +55,36 @@ def alpha_allocation(metric: Mapping[str, float], params: Mapping[str, int], spa
     return project_to_mean({n: eta * r[n] for n in names}, params, sparsity)
 
 
+@dataclass(frozen=True)
+class AlphaOptions(Options):
+    metric: str = option("alpha_peak", "spectral metric of each weight's ESD", choices=tuple(METRICS))
+    epsilon: float = option(0.3, "half-width of the ratio range [1 - eps, 1 + eps]", lo=0.0, hi=1.0, hi_open=True)
+    mapping: str = option("block", "average the metric per block (paper) or use each layer's own",
+                          choices=("block", "layer"))
+    peak_bounds: str = option("reference", "x_min candidates around the ESD peak: as the reference code or as "
+                              "its comment intends", choices=("reference", "intended"))
+    cache: bool = option(True, "reuse spectra cached on disk for unchanged weights")
+
+
 @ALLOCATORS.register("alpha", help="AlphaPruning: heavier-tailed ESD (lower alpha) → pruned less")
 class AlphaAllocator(Allocator):
-    """Options: ``metric`` (alpha_peak), ``epsilon`` (0.3), ``mapping`` (block | layer), ``peak_bounds``."""
+    """AlphaPruning allocation (options: :class:`AlphaOptions`)."""
 
     name = "alpha"
-
-    def __init__(self, *, metric: str = "alpha_peak", epsilon: float = 0.3, mapping: str = "block",
-                 peak_bounds: str = "reference", cache: bool = True) -> None:
-        super().__init__()
-        if metric not in METRICS:
-            raise ValueError(f"alpha allocation metric={metric!r} is not one of {', '.join(METRICS)}")
-        if not (0.0 <= float(epsilon) < 1.0):
-            raise ValueError(f"alpha allocation epsilon={epsilon!r} must lie in [0, 1), e.g. 0.3")
-        if mapping not in ("block", "layer"):
-            raise ValueError(f"alpha allocation mapping={mapping!r} must be 'block' or 'layer'")
-        if peak_bounds not in ("reference", "intended"):
-            raise ValueError(f"alpha allocation peak_bounds={peak_bounds!r} must be 'reference' or 'intended'")
-        self.metric, self.epsilon, self.mapping, self.peak_bounds, self.cache = (
-            metric, float(epsilon), mapping, peak_bounds, bool(cache))
+    Options = AlphaOptions
 
     def allocate(self, model: nn.Module, linears: dict[str, nn.Module], sparsity: float, pattern: Pattern,
                  calib_ids: Tensor | None = None) -> dict[str, float]:
         block_of = block_lookup(model)
-        spectra = analyze_linears(linears, block_of, use_cache=self.cache, peak_bounds=self.peak_bounds)
-        values = {s.name: getattr(s, self.metric) for s in spectra}
+        spectra = analyze_linears(linears, block_of, use_cache=self.opts.cache, peak_bounds=self.opts.peak_bounds)
+        values = {s.name: getattr(s, self.opts.metric) for s in spectra}
         bad = [n for n, v in values.items() if v != v or v in (float("inf"), float("-inf"))]
         if bad:
-            raise ValueError(f"metric {self.metric} could not be fit for {bad[:3]} (too few eigenvalues); "
+            raise ConfigError(f"metric {self.opts.metric} could not be fit for {bad[:3]} (too few eigenvalues); "
                              "exclude those layers or use --alloc-option metric=stable_rank")
         params = {n: weight_view(m).numel() for n, m in linears.items()}
-        groups = {n: block_of(n) for n in linears} if self.mapping == "block" else None
-        alloc = alpha_allocation(values, params, sparsity, self.epsilon, groups)
-        self.info = {"metric": self.metric, "epsilon": self.epsilon, "mapping": self.mapping,
+        groups = {n: block_of(n) for n in linears} if self.opts.mapping == "block" else None
+        alloc = alpha_allocation(values, params, sparsity, self.opts.epsilon, groups)
+        self.info = {"metric": self.opts.metric, "epsilon": self.opts.epsilon, "mapping": self.opts.mapping,
                      "metric_values": values}
         return alloc

@@ -20,7 +20,9 @@ from typing import Any, ClassVar, Mapping
 
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..masks import Pattern
+from ..options import Options
 from ..registry import ALLOCATORS
 
 #: every allocator keeps each layer's sparsity in [MIN_SPARSITY, MAX_SPARSITY]
@@ -36,11 +38,11 @@ class Allocator(ABC):
     """
 
     name: ClassVar[str] = ""
+    Options: ClassVar[type[Options]] = Options
     needs_calibration: ClassVar[bool] = False
 
-    def __init__(self, **options: Any) -> None:
-        if options:
-            raise ValueError(f"allocation {self.name!r} takes no option(s) {sorted(options)}")
+    def __init__(self, options: Options | None = None) -> None:
+        self.opts = options if options is not None else self.Options()
         self.info: dict[str, Any] = {}
 
     @abstractmethod
@@ -55,12 +57,9 @@ class Allocator(ABC):
         """Per-linear sparsity whose parameter-weighted mean is ``sparsity``."""
 
 
-def build_allocator(name: str, **options: Any) -> Allocator:
-    cls = ALLOCATORS.get(name)
-    try:
-        return cls(**options)
-    except TypeError as e:
-        raise ValueError(f"bad option for allocation {name!r}: {e}") from None
+def build_allocator(name: str, options: Mapping[str, Any] | None = None) -> Allocator:
+    """A registered allocator with its typed options (``ConfigError`` on a bad name or option)."""
+    return ALLOCATORS.build(name, options)
 
 
 def weighted_mean(alloc: Mapping[str, float], params: Mapping[str, int]) -> float:
@@ -90,7 +89,7 @@ def project_to_mean(
     if not values:
         return {}
     if not (lo - 1e-12 <= target <= hi + 1e-12):
-        raise ValueError(f"target sparsity {target} is outside the per-layer bounds [{lo}, {hi}]")
+        raise ConfigError(f"target sparsity {target} is outside the per-layer bounds [{lo}, {hi}]")
     names = list(values)
     v = [float(values[n]) for n in names]
     p = [float(params[n]) for n in names]
@@ -152,18 +151,6 @@ def nm_allocation(
         if err > 0 and abs(new_err) < abs(err):
             n_of[g] += 1
     return {n: n_of[groups[n]] for n in alloc}
-
-
-def block_lookup(model: nn.Module):
-    """A function mapping a qualified linear name to its decoder block index."""
-    from ..models import find_blocks
-
-    path, _ = find_blocks(model)
-
-    def block_of(name: str) -> int:
-        return int(name[len(path) + 1 :].split(".", 1)[0])
-
-    return block_of
 
 
 def minmax(values: list[float]) -> list[float]:

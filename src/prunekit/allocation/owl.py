@@ -18,6 +18,7 @@ engine's cost, which runs two block forwards per block.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -25,9 +26,11 @@ from torch import Tensor, nn
 
 from ..calibration.context import calibration_forward_context
 from ..masks import Pattern
-from ..models import find_blocks, weight_view
+from ..models import block_lookup, find_blocks, model_device, weight_view
+from ..options import Options, option
 from ..registry import ALLOCATORS
-from .base import Allocator, block_lookup, minmax, project_to_mean
+from .base import Allocator, minmax, project_to_mean
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ def dense_input_norms(model: nn.Module, linears: Mapping[str, nn.Module], calib_
     path, blocks = find_blocks(model)
     block_of = block_lookup(model)
     last = max(block_of(n) for n in linears)
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     sums: dict[str, Tensor] = {}
     seen: dict[int, tuple[Tensor, Tensor]] = {}
     handles = []
@@ -82,8 +85,8 @@ def dense_input_norms(model: nn.Module, linears: Mapping[str, nn.Module], calib_
     def stop(_mod, _args, _out):
         raise _Stop
 
-    for name, mod in linears.items():
-        handles.append(mod.register_forward_pre_hook(pre_hook(name)))
+    for name in linears:  # the model's own modules (``linears`` may hand out copies read from a checkpoint)
+        handles.append(model.get_submodule(name).register_forward_pre_hook(pre_hook(name)))
     handles.append(blocks[last].register_forward_hook(stop))
     try:
         with calibration_forward_context(model):
@@ -100,28 +103,26 @@ def dense_input_norms(model: nn.Module, linears: Mapping[str, nn.Module], calib_
     return {n: v.sqrt().to(torch.float32) for n, v in sums.items()}
 
 
+@dataclass(frozen=True)
+class OWLOptions(Options):
+    lam: float = option(0.08, "largest deviation of a block's sparsity from the target", lo=0.0, hi=0.5, hi_open=True)
+    m: float = option(5.0, "outlier threshold: a score is an outlier above m x the block's mean score", lo=0.0, lo_open=True)
+    batch_size: int = option(8, "calibration sequences per forward of the statistics pass", lo=1)
+
+
 @ALLOCATORS.register("owl", help="OWL: blocks with more Wanda-score outliers are pruned less (needs calibration)")
 class OWLAllocator(Allocator):
-    """Options: ``lam`` (0.08, max deviation from the target), ``m`` (5, outlier threshold), ``batch_size``."""
+    """OWL allocation (options: :class:`OWLOptions`)."""
 
     name = "owl"
+    Options = OWLOptions
     needs_calibration = True
-
-    def __init__(self, *, lam: float = 0.08, m: float = 5.0, batch_size: int = 8) -> None:
-        super().__init__()
-        if not (0.0 <= float(lam) < 0.5):
-            raise ValueError(f"owl lam={lam!r} must lie in [0, 0.5), e.g. 0.08")
-        if not float(m) > 0:
-            raise ValueError(f"owl m={m!r} must be > 0, e.g. 5")
-        if int(batch_size) < 1:
-            raise ValueError(f"owl batch_size={batch_size!r} must be >= 1")
-        self.lam, self.m, self.batch_size = float(lam), float(m), int(batch_size)
 
     def allocate(self, model: nn.Module, linears: dict[str, nn.Module], sparsity: float, pattern: Pattern,
                  calib_ids: Tensor | None = None) -> dict[str, float]:
         if calib_ids is None:
-            raise ValueError("owl allocation needs calibration token ids")
-        norms = dense_input_norms(model, linears, calib_ids, self.batch_size)
+            raise ConfigError("owl allocation needs calibration token ids")
+        norms = dense_input_norms(model, linears, calib_ids, self.opts.batch_size)
         block_of = block_lookup(model)
         blocks: dict[int, list[str]] = {}
         for n in linears:
@@ -130,10 +131,10 @@ class OWLAllocator(Allocator):
         ratios = []
         for b in order:
             scores = [weight_view(linears[n]).float().abs() * norms[n].unsqueeze(0) for n in blocks[b]]
-            ratios.append(outlier_ratio(scores, self.m))
-        per_block = owl_sparsities(ratios, sparsity, self.lam)
+            ratios.append(outlier_ratio(scores, self.opts.m))
+        per_block = owl_sparsities(ratios, sparsity, self.opts.lam)
         raw = {n: per_block[i] for i, b in enumerate(order) for n in blocks[b]}
         params = {n: weight_view(m).numel() for n, m in linears.items()}
-        self.info = {"lam": self.lam, "m": self.m, "outlier_ratio": dict(zip(order, ratios)),
+        self.info = {"lam": self.opts.lam, "m": self.opts.m, "outlier_ratio": dict(zip(order, ratios)),
                      "stats_pass": "one dense forward with input-norm hooks"}
         return project_to_mean(raw, params, sparsity)

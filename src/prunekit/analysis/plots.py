@@ -12,7 +12,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..allocation.esd import LayerSpectrum
+from .esd import LayerSpectrum
+from ..errors import ConfigError
 
 METRIC_LABELS = {
     "alpha": "α (Hill, KS-chosen x_min over all eigenvalues)",
@@ -28,7 +29,7 @@ def _plt():
     try:
         import matplotlib
     except ImportError:  # pragma: no cover - depends on the install
-        raise ValueError("plots need matplotlib: pip install 'prunekit[plots]' (or pass --no-plots)") from None
+        raise ConfigError("plots need matplotlib: pip install 'prunekit[plots]' (or pass --no-plots)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

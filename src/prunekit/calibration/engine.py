@@ -1,14 +1,16 @@
 """The sequential, block-by-block compression engine (SparseGPT/Wanda's ``*_sequential``).
 
-For each decoder block, one block at a time:
+Before the loop, :func:`~prunekit.calibration.context.capture_block_inputs` records block 0's
+calibration hidden states and the arguments the model passes to *every* block. Then, one block
+at a time, in three steps:
 
-1. **Statistics pass.** Forward hooks on the block's selected linears feed their inputs to the
+1. :func:`collect` — forward hooks on the block's selected linears feed their inputs to the
    method's statistics. Linears that receive the *same* input tensor (q/k/v, gate/up) share one
    statistics object, so ``X^T X`` is accumulated once, not three times. As soon as every hooked
    linear has seen its input the forward is cut short (the block's output is not needed) —
    except on the first batch, whose dense output is kept to measure the block's error.
-2. **Compress** every selected linear to its target.
-3. **Propagation pass.** Re-run the compressed block so the next block is calibrated on the
+2. :func:`compress` — every selected linear to its target (masked in place or replaced).
+3. :func:`propagate` — re-run the compressed block so the next block is calibrated on the
    compressed model's activations; these outputs replace the inputs in place.
 
 Peak memory is the model plus one block's calibration activations (``nsamples x seqlen x
@@ -26,10 +28,12 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..methods.base import CompressResult, Method, Target
-from ..models import block_linears, find_blocks, set_module, weight_view
-from ..report import BlockRecord, LayerRecord, Report
+from ..errors import ConfigError
+from ..methods.base import CompressResult, InputStats, Method, Target
+from ..models import block_linears, find_blocks, model_device, set_module, weight_view
+from ..report import BlockRecord, LayerRecord, Report, RunInfo
 from .context import BlockInputs, calibration_forward_context, capture_block_inputs
+from .residency import InMemory, Streamed
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +60,6 @@ def _peak_device_mb(device: torch.device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return None
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 class _StatsCollector:
@@ -103,14 +103,78 @@ class _StatsCollector:
         for h in self.handles:
             h.remove()
 
-    def groups(self) -> int:
-        return len({id(s) for s in self.stats.values()})
-
 
 def _rel_error(y: Tensor, y_ref: Tensor) -> float:
     y, y_ref = y.float(), y_ref.float()
     den = torch.linalg.vector_norm(y_ref)
     return float(torch.linalg.vector_norm(y - y_ref) / den) if den > 0 else 0.0
+
+
+def collect(index: int, block: nn.Module, inputs: BlockInputs, method: Method,
+            modules: dict[str, nn.Module]) -> tuple[dict[str, InputStats | None], Tensor | None]:
+    """Step 1: the statistics of ``modules`` on the block's inputs, and the dense output of batch 0."""
+    if not modules or not method.needs_calibration:
+        ref = inputs.call(index, block, 0) if modules and inputs.batches else None
+        return {name: None for name in modules}, ref
+    collector = _StatsCollector(method, modules)
+    ref = None
+    try:
+        for b in range(inputs.batches):
+            collector.early_exit = b > 0
+            try:
+                out = inputs.call(index, block, b)
+                if b == 0:
+                    ref = out
+            except _StopBlock:
+                pass
+            collector.end_batch()
+    finally:
+        collector.remove()
+    _check_finite_stats(collector.stats)
+    return collector.stats, ref
+
+
+def _check_finite_stats(stats: dict[str, InputStats | None]) -> None:
+    """A NaN/Inf statistic (activations that overflowed) would be compressed into garbage silently."""
+    for name, st in stats.items():
+        if st is None:
+            continue
+        bad = not bool(torch.isfinite(st.scaler).all()) or (st.xtx is not None and not bool(torch.isfinite(st.xtx).all()))
+        if bad:
+            raise ConfigError(f"the calibration inputs of {name} are not finite (NaN/Inf activations: an overflow in "
+                              "float16, or broken weights upstream); use --dtype bfloat16 or float32, or reload the model")
+
+
+def compress(model: nn.Module, modules: dict[str, nn.Module], stats: dict[str, InputStats | None], method: Method,
+             targets: dict[str, Target]) -> list[LayerRecord]:
+    """Step 2: compress the block's linears (in place, or swapped for the method's replacements).
+
+    Methods that decide per linear are called once per linear; methods that decide for the whole
+    block at once (structured pruning: a channel spans gate, up and down) implement
+    :meth:`~prunekit.methods.base.Method.compress_block` and return their results per linear.
+    """
+    t0 = time.perf_counter()
+    results = method.compress_block(modules, stats, targets)
+    per_linear = (time.perf_counter() - t0) / max(len(modules), 1) if method.block_level else None
+    records = []
+    for name, mod in modules.items():
+        res, secs = results[name]
+        if res.module is not None:
+            set_module(model, name, res.module)
+        records.append(_layer_record(name, mod, targets[name], res, secs if per_linear is None else per_linear))
+    return records
+
+
+def propagate(index: int, block: nn.Module, inputs: BlockInputs, ref: Tensor | None, keep: bool) -> float | None:
+    """Step 3: the compressed block's outputs become the next block's inputs (when ``keep``).
+
+    Returns the relative error of batch 0's output against the dense ``ref`` (``None`` without one).
+    """
+    if keep:
+        for b in range(inputs.batches):
+            inputs.hidden[b] = inputs.call(index, block, b)
+        return _rel_error(inputs.hidden[0], ref) if ref is not None else None
+    return _rel_error(inputs.call(index, block, 0), ref) if ref is not None else None
 
 
 def _layer_record(name: str, module: nn.Module, target: Target, res: CompressResult, secs: float) -> LayerRecord:
@@ -125,6 +189,16 @@ def _layer_record(name: str, module: nn.Module, target: Target, res: CompressRes
     return LayerRecord(name, tuple(w.shape), params, target.sparsity, str(target.pattern), sparsity, res.error, secs, res.info)
 
 
+def _one_block(model: nn.Module, prefix: str, idx: int, block: nn.Module, inputs: BlockInputs, method: Method,
+               targets: dict[str, Target], keep: bool) -> tuple[list[LayerRecord], float | None]:
+    """The three steps for one block: its layers' records and its output error."""
+    modules = {n: m for n, m in block_linears(block, prefix).items() if n in targets}
+    stats, ref = collect(idx, block, inputs, method, modules)
+    layers = compress(model, modules, stats, method, targets)
+    del stats
+    return layers, propagate(idx, block, inputs, ref, keep)
+
+
 def run_sequential(
     model: nn.Module,
     calib_ids: Tensor | None,
@@ -134,103 +208,54 @@ def run_sequential(
     device: torch.device | str | None = None,
     callback: Callable[[BlockEvent], None] | None = None,
     keep_outputs: bool = False,
+    info: RunInfo | None = None,
+    residency: InMemory | Streamed | None = None,
 ) -> Report:
     """Compress ``targets`` (qualified linear name → :class:`Target`) block by block.
 
     Args:
-        model: a causal LM (on its own device; blocks are moved to ``device`` one at a time if
-            they differ).
+        model: a causal LM (blocks are moved to ``device`` one at a time if it is not the model's).
         calib_ids: ``[n, seqlen]`` token ids; ``None`` only for methods without calibration.
         method: the compression method.
         targets: which linears to compress and to what.
         batch_size: calibration sequences per block forward.
         device: compute device; ``None`` = the model's device.
-        callback: called after every block with a :class:`BlockEvent` (progress bars, tests).
-        keep_outputs: hand each block's outputs to the callback (the last block's included).
+        callback: called after every block with a :class:`BlockEvent`; with ``keep_outputs``, with its outputs.
+        info: what the report says about the run (default: derived from ``method`` and ``targets``).
+        residency: where the blocks live (:mod:`~prunekit.calibration.residency`): in memory
+            (default), or read from the checkpoint one block at a time.
+
+    Returns:
+        The complete :class:`Report`.
     """
     t_start = time.perf_counter()
     path, blocks = find_blocks(model)
-    home = _model_device(model)
+    home = model_device(model) if residency is None else residency.device
     dev = torch.device(device) if device is not None else home
-    report = Report(method=method.name, target_sparsity=0.0, pattern="")
+    res = residency or InMemory(dev, home)
     calibrated = method.needs_calibration or keep_outputs
     if calibrated and calib_ids is None:
-        raise ValueError(f"method {method.name!r} needs calibration token ids")
-
-    method.prepare({n: m for i, b in enumerate(blocks) for n, m in block_linears(b, f"{path}.{i}").items()
-                    if n in targets}, targets)
+        raise ConfigError(f"method {method.name!r} needs calibration token ids")
+    method.prepare(res.linears({n: m for i, b in enumerate(blocks) for n, m in block_linears(b, f"{path}.{i}").items()
+                                if n in targets}), targets)
+    layers: list[LayerRecord] = []
+    records: list[BlockRecord] = []
     with calibration_forward_context(model):
         inputs = BlockInputs()
         if calibrated:
-            if dev != home:
-                _move_except_blocks(model, blocks, dev)
-            inputs = capture_block_inputs(model, blocks[0], calib_ids, batch_size, dev)
-            if dev != home:
-                _move_except_blocks(model, blocks, home)
+            with res.capture(model, blocks):
+                inputs = capture_block_inputs(model, blocks, calib_ids, batch_size, dev)
         for idx, block in enumerate(blocks):
             t0 = time.perf_counter()
-            block.to(dev)
-            prefix = f"{path}.{idx}"
-            modules = {n: m for n, m in block_linears(block, prefix).items() if n in targets}
-            ref_out = None
-            results: dict[str, tuple[CompressResult, float]] = {}
-            collector = None
-            if modules and method.needs_calibration:
-                collector = _StatsCollector(method, modules)
-                try:
-                    for b in range(len(inputs.hidden)):
-                        collector.early_exit = b > 0
-                        try:
-                            out = inputs.call(block, b)
-                            if b == 0:
-                                ref_out = out
-                        except _StopBlock:
-                            pass
-                        collector.end_batch()
-                finally:
-                    collector.remove()
-                log.debug("block %d: %d linears, %d statistics groups", idx, len(modules), collector.groups())
-            elif modules and calibrated:
-                ref_out = inputs.call(block, 0)
-            for name, mod in modules.items():
-                tl = time.perf_counter()
-                res = method.compress(mod, collector.stats[name] if collector else None, targets[name])
-                if res.module is not None:
-                    set_module(model, name, res.module)
-                results[name] = (res, time.perf_counter() - tl)
-            if collector is not None:
-                del collector
-            # propagate: the next block sees this block's compressed outputs
-            rel = None
-            is_last = idx == len(blocks) - 1
-            if calibrated and (not is_last or keep_outputs):
-                for b in range(len(inputs.hidden)):
-                    inputs.hidden[b] = inputs.call(block, b)
-                if ref_out is not None:
-                    rel = _rel_error(inputs.hidden[0], ref_out)
-            elif ref_out is not None:
-                rel = _rel_error(inputs.call(block, 0), ref_out)
-            for name, (res, secs) in results.items():
-                report.layers.append(_layer_record(name, modules[name], targets[name], res, secs))
-            if dev != home:
-                block.to(home)
+            with res.block(idx, block):
+                keep = calibrated and (idx < len(blocks) - 1 or keep_outputs)
+                done, rel = _one_block(model, f"{path}.{idx}", idx, block, inputs, method, targets, keep)
+            layers += done
             rec = BlockRecord(idx, time.perf_counter() - t0, rel, peak_rss_mb(), _peak_device_mb(dev))
-            report.blocks.append(rec)
+            records.append(rec)
             log.info("block %d/%d: %.2fs, rel. error %s, peak RSS %.0f MB", idx + 1, len(blocks), rec.seconds,
                      "n/a" if rel is None else f"{rel:.4f}", rec.peak_rss_mb)
             if callback is not None:
                 callback(BlockEvent(idx, len(blocks), rec, inputs.hidden if keep_outputs else None))
-    report.seconds = time.perf_counter() - t_start
-    return report
-
-
-def _move_except_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """Move everything but the decoder blocks (embeddings, rotary, norms) to ``device``."""
-    block_ids = {id(b) for b in blocks}
-    for mod in model.modules():
-        if id(mod) in block_ids or mod is blocks:
-            continue
-        for p in mod.parameters(recurse=False):
-            p.data = p.data.to(device)
-        for name, buf in mod.named_buffers(recurse=False):
-            setattr(mod, name, buf.to(device))
+    info = info or RunInfo.of(method.name, targets)
+    return info.report(layers, records, method.summary(), t_start)

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import pkgutil
+import signal
 import sys
 
 from .. import __version__
@@ -34,22 +35,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and cleanup handler runs."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if getattr(args, "verbose", 0) > 1 else logging.INFO if getattr(args, "verbose", 0) else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    from .common import UserError, friendly
+    from .common import friendly
 
+    signal.signal(signal.SIGTERM, _terminate)  # like Ctrl-C: cleanup code runs, temporary folders go
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted; nothing was saved", file=sys.stderr)
-        return 130
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as e:  # noqa: BLE001 - turn known user mistakes into one clear line
+    except KeyboardInterrupt as e:
+        saved = getattr(args, "saved", None)
+        what = f"the model was saved to {saved} before" if saved else "nothing was saved"
+        print(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}; {what}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except Exception as e:  # noqa: BLE001 - user mistakes and I/O faults become one clear line
         msg = friendly(e)
         if msg is None:
             raise

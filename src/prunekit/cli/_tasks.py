@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import UserError, table
+from ..errors import ConfigError
+from .common import table
 
 
 def add_task_args(p: argparse.ArgumentParser) -> None:
@@ -29,9 +30,9 @@ def parse_limits(items: list[str] | None) -> tuple[int | None, dict[str, int]]:
         try:
             n = int(value)
         except ValueError:
-            raise UserError(f"--limit {item!r} is not N or TASK=N, e.g. --limit 200 --limit mmlu=100") from None
+            raise ConfigError(f"--limit {item!r} is not N or TASK=N, e.g. --limit 200 --limit mmlu=100") from None
         if n < 1:
-            raise UserError(f"--limit {item!r}: the limit must be >= 1")
+            raise ConfigError(f"--limit {item!r}: the limit must be >= 1")
         if sep:
             per[key] = n
         else:
@@ -45,7 +46,7 @@ def task_settings(args: argparse.Namespace, ppl_seqlen: int, ppl_max_windows: in
     limit, per = parse_limits(args.limit)
     unknown = set(per) - set(args.tasks or [])
     if unknown:
-        raise UserError(f"--limit names task(s) {sorted(unknown)} that are not in --tasks {args.tasks}")
+        raise ConfigError(f"--limit names task(s) {sorted(unknown)} that are not in --tasks {args.tasks}")
     return TaskSettings(limit, tuple(per.items()), args.task_batch_size, args.max_length, ppl_seqlen, ppl_max_windows,
                         ppl_batch_size, getattr(args, "data_dir", None))
 

@@ -10,7 +10,8 @@ import re
 import time
 from pathlib import Path
 
-from .common import UserError, add_model_args, setup_threads, table
+from ..errors import ConfigError
+from .common import add_model_args, check_out_folder, setup_threads, table
 
 COLUMNS = ("name", "block", "kind", "shape", "n_evals", "alpha", "alpha_peak", "alpha_mid", "ks", "ks_peak",
            "stable_rank", "log_spectral_norm", "alpha_weighted")
@@ -59,11 +60,11 @@ def _fmt(v) -> str:
 def _analyze(spec: str, args: argparse.Namespace, label: str):
     from tqdm import tqdm
 
-    from ..allocation.esd import analyze_model
+    from ..analysis.esd import analyze_model
     from ..models import load_model
 
     t0 = time.perf_counter()
-    model, tok = load_model(spec, args.dtype, args.device, args.trust_remote_code)
+    model, tok = load_model(spec, args.dtype, args.device, args.trust_remote_code, args.allow_pickle)
     bar = tqdm(total=None, desc=f"ESD {label}", unit="matrix")
 
     def progress(done: int, total: int) -> None:
@@ -111,8 +112,8 @@ def _allocations(model, tok, spectra, args) -> tuple[dict[str, dict[int, float]]
         from ..masks import Pattern
         from ..models import decoder_linears
 
-        ids = calibration_ids(CalibConfig(args.owl_calib, args.nsamples, args.seqlen), tok)
-        owl = build_allocator("owl", lam=args.owl_lam)
+        ids = calibration_ids(CalibConfig(args.owl_calib, args.nsamples, args.seqlen), tok, args.data_dir)
+        owl = build_allocator("owl", {"lam": args.owl_lam})
         alloc = owl.allocate(model, decoder_linears(model, args.include, args.exclude), args.sparsity, Pattern(), ids)
         out[f"owl (λ={args.owl_lam:g}, M=5, {args.owl_calib} {args.nsamples}x{args.seqlen})"] = per_block(alloc)
         return out, owl.info["outlier_ratio"]
@@ -124,47 +125,14 @@ def _pick_layers(spectra, patterns, metric):
         rx = [re.compile(p) for p in patterns]
         chosen = [s for s in spectra if any(r.search(s.name) for r in rx)][:4]
         if not chosen:
-            raise UserError(f"--layers {patterns} match no analysed layer; names look like {spectra[0].name}")
+            raise ConfigError(f"--layers {patterns} match no analysed layer; names look like {spectra[0].name}")
         return chosen
     ok = sorted((s for s in spectra if math.isfinite(getattr(s, metric))), key=lambda s: getattr(s, metric))
     return [ok[0], ok[len(ok) // 2], ok[-1]] if ok else []
 
 
-def run(args: argparse.Namespace) -> int:
-    setup_threads(args)
-    spec = args.model_opt or args.model
-    if not spec:
-        raise UserError("no model given: prunekit analyze MODEL (or --model MODEL)")
-    if args.model_opt and args.model and args.model_opt != args.model:
-        raise UserError(f"two different models given ({args.model} and --model {args.model_opt}); pass one")
-    if not (0.0 < args.sparsity < 0.99):
-        raise UserError(f"--sparsity={args.sparsity} must lie in (0, 0.99)")
-    if any(not (0.0 <= e < 1.0) for e in args.epsilon):
-        raise UserError(f"--epsilon {args.epsilon}: each must lie in [0, 1)")
-    out = Path(args.out or f"analysis-{_label(spec)}")
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    model, tok, spectra = _analyze(spec, args, _label(spec))
-    runs = {_label(spec): spectra}
-    if args.compare:
-        _, _, other = _analyze(args.compare, args, _label(args.compare))
-        lab = _label(args.compare) if _label(args.compare) != _label(spec) else f"{_label(args.compare)} (compare)"
-        runs[lab] = other
-
-    rows = []
-    for label, sp in runs.items():
-        for s in sp:
-            rows.append({"model": label, **{k: (list(s.shape) if k == "shape" else getattr(s, k)) for k in COLUMNS}})
-    with open(out / "layers.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["model", *COLUMNS])
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "shape": "x".join(map(str, r["shape"]))})
-    allocs, outliers = _allocations(model, tok, spectra, args)
-    with open(out / "layers.json", "w") as f:
-        json.dump({"models": list(runs), "layers": rows, "allocation_per_block": allocs, "target": args.sparsity,
-                   "owl_outlier_ratio_per_block": outliers}, f, indent=1, default=str)
-
+def _print_tables(args, runs, spectra, allocs, outliers) -> None:
+    """Every layer's metrics (unless --brief), then per block: the metric and each allocation's sparsity."""
     if not args.brief:
         for label, sp in runs.items():
             print(f"\n{label}")
@@ -187,25 +155,68 @@ def run(args: argparse.Namespace) -> int:
         print("OWL outlier ratio per block (share of Wanda scores > 5 x the block mean, %): "
               + " ".join(f"{b}:{100 * r:.2f}" for b, r in outliers.items()))
 
-    if not args.no_plots:
-        from ..analysis import plots
 
-        title = f"{' vs '.join(runs)}: {args.metric} per decoder block and projection"
-        files = [plots.plot_metric_by_block(runs, args.metric, out / f"{args.metric}_by_block.png", title),
-                 plots.plot_metric_by_kind(runs, args.metric, out / f"{args.metric}_by_kind.png",
-                                           f"{' vs '.join(runs)}: {args.metric} per projection type (over blocks)")]
-        chosen = _pick_layers(spectra, args.layers, args.metric)
-        if chosen:
-            files.append(plots.plot_esd(chosen, out / "esd.png",
-                                        f"{_label(spec)}: empirical spectral density (log-log) with power-law tail fits"))
-        files.append(plots.plot_allocations(allocs, args.sparsity, out / "allocation.png",
-                                            f"{_label(spec)}: per-block sparsity each allocation assigns "
-                                            f"(parameter-weighted mean {args.sparsity:.0%})"))
-        if args.compare:
-            labs = tuple(runs)
-            files.append(plots.plot_compare_scatter(runs[labs[0]], runs[labs[1]], labs, args.metric,
-                                                    out / f"{args.metric}_compare.png",
-                                                    f"{args.metric} per layer: {labs[0]} vs {labs[1]}"))
-        print("plots: " + ", ".join(str(f) for f in files))
+def _plots(args, spec, out, runs, spectra, allocs) -> None:
+    """The metric per block and per projection, the ESDs of three layers, the allocations, the comparison."""
+    from ..analysis import plots
+
+    title = f"{' vs '.join(runs)}: {args.metric} per decoder block and projection"
+    files = [plots.plot_metric_by_block(runs, args.metric, out / f"{args.metric}_by_block.png", title),
+             plots.plot_metric_by_kind(runs, args.metric, out / f"{args.metric}_by_kind.png",
+                                       f"{' vs '.join(runs)}: {args.metric} per projection type (over blocks)")]
+    chosen = _pick_layers(spectra, args.layers, args.metric)
+    if chosen:
+        files.append(plots.plot_esd(chosen, out / "esd.png",
+                                    f"{_label(spec)}: empirical spectral density (log-log) with power-law tail fits"))
+    files.append(plots.plot_allocations(allocs, args.sparsity, out / "allocation.png",
+                                        f"{_label(spec)}: per-block sparsity each allocation assigns "
+                                        f"(parameter-weighted mean {args.sparsity:.0%})"))
+    if args.compare:
+        labs = tuple(runs)
+        files.append(plots.plot_compare_scatter(runs[labs[0]], runs[labs[1]], labs, args.metric,
+                                                out / f"{args.metric}_compare.png",
+                                                f"{args.metric} per layer: {labs[0]} vs {labs[1]}"))
+    print("plots: " + ", ".join(str(f) for f in files))
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_threads(args)
+    spec = args.model_opt or args.model
+    if not spec:
+        raise ConfigError("no model given: prunekit analyze MODEL (or --model MODEL)")
+    if args.model_opt and args.model and args.model_opt != args.model:
+        raise ConfigError(f"two different models given ({args.model} and --model {args.model_opt}); pass one")
+    if not (0.0 < args.sparsity < 0.99):
+        raise ConfigError(f"--sparsity={args.sparsity} must lie in (0, 0.99)")
+    if any(not (0.0 <= e < 1.0) for e in args.epsilon):
+        raise ConfigError(f"--epsilon {args.epsilon}: each must lie in [0, 1)")
+    out = Path(args.out or f"analysis-{_label(spec)}")
+    check_out_folder(out)
+    t0 = time.perf_counter()
+    model, tok, spectra = _analyze(spec, args, _label(spec))
+    runs = {_label(spec): spectra}
+    if args.compare:
+        _, _, other = _analyze(args.compare, args, _label(args.compare))
+        lab = _label(args.compare) if _label(args.compare) != _label(spec) else f"{_label(args.compare)} (compare)"
+        runs[lab] = other
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed load leaves no empty folder behind
+
+    rows = []
+    for label, sp in runs.items():
+        for s in sp:
+            rows.append({"model": label, **{k: (list(s.shape) if k == "shape" else getattr(s, k)) for k in COLUMNS}})
+    with open(out / "layers.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["model", *COLUMNS])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "shape": "x".join(map(str, r["shape"]))})
+    allocs, outliers = _allocations(model, tok, spectra, args)
+    with open(out / "layers.json", "w") as f:
+        json.dump({"models": list(runs), "layers": rows, "allocation_per_block": allocs, "target": args.sparsity,
+                   "owl_outlier_ratio_per_block": outliers}, f, indent=1, default=str)
+
+    _print_tables(args, runs, spectra, allocs, outliers)
+    if not args.no_plots:
+        _plots(args, spec, out, runs, spectra, allocs)
     print(f"tables: {out / 'layers.csv'}, {out / 'layers.json'}  ({time.perf_counter() - t0:.1f}s)")
     return 0

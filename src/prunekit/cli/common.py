@@ -4,41 +4,82 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from pathlib import Path
 
-import yaml
-
-
-class UserError(Exception):
-    """A mistake in the command line, reported as one line without a traceback."""
+from ..errors import ConfigError
 
 
-def friendly(e: Exception) -> str | None:
-    """The one-line message for errors caused by user input; ``None`` for real bugs."""
-    from ..data import DataNotFoundError
-    from ..models import UnsupportedModelError
+def friendly(e: BaseException) -> str | None:
+    """The one-line message for a user mistake or an I/O fault; ``None`` for a real bug (keeps its traceback).
 
-    if isinstance(e, KeyError):
-        return str(e.args[0]) if e.args else str(e)
-    if isinstance(e, (ValueError, FileNotFoundError, FileExistsError, PermissionError, DataNotFoundError,
-                      UnsupportedModelError)):
+    User mistakes are :class:`ConfigError` (the library raises it with the value and the fix).
+    I/O faults (``OSError``) are named with their path, which the bare strerror lacks.
+    """
+    if isinstance(e, ConfigError):
         return str(e)
-    if isinstance(e, OSError) and e.errno is not None:
-        return e.strerror if e.strerror else str(e)
+    if isinstance(e, OSError):
+        path = e.filename if e.filename is not None else None
+        text = e.strerror or str(e)
+        if path is not None:
+            other = f" -> {e.filename2}" if getattr(e, "filename2", None) else ""
+            return f"{text}: {path}{other}"
+        return text
     return None
+
+
+def check_json_path(path: str | None) -> None:
+    """Fail now (not after the prune) if ``--json`` cannot be written."""
+    if not path:
+        return
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ConfigError(f"--json {path!r} is a folder; give a file name such as report.json")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"--json {path!r}: folder {str(parent)!r} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ConfigError(f"--json {path!r} is not writable; choose another path")
+
+
+def check_out_folder(path, what: str = "--out") -> None:
+    """Fail now if ``path`` cannot become a folder (it is a file, or its parent cannot be made)."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{what} {str(out)!r} is a file; give a folder")
+    parent = out if out.exists() else out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {str(out)!r} cannot be created under {str(parent)!r}; choose another folder")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="HF folder, .gguf file, hub id (org/name) or alias (see `prunekit ls`)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
-                   help="weights and activations dtype (default float32; bfloat16 is ~3x faster on AVX-512 BF16 CPUs)")
+                   help="weights and activations dtype (default float32; bfloat16 measured ~1.5x faster on CPUs with "
+                        "avx512_bf16/amx, slower without)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickled .bin weights when a model has no safetensors (unpickling can run code)")
     p.add_argument("--data-dir", default=None, help="local dataset copies (default: $PRUNEKIT_DATA)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); "
+                   "results are bit-reproducible for the same thread count")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
+
+
+def options_epilog() -> str:
+    """Every option of every method, allocation and refiner, from their declarations (for --help)."""
+    from ..registry import ALLOCATORS, METHODS, REFINERS
+    from .ls import option_lines
+
+    lines = []
+    for flag, reg in (("--option", METHODS), ("--alloc-option", ALLOCATORS), ("--refine-option", REFINERS)):
+        for name in reg.names():
+            opts = option_lines(reg.get(name), "    ")
+            if opts:
+                lines += [f"{flag} for {reg.kind} {name}:", *opts]
+    return "\n".join(lines)
 
 
 def add_eval_args(p: argparse.ArgumentParser, flag: str = "--eval", default: list[str] | None = None) -> None:
@@ -49,24 +90,23 @@ def add_eval_args(p: argparse.ArgumentParser, flag: str = "--eval", default: lis
     p.add_argument("--eval-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
 
 
-def parse_options(items: list[str] | None, what: str) -> dict[str, Any]:
-    """``["percdamp=0.1", "blocksize=64"]`` → ``{"percdamp": 0.1, "blocksize": 64}``."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"{what} option {item!r} is not KEY=VALUE, e.g. percdamp=0.01")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return out
-
-
 def setup_threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", None):
-        import torch
+    """Apply ``--threads`` (checked: a positive integer)."""
+    n = getattr(args, "threads", None)
+    if n is None:
+        return
+    if n < 1:
+        raise ConfigError(f"--threads={n} is invalid: give a positive number of CPU threads, e.g. --threads 2")
+    import torch
 
-        torch.set_num_threads(args.threads)
-    if getattr(args, "data_dir", None):
-        os.environ["PRUNEKIT_DATA"] = args.data_dir
+    torch.set_num_threads(n)
+
+
+def load_from_args(args: argparse.Namespace):
+    """``(model, tokenizer)`` from the model arguments every subcommand shares."""
+    from ..models import load_model
+
+    return load_model(args.model, args.dtype, args.device, args.trust_remote_code, args.allow_pickle)
 
 
 def table(rows: list[list[str]], header: list[str] | None = None) -> str:
@@ -86,7 +126,7 @@ def fmt_ppl(x: float | None) -> str:
 
 
 def run_perplexity(model, tokenizer, datasets: list[str], seqlen: int, max_windows: int | None, batch_size: int,
-                   label: str) -> dict:
+                   label: str, data_dir=None, token_cache: dict | None = None) -> dict:
     """Perplexity on each dataset with a progress bar; returns ``{dataset: PerplexityResult}``."""
     from tqdm import tqdm
 
@@ -106,7 +146,7 @@ def run_perplexity(model, tokenizer, datasets: list[str], seqlen: int, max_windo
         bar.refresh()
 
     try:
-        return evaluate(model, tokenizer, cfg, progress=progress)
+        return evaluate(model, tokenizer, cfg, data_dir, progress, token_cache)
     finally:
         for bar in bars.values():
             bar.close()

@@ -6,8 +6,10 @@ import argparse
 import json
 import time
 
+from ._streamed import check_streamable_tasks, wants_streaming
 from ._tasks import add_task_args, prepare, print_results, run_with_progress, task_settings
-from .common import add_eval_args, add_model_args, fmt_ppl, run_perplexity, setup_threads, table
+from .common import (add_eval_args, add_model_args, check_json_path, fmt_ppl, load_from_args, run_perplexity,
+                     setup_threads, table)
 
 _DEFAULT_DATASETS = ["wikitext2"]
 
@@ -24,11 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
     add_task_args(p)
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
+    p.add_argument("--offload", choices=["auto", "none", "disk"], default="auto",
+                   help="disk: keep the weights on disk and evaluate one decoder block at a time (perplexity and "
+                        "multiple-choice tasks); auto (default): only when the model would not fit in memory")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import load_model
+    from ..calibration import peak_rss_mb
 
     setup_threads(args)
     if args.tasks and args.eval_datasets is _DEFAULT_DATASETS:
@@ -36,10 +41,20 @@ def run(args: argparse.Namespace) -> int:
     seqlen = args.eval_seqlen or args.seqlen
     settings = task_settings(args, seqlen, args.max_windows, args.eval_batch_size)
     tasks = prepare(args)  # bad task names / files fail before the model loads
+    check_json_path(args.json)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, args.dtype, args.device, args.trust_remote_code, getattr(args, "allow_pickle", False))
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s")
-    res = run_perplexity(model, tok, args.eval_datasets, seqlen, args.max_windows, args.eval_batch_size, "eval")
+    if wants_streaming(args):
+        from ..streaming import open_lazy
+
+        check_streamable_tasks(tasks)
+        lazy, tok = open_lazy(args.model, args.dtype, args.device)
+        model = lazy.model  # evaluation walks its blocks one at a time, reading each from disk
+        print(f"streaming {args.model} one block at a time ({time.perf_counter() - t0:.1f}s to open)")
+    else:
+        model, tok = load_from_args(args)
+        print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s")
+    res = run_perplexity(model, tok, args.eval_datasets, seqlen, args.max_windows, args.eval_batch_size, "eval",
+                         args.data_dir)
     if res:
         rows = [[ds, fmt_ppl(r.ppl), r.seqlen, r.windows, r.tokens, f"{r.tokens_per_s:.0f}"] for ds, r in res.items()]
         print(table(rows, ["dataset", "ppl", "seqlen", "windows", "tokens", "tok/s"]))
@@ -51,4 +66,5 @@ def run(args: argparse.Namespace) -> int:
             out["tasks"] = {k: r.to_dict() for k, r in task_res.items()}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
+    print(f"peak RSS {peak_rss_mb():.0f} MB")
     return 0

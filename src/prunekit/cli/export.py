@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from .common import add_model_args, setup_threads
+from .common import add_model_args, load_from_args, setup_threads
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Load a model (prunekit low-rank and compressed folders included) and save it "
                                    "again: --save-format dense writes a plain Hugging Face folder, compressed the "
                                    "sparse format (non-zeros + bitmask or N:M indices); --merge-lowrank multiplies "
-                                   "low-rank factors back into dense weights so that plain transformers can load them.")
+                                   "low-rank factors back into dense weights so that plain transformers can load "
+                                   "them.")
     add_model_args(p)
     p.set_defaults(dtype=None)  # keep the stored dtype unless asked: a conversion must not change the weights
     next(a for a in p._actions if a.dest == "dtype").help = "weights dtype (default: the dtype the folder was saved in)"
@@ -45,17 +46,22 @@ def stored_dtype(spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import check_output_dir, save_folder
-    from ..models import load_model
-    from ..models.lowrank import lowrank_modules
+    from ..export import reserve_output
 
     setup_threads(args)
-    check_output_dir(args.out, args.overwrite)
-    dtype = args.dtype or stored_dtype(args.model)
+    with reserve_output(args.out, args.overwrite):  # checked and held before the model loads
+        return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..export import save_folder
+    from ..models.lowrank import lowrank_modules
+
+    args.dtype = args.dtype or stored_dtype(args.model)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, dtype, args.device, args.trust_remote_code, args.allow_pickle)
+    model, tok = load_from_args(args)
     n_lr = len(lowrank_modules(model))
-    print(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {dtype}, "
+    print(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.dtype}, "
           f"{n_lr} low-rank modules) in {time.perf_counter() - t0:.1f}s")
     out, how = save_folder(model, tok, args.out, None, args.overwrite, args.merge_lowrank, args.save_format)
     print(f"saved to {out} ({how})")

@@ -1,4 +1,5 @@
-"""``prunekit ls``: what can be chosen by name (methods, patterns, allocations, datasets, aliases)."""
+"""``prunekit ls``: what can be chosen by name (methods, patterns, allocations, datasets, aliases),
+with every option of every component as its declaration states it."""
 
 from __future__ import annotations
 
@@ -12,24 +13,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def option_lines(cls, indent: str = "      ") -> list[str]:
+    """One line per declared option of ``cls`` (a method, allocator or refiner class)."""
+    opts = getattr(cls, "Options", None)
+    if opts is None:
+        return []
+    return [f"{indent}{name}={default!r}: {text}" for name, default, text in opts.describe()]
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import allocation, data, methods  # noqa: F401  (populate the registries)
     from ..eval import tasks  # noqa: F401
-    from ..methods.base import Method
 
     sections = [("methods", registry.METHODS), ("refiners", registry.REFINERS), ("allocations", registry.ALLOCATORS),
-                ("datasets", registry.DATASETS),
-                ("tasks", registry.TASKS), ("model aliases", registry.MODEL_ALIASES)]
+                ("datasets", registry.DATASETS), ("tasks", registry.TASKS), ("model aliases", registry.MODEL_ALIASES)]
     for title, reg in sections:
         if not len(reg):
             continue
         print(f"{title}:")
         for name in reg.names():
-            obj = reg.get(name)
-            opts = ""
-            if isinstance(obj, type) and issubclass(obj, Method) and obj.options():
-                opts = "  [" + ", ".join(f"{k}={v}" for k, v in obj.options().items()) + "]"
-            print(f"  {name:<14} {reg.help(name)}{opts}")
+            print(f"  {name:<14} {reg.help(name)}")
+            for line in option_lines(reg.get(name)):
+                print(line)
         if title == "methods":
             print("patterns:\n  unstructured   zeros anywhere\n  N:M            N kept in every M consecutive inputs (2:4, 4:8, …)")
     return 0

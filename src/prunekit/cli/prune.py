@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
-
+import contextlib
 import time
+from pathlib import Path
 
+from ..errors import ConfigError
 from ..registry import ALLOCATORS, METHODS, REFINERS
 from ._tasks import add_task_args, prepare, run_with_progress, task_settings
-from .common import UserError, add_eval_args, add_model_args, fmt_ppl, parse_options, run_perplexity, setup_threads, table
+from .common import (add_eval_args, add_model_args, check_json_path, fmt_ppl, load_from_args, options_epilog,
+                     run_perplexity, setup_threads, table)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="prune a model and measure what it cost",
                        description="Prune every linear of every decoder block (or a selection) and report "
-                                   "dense vs pruned perplexity.")
+                                   "dense vs pruned perplexity.",
+                       epilog=options_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--method", default=None, choices=METHODS.names(), help="pruning criterion (default wanda)")
     p.add_argument("--sparsity", type=float, default=None,
@@ -47,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--no-dense-eval", action="store_true", help="skip the dense perplexity baseline")
     p.add_argument("--json", default=None, help="also write the report JSON to this file")
+    p.add_argument("--offload", choices=["auto", "none", "disk"], default="auto",
+                   help="disk: keep the weights on disk and work one decoder block at a time (peak memory: one "
+                        "block + activations); auto (default): only when the model would not fit in memory")
     add_eval_args(p)
     add_task_args(p)
     p.set_defaults(func=run)
@@ -55,6 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def build_config(args: argparse.Namespace):
     """PruneConfig from ``--config`` YAML (if any) overridden by the flags actually given."""
     from ..config import CalibConfig, PruneConfig, load_yaml, to_dict
+    from ..options import parse_pairs
 
     base = to_dict(load_yaml(args.config)) if args.config else {}
     calib = dict(base.pop("calib", {}))
@@ -67,11 +75,11 @@ def build_config(args: argparse.Namespace):
         base["include"] = args.include
     if args.exclude:
         base["exclude"] = args.exclude
-    base["method_options"] = {**base.get("method_options", {}), **parse_options(args.option, "method")}
-    base["allocation_options"] = {**base.get("allocation_options", {}), **parse_options(args.alloc_option, "allocation")}
+    base["method_options"] = {**base.get("method_options", {}), **parse_pairs(args.option, "method")}
+    base["allocation_options"] = {**base.get("allocation_options", {}), **parse_pairs(args.alloc_option, "allocation")}
     if args.refine is not None:
         base["refine"] = args.refine
-    base["refine_options"] = {**base.get("refine_options", {}), **parse_options(args.refine_option, "refine")}
+    base["refine_options"] = {**base.get("refine_options", {}), **parse_pairs(args.refine_option, "refine")}
     for key, flag in (("dataset", "calib"), ("nsamples", "nsamples"), ("seqlen", "seqlen"), ("seed", "seed"),
                       ("batch_size", "batch_size"), ("text_field", "text_field"), ("packing", "packing")):
         if getattr(args, flag) is not None:
@@ -79,67 +87,99 @@ def build_config(args: argparse.Namespace):
     return PruneConfig(**base, calib=CalibConfig(**calib))
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from ..api import prune
-    from ..calibration import peak_rss_mb
-    from ..export import check_output_dir, save_model
-    from ..models import load_model
+def _check_inputs(args: argparse.Namespace):
+    """Everything that can be checked without the model, before it is loaded."""
+    from ..api import build_components
+    from ..data import get_dataset
+    from ..export import check_output_dir
 
     setup_threads(args)
-    config = build_config(args)  # validate everything cheap before loading anything
-    from ..data import get_dataset
-
+    config = build_config(args)
+    build_components(config)  # names, options and method/pattern compatibility
     for name in [config.calib.dataset, *args.eval_datasets]:
-        get_dataset(name, text_field=config.calib.text_field)  # unknown names fail now, not after pruning
+        get_dataset(name, args.data_dir, text_field=config.calib.text_field)
     if args.out:
         check_output_dir(args.out, args.overwrite)
-    eval_seqlen = args.eval_seqlen or config.calib.seqlen
+    check_json_path(args.json)
     if args.max_windows is not None and args.max_windows < 1:
-        raise UserError(f"--max-windows={args.max_windows} must be >= 1")
+        raise ConfigError(f"--max-windows={args.max_windows} must be >= 1")
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import reserve_output
+
+    config = _check_inputs(args)
+    with contextlib.ExitStack() as stack:
+        if args.out:  # held from now until the save: a second run to the same --out fails at once
+            stack.enter_context(reserve_output(args.out, args.overwrite))
+        return _run(args, config)
+
+
+def _run(args: argparse.Namespace, config) -> int:
+    from ..api import prune
+    from ..eval import check_seqlen
+    from ..models import check_finite
+    from ._streamed import run_streamed, wants_streaming
+
+    eval_seqlen = args.eval_seqlen or config.calib.seqlen
     settings = task_settings(args, eval_seqlen, args.max_windows, args.eval_batch_size)
     tasks = prepare(args)  # bad task names / files fail before the model loads
-
+    if wants_streaming(args):
+        return run_streamed(args, config, tasks, settings, _progress_bar(config), print_summary)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, args.dtype, args.device, args.trust_remote_code, getattr(args, "allow_pickle", False))
+    model, tok = load_from_args(args)
     print(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.dtype}, "
           f"{args.device}) in {time.perf_counter() - t0:.1f}s")
-    dense = {} if args.no_dense_eval else run_perplexity(model, tok, args.eval_datasets, eval_seqlen, args.max_windows,
-                                                         args.eval_batch_size, "dense")
+    check_finite(model)  # a NaN anywhere makes every number below meaningless
+    if args.eval_datasets:
+        check_seqlen(model, eval_seqlen, "--eval-seqlen")
+    tokens: dict = {}
+    evaluate = (lambda label: run_perplexity(model, tok, args.eval_datasets, eval_seqlen, args.max_windows,
+                                             args.eval_batch_size, label, args.data_dir, tokens))
+    dense = {} if args.no_dense_eval else evaluate("dense")
     dense_tasks = {} if args.no_dense_eval else run_with_progress(model, tok, tasks, settings, "dense")
-    bar = tqdm(total=None, desc=f"{config.method} {config.pattern}", unit="block")
-
-    def on_block(ev) -> None:
-        bar.total = ev.total
-        err = "" if ev.record.rel_error is None else f"err {ev.record.rel_error:.3f} "
-        bar.set_postfix_str(f"{err}{ev.record.seconds:.1f}s {ev.record.peak_rss_mb:.0f}MB")
-        bar.update(1)
-
-    try:
-        report = prune(model, config, tokenizer=tok, callback=on_block)
-    finally:
-        bar.close()
-    pruned = run_perplexity(model, tok, args.eval_datasets, eval_seqlen, args.max_windows, args.eval_batch_size, "pruned")
+    report = _progress_bar(config)(lambda cb: prune(model, config, tokenizer=tok, callback=cb, data_dir=args.data_dir))
+    pruned = evaluate("pruned")
     pruned_tasks = run_with_progress(model, tok, tasks, settings, "pruned")
     report.evaluation = {"dense": {k: v.to_dict() for k, v in dense.items()},
                          "pruned": {k: v.to_dict() for k, v in pruned.items()}}
     if tasks:
         report.evaluation["tasks"] = {"dense": {k: r.to_dict() for k, r in dense_tasks.items()},
                                       "pruned": {k: r.to_dict() for k, r in pruned_tasks.items()}}
-    report.extra["model"] = args.model
-    report.extra["dtype"] = args.dtype
+    report.extra.update(model=args.model, dtype=args.dtype)
     print_summary(report, dense, pruned, dense_tasks, pruned_tasks)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(report.to_json())
-    if args.out:
+    if args.out:  # the model first: a finished prune must not be lost to a bad report path
         from ..export import save_folder
 
         out, how = save_folder(model, tok, args.out, report.to_dict(), args.overwrite, args.merge_lowrank,
                                args.save_format)
+        args.saved = out
         print(f"saved to {out} ({how})")
+    if args.json:
+        Path(args.json).expanduser().write_text(report.to_json())
     return 0
+
+
+def _progress_bar(config):
+    """``run(fn)``: calls ``fn(callback)`` with a per-block progress bar as the callback."""
+    from tqdm import tqdm
+
+    def run(fn):
+        bar = tqdm(total=None, desc=f"{config.method} {config.pattern}", unit="block")
+
+        def on_block(ev) -> None:
+            bar.total = ev.total
+            err = "" if ev.record.rel_error is None else f"err {ev.record.rel_error:.3f} "
+            bar.set_postfix_str(f"{err}{ev.record.seconds:.1f}s {ev.record.peak_rss_mb:.0f}MB")
+            bar.update(1)
+
+        try:
+            return fn(on_block)
+        finally:
+            bar.close()
+
+    return run
 
 
 def print_summary(report, dense: dict, pruned: dict, dense_tasks: dict | None = None,

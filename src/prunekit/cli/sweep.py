@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..registry import ALLOCATORS, METHODS
 from ._tasks import add_task_args, prepare, task_settings
-from .common import UserError, add_model_args, parse_options, setup_threads
+from ..errors import ConfigError
+from .common import add_model_args, check_out_folder, load_from_args, setup_threads
 
 
 def parse_sparsities(items: list[str]) -> list[float]:
@@ -21,16 +22,16 @@ def parse_sparsities(items: list[str]) -> list[float]:
             try:
                 start, stop, step = (float(x) for x in item.split(":"))
             except ValueError:
-                raise UserError(f"--sparsities {item!r} is not START:STOP:STEP, e.g. 0:0.8:0.1") from None
+                raise ConfigError(f"--sparsities {item!r} is not START:STOP:STEP, e.g. 0:0.8:0.1") from None
             if step <= 0 or stop < start:
-                raise UserError(f"--sparsities {item!r}: need STEP > 0 and STOP >= START")
+                raise ConfigError(f"--sparsities {item!r}: need STEP > 0 and STOP >= START")
             n = int(round((stop - start) / step))
             out += [round(start + k * step, 6) for k in range(n + 1)]
         else:
             try:
                 out.append(float(item))
             except ValueError:
-                raise UserError(f"--sparsities {item!r} is not a number or START:STOP:STEP") from None
+                raise ConfigError(f"--sparsities {item!r} is not a number or START:STOP:STEP") from None
     return out
 
 
@@ -68,17 +69,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _scoped(items: list[str] | None, names: list[str], what: str) -> dict[str, dict]:
+    from ..options import parse_pairs
+
     out: dict[str, dict] = {}
-    for key, value in parse_options(items, what).items():
+    for key, value in parse_pairs(items, what).items():
         scope, dot, opt = key.partition(".")
         if not dot or scope not in names:
-            raise UserError(f"{what} option {key!r} must be NAME.KEY=VALUE with NAME one of {names}")
+            raise ConfigError(f"{what} option {key!r} must be NAME.KEY=VALUE with NAME one of {names}")
         out.setdefault(scope, {})[opt] = value
     return out
 
 
 def write_report(out: Path, data: dict, title: str | None) -> Path:
-    from ..eval.plots import markdown_report, plot_sweep
+    from ..sweep.plots import markdown_report, plot_sweep
 
     model = data.get("signature", {}).get("model", "")
     plots = plot_sweep(data, out / "plots", title=f"{model} ({data.get('dtype', '')})")
@@ -90,13 +93,13 @@ def write_report(out: Path, data: dict, title: str | None) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import CalibConfig
-    from ..eval.sweep import SweepConfig, load_results, run_sweep
+    from ..sweep import SweepConfig, load_results
 
     out = Path(args.out)
     if args.report_only:
         data = load_results(out)
         if data is None:
-            raise UserError(f"--report-only: {out}/results.json does not exist; run the sweep first")
+            raise ConfigError(f"--report-only: {out}/results.json does not exist; run the sweep first")
         print(f"report: {write_report(out, data, args.title)}")
         return 0
     setup_threads(args)
@@ -110,13 +113,23 @@ def run(args: argparse.Namespace) -> int:
         tasks=tuple(args.tasks), tolerance=args.tolerance, ppl_tolerance=args.ppl_tolerance)
     settings = task_settings(args, args.eval_seqlen, args.max_windows)
     tasks = prepare(args)
-    from ..models import load_model
+    check_out_folder(out)
     from ..report import environment
 
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    model, tok = load_from_args(args)
     print(f"loaded {args.model} ({args.dtype}) in {time.perf_counter() - t0:.1f}s")
     command = "prunekit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("prunekit") else None
+    extra = {"environment": environment(), "dtype": args.dtype, **({"command": command} if command else {})}
+    data = _run_reporting_progress(model, tok, config, tasks, settings, out, args.model, extra)
+    print(f"results: {out / 'results.json'}, {out / 'results.csv'}")
+    print(f"report: {write_report(out, data, args.title)}")
+    return 0
+
+
+def _run_reporting_progress(model, tok, config, tasks, settings, out: Path, model_name: str, extra: dict) -> dict:
+    """The serial sweep with one line per cell; an interruption says how much was kept."""
+    from ..sweep import load_results, run_sweep
 
     def on_cell(key: str, row, i: int, total: int) -> None:
         if row is None:
@@ -126,10 +139,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{i}/{total}] {key}: sparsity {row['actual_sparsity']:.3f}, {main} "
               f"(prune {row['prune_seconds']:.0f}s, eval {row['eval_seconds']:.0f}s)", flush=True)
 
-    extra = {"environment": environment(), "dtype": args.dtype}
-    if command:
-        extra["command"] = command
-    data = run_sweep(model, tok, config, tasks, settings, out, args.model, extra, on_cell)
-    print(f"results: {out / 'results.json'}, {out / 'results.csv'}")
-    print(f"report: {write_report(out, data, args.title)}")
-    return 0
+    try:
+        return run_sweep(model, tok, config, tasks, settings, out, model_name, extra, on_cell)
+    except KeyboardInterrupt:
+        data = load_results(out)
+        n = len(data["rows"]) if data else 0
+        print(f"interrupted; {n} finished cell(s) are saved in {out / 'results.json'}: rerun the same command "
+              "to resume", file=sys.stderr)
+        raise SystemExit(130) from None

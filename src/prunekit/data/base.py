@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..registry import DATASETS
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,11 @@ class TextDataset:
     #: documents are short (e.g. GSM8K problems): calibration windows are cut from the
     #: concatenated stream instead of from inside one document.
     packed: ClassVar[bool] = False
+    #: packed calibration: shuffle the documents (seeded) before joining them (GSM8K), or keep their
+    #: order as the reference ``get_wikitext2`` does
+    shuffle_packed: ClassVar[bool] = True
+    #: how packed calibration joins documents (the reference joins WikiText-2 train rows with " ")
+    calib_joiner: ClassVar[str] = "\n\n"
     joiner: ClassVar[str] = "\n\n"
 
     def __init__(self, data_dir: Path | None = None) -> None:
@@ -88,20 +94,28 @@ def hub_texts(split: str, path: str, name: str | None = None, field: str = "text
     return [row[field] for row in ds]
 
 
+def read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``; a binary or otherwise undecodable file is a one-line error naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "pass a text file (.txt, or .jsonl with one JSON object per line)") from None
+
+
 def jsonl_rows(path: Path):
     """``(line number, object)`` for each non-blank line of a JSON-lines file, with errors that
     name the file, the line and what is wrong."""
-    with Path(path).open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix the line") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object with fields")
-            yield lineno, row
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix the line") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object with fields")
+        yield lineno, row
 
 
 class TextFile(TextDataset):
@@ -115,10 +129,10 @@ class TextFile(TextDataset):
         self.name = str(path)
 
     def documents(self, split: str) -> list[str]:
-        return [self.path.read_text(encoding="utf-8")]
+        return [read_text(self.path)]
 
     def eval_text(self, split: str | None = None) -> str:
-        return self.path.read_text(encoding="utf-8")
+        return read_text(self.path)
 
 
 class JsonlFile(TextDataset):
@@ -135,13 +149,13 @@ class JsonlFile(TextDataset):
         docs = []
         for lineno, row in jsonl_rows(self.path):
             if self.field not in row:
-                raise ValueError(
+                raise ConfigError(
                     f"{self.path}:{lineno} has no field {self.field!r} (it has: {', '.join(row) or 'none'}); "
                     "choose the text field with --text-field"
                 )
             docs.append(str(row[self.field]))
         if not docs:
-            raise ValueError(f"{self.path} has no documents")
+            raise ConfigError(f"{self.path} has no documents")
         return docs
 
 
@@ -156,4 +170,4 @@ def get_dataset(spec: str, data_dir_path: str | os.PathLike | None = None, text_
         if p.suffix in (".jsonl", ".json"):
             return JsonlFile(p, text_field)
         return TextFile(p)
-    raise KeyError(f"unknown dataset {spec!r}; choose one of: {', '.join(DATASETS.names())}, or a .txt/.jsonl path")
+    raise ConfigError(f"unknown dataset {spec!r}; choose one of: {', '.join(DATASETS.names())}, or a .txt/.jsonl path")

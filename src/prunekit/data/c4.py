@@ -12,6 +12,7 @@ import json
 
 from ..registry import DATASETS
 from .base import TextDataset, hub_texts
+from ..errors import ConfigError
 
 SHARDS = {"train": "c4-train.00000-of-01024.json.gz", "validation": "c4-validation.00000-of-00008.json.gz"}
 
@@ -26,7 +27,7 @@ class C4(TextDataset):
     def documents(self, split: str) -> list[str]:
         shard = SHARDS.get(split)
         if shard is None:
-            raise ValueError(f"c4 split {split!r} is not one of: {', '.join(SHARDS)}")
+            raise ConfigError(f"c4 split {split!r} is not one of: {', '.join(SHARDS)}")
         f = self.local("c4", shard)
         if f is not None:
             with gzip.open(f, "rt", encoding="utf-8") as fh:

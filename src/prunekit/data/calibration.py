@@ -16,12 +16,13 @@ import torch
 from torch import Tensor
 
 from ..config import CalibConfig
+from ..errors import ConfigError
 from .base import TextDataset, get_dataset
 
 log = logging.getLogger(__name__)
 
 
-class CalibrationError(ValueError):
+class CalibrationError(ConfigError):
     """Not enough calibration text for the requested windows."""
 
 
@@ -32,6 +33,11 @@ def tokenize(tokenizer, text: str) -> list[int]:
 
 def sample_windows(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int) -> Tensor:
     """``[nsamples, seqlen]`` token ids: random windows inside random long-enough documents."""
+    longest = max(len(d) for d in docs)
+    if longest <= seqlen:  # a token covers at least one character: no document can be long enough
+        raise CalibrationError(
+            f"too little calibration text per document: the longest of {len(docs)} documents has {longest} "
+            f"characters, fewer than seqlen={seqlen} tokens; pack short documents with --packing, or lower --seqlen")
     rng = random.Random(seed)
     cache: dict[int, list[int]] = {}
     too_short: set[int] = set()
@@ -57,11 +63,14 @@ def sample_windows(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed:
     return torch.tensor(out, dtype=torch.long)
 
 
-def sample_packed(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int, joiner: str = "\n\n") -> Tensor:
-    """Windows drawn from the seeded-shuffled, concatenated documents (for short documents)."""
+def sample_packed(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int, joiner: str = "\n\n",
+                  shuffle: bool = True) -> Tensor:
+    """Windows drawn from the concatenated documents (for short documents), seeded-shuffled first
+    unless ``shuffle`` is off (then the draw is the reference ``get_wikitext2``'s)."""
     rng = random.Random(seed)
     order = list(range(len(docs)))
-    rng.shuffle(order)
+    if shuffle:
+        rng.shuffle(order)
     ids = tokenize(tokenizer, joiner.join(docs[i] for i in order))
     if len(ids) <= seqlen:
         raise CalibrationError(
@@ -78,12 +87,15 @@ def sample_packed(docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: 
 def calibration_ids(cfg: CalibConfig, tokenizer, data_dir=None) -> Tensor:
     """Token ids ``[nsamples, seqlen]`` for ``cfg`` (dataset name or file path)."""
     ds: TextDataset = get_dataset(cfg.dataset, data_dir, cfg.text_field)
-    docs = ds.documents(ds.calib_split)
-    docs = [d for d in docs if d.strip()]
+    rows = ds.documents(ds.calib_split)
+    docs = [d for d in rows if d.strip()]
     if not docs:
         raise CalibrationError(f"calibration dataset {cfg.dataset!r} has no text")
     packed = ds.packed if cfg.packing is None else cfg.packing
     log.info("calibration: %d x %d tokens from %s (%s, seed %d)", cfg.nsamples, cfg.seqlen, cfg.dataset,
              "packed" if packed else "one window per document", cfg.seed)
-    fn = sample_packed if packed else sample_windows
-    return fn(docs, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+    if packed and not ds.shuffle_packed:  # every row in order, empty ones too: the reference's joined text
+        return sample_packed(rows, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, ds.calib_joiner, shuffle=False)
+    if packed:
+        return sample_packed(docs, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, ds.calib_joiner)
+    return sample_windows(docs, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)

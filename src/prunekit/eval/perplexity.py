@@ -20,12 +20,10 @@ from torch import Tensor, nn
 
 from ..calibration import calibration_forward_context
 from ..data import get_dataset, tokenize
-from ..models import context_length
+from ..models import context_length, model_device
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-_TOKEN_CACHE: dict[tuple, Tensor] = {}
-
 
 @dataclass
 class PerplexityResult:
@@ -57,10 +55,21 @@ def shifted_nll(logits: Tensor, ids: Tensor, chunk: int = 256) -> float:
 def check_seqlen(model: nn.Module, seqlen: int, what: str = "seqlen") -> None:
     limit = context_length(model)
     if limit is not None and seqlen > limit:
-        raise ValueError(
+        raise ConfigError(
             f"{what}={seqlen} exceeds the model's context length {limit} (max_position_embeddings); "
             f"use a {what} <= {limit}"
         )
+
+
+def _logits(model: nn.Module, batches: list[Tensor]):
+    """Logits of each batch: one forward each, or — for a model streamed from disk — all batches
+    through one block at a time (:func:`prunekit.eval.streamed.streamed_logits`), the same numbers."""
+    lazy = getattr(model, "prunekit_lazy", None)
+    if lazy is None:
+        return (model(input_ids=b, use_cache=False).logits for b in batches)
+    from .streamed import streamed_logits
+
+    return streamed_logits(lazy, [{"input_ids": b} for b in batches])
 
 
 def perplexity_of_ids(
@@ -79,35 +88,43 @@ def perplexity_of_ids(
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
-        raise ValueError(f"{name}: {ids.numel()} tokens is less than one window of seqlen={seqlen}; lower the seqlen")
+        raise ConfigError(f"{name}: {ids.numel()} tokens is less than one window of seqlen={seqlen}; lower the seqlen")
     windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
-    device = next(model.parameters()).device
+    device = model_device(model)
+    batches = [windows[s : s + batch_size].to(device) for s in range(0, n_windows, batch_size)]
     total_nll = 0.0
     t0 = time.perf_counter()
     with calibration_forward_context(model):
-        for start in range(0, n_windows, batch_size):
-            batch = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
+        for k, (batch, logits) in enumerate(zip(batches, _logits(model, batches))):
             total_nll += shifted_nll(logits, batch)
             del logits
             if progress is not None:
-                progress(min(start + batch_size, n_windows), n_windows)
+                progress(min((k + 1) * batch_size, n_windows), n_windows)
     secs = time.perf_counter() - t0
     tokens = n_windows * (seqlen - 1)
     mean_nll = total_nll / tokens
+    if not math.isfinite(mean_nll):
+        raise ConfigError(f"{name}: the model's log-likelihood is {mean_nll} (NaN/Inf logits), so perplexity means "
+                          "nothing; the weights or the dtype overflow are broken: try --dtype float32 or reload the model")
     ppl = math.exp(mean_nll) if mean_nll < 700 else float("inf")
     return PerplexityResult(name, ppl, mean_nll, seqlen, n_windows, tokens, secs, n_windows * seqlen / secs)
 
 
-def eval_token_ids(tokenizer, dataset: str, seqlen: int, data_dir=None, split: str | None = None) -> Tensor:
-    """The tokenized evaluation text of ``dataset`` (cached per tokenizer and dataset)."""
+def eval_token_ids(tokenizer, dataset: str, seqlen: int, data_dir=None, split: str | None = None,
+                   cache: dict | None = None) -> Tensor:
+    """The tokenized evaluation text of ``dataset``.
+
+    ``cache`` (a dict the caller owns, e.g. one per CLI run) keeps the ids per tokenizer and
+    dataset, so evaluating the dense and the compressed model tokenizes the text once.
+    """
     key = (getattr(tokenizer, "name_or_path", id(tokenizer)), len(tokenizer), dataset, split, str(data_dir))
-    if key not in _TOKEN_CACHE:
-        ds = get_dataset(dataset, data_dir)
-        text = ds.eval_text(split)
-        _TOKEN_CACHE[key] = torch.tensor(tokenize(tokenizer, text), dtype=torch.long)
-    ids = _TOKEN_CACHE[key]
-    limit = get_dataset(dataset, data_dir).eval_token_limit(seqlen)
+    ds = get_dataset(dataset, data_dir)
+    ids = cache.get(key) if cache is not None else None
+    if ids is None:
+        ids = torch.tensor(tokenize(tokenizer, ds.eval_text(split)), dtype=torch.long)
+        if cache is not None:
+            cache[key] = ids
+    limit = ds.eval_token_limit(seqlen)
     return ids[:limit] if limit else ids
 
 
@@ -120,9 +137,14 @@ def perplexity(
     batch_size: int = 1,
     data_dir=None,
     progress: Callable[[int, int], None] | None = None,
+    token_cache: dict | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on a registered dataset's evaluation split (or a text file)."""
-    ids = eval_token_ids(tokenizer, dataset, seqlen, data_dir)
+    """Perplexity of ``model`` on a registered dataset's evaluation split (or a text file).
+
+    A model streamed from disk (:class:`~prunekit.models.lazy.LazyModel`) is evaluated one block at
+    a time, with the same numbers.
+    """
+    ids = eval_token_ids(tokenizer, dataset, seqlen, data_dir, cache=token_cache)
     res = perplexity_of_ids(model, ids, seqlen, max_windows, batch_size, progress, name=dataset)
     log.info("%s: ppl %.4f (seqlen %d, %d windows, %d tokens, %.0f tok/s)", dataset, res.ppl, seqlen,
              res.windows, res.tokens, res.tokens_per_s)

@@ -24,7 +24,8 @@ from .. import codec
 from ..models import UnsupportedModelError, clear_quantizer, decoder_linears, find_blocks
 from ..models.compressed import FORMAT, MANIFEST, REST_FILE, VERSION, block_file, part_key
 from ..models.lowrank import lowrank_modules
-from .save import atomic_folder, dense_weights_bytes, write_report
+from .atomic import atomic_folder
+from .save import dense_weights_bytes, write_report
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from torch import nn
 
 from ..models import clear_quantizer
 from ..models.lowrank import FORMAT, MANIFEST, WEIGHTS, lowrank_modules, merge_lowrank
-from .save import atomic_folder, dense_weights_bytes, model_bytes, save_model, write_report
+from .atomic import atomic_folder
+from .save import dense_weights_bytes, model_bytes, save_model, write_report
 
 log = logging.getLogger(__name__)
 

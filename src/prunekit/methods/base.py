@@ -7,8 +7,8 @@ gather from that layer's calibration inputs, and a :class:`Target`; it edits the
 
 from __future__ import annotations
 
-import inspect
 import math
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -16,7 +16,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..masks import Pattern
+from ..options import Options
 from ..models import in_features, weight_view
 
 
@@ -29,7 +31,7 @@ class Target:
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.sparsity < 1.0):
-            raise ValueError(f"target sparsity {self.sparsity!r} must lie in [0, 1)")
+            raise ConfigError(f"target sparsity {self.sparsity!r} must lie in [0, 1)")
 
 
 @dataclass
@@ -131,18 +133,26 @@ class InputStats:
 
 
 class Method(ABC):
-    """Base class of compression methods (register subclasses in ``METHODS``)."""
+    """Base class of compression methods (register subclasses in ``METHODS``).
+
+    A method declares its options as a frozen :class:`~prunekit.options.Options` dataclass
+    (``Options``); the registry parses and validates them and passes them to ``__init__``.
+    """
 
     name: ClassVar[str] = ""
+    Options: ClassVar[type[Options]] = Options
     needs_calibration: ClassVar[bool] = True
     #: gather ``X^T X`` (costly: only methods that use it)
     needs_hessian: ClassVar[bool] = False
     #: gather per-feature means (for variances), e.g. DSnoT
     needs_moments: ClassVar[bool] = False
+    #: pattern kinds the method can produce (``Pattern.kind``); checked before any work
+    patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm")
+    #: the method decides for a whole block at once (overrides :meth:`compress_block`)
+    block_level: ClassVar[bool] = False
 
-    def __init__(self, **options: Any) -> None:
-        if options:
-            raise ValueError(f"method {self.name!r} takes no option(s) {sorted(options)}")
+    def __init__(self, options: Options | None = None) -> None:
+        self.opts = options if options is not None else self.Options()
 
     def init_stats(self, linear: nn.Module) -> InputStats | None:
         if not self.needs_calibration:
@@ -162,24 +172,25 @@ class Method(ABC):
         """
 
     @abstractmethod
-    def compress(self, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
-        """Compress ``linear`` to ``target`` (in place, or return a replacement)."""
+    def compress(self, name: str, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
+        """Compress the linear called ``name`` (its qualified name) to ``target``, in place or by a replacement."""
 
-    @classmethod
-    def options(cls) -> dict[str, Any]:
-        """Keyword options of the constructor with their defaults (for ``prunekit ls``)."""
-        sig = inspect.signature(cls.__init__)
-        return {k: p.default for k, p in sig.parameters.items() if k not in ("self", "options") and p.kind == p.KEYWORD_ONLY}
+    def compress_block(self, modules: dict[str, nn.Module], stats: dict[str, InputStats | None],
+                       targets: dict[str, Target]) -> dict[str, tuple[CompressResult, float]]:
+        """Compress every linear of one block; ``{name: (result, seconds)}``.
 
+        The default compresses each linear on its own with :meth:`compress`. A method whose units
+        span several linears (structured pruning) overrides this and sets ``block_level``.
+        """
+        out = {}
+        for name, mod in modules.items():
+            t0 = time.perf_counter()
+            out[name] = (self.compress(name, mod, stats[name], targets[name]), time.perf_counter() - t0)
+        return out
 
-def instantiate(registry, kind: str, name: str, options: dict[str, Any]):
-    """``registry.get(name)(**options)``, a bad option turned into a ``ValueError`` listing the good ones."""
-    cls = registry.get(name)
-    try:
-        return cls(**options)
-    except TypeError as e:
-        allowed = ", ".join(f"{k}={v!r}" for k, v in cls.options().items()) or "none"
-        raise ValueError(f"bad option for {kind} {name!r}: {e}; its options are: {allowed}") from None
+    def summary(self) -> dict[str, Any] | None:
+        """The method's global decision for the report (WeLore's tau and reductions); ``None`` if it has none."""
+        return None
 
 
 def apply_keep_mask(linear: nn.Module, keep: Tensor) -> None:
@@ -191,11 +202,6 @@ def apply_keep_mask(linear: nn.Module, keep: Tensor) -> None:
     """
     w = weight_view(linear)
     w.masked_fill_(~keep.to(w.device), 0.0)
-
-
-def weight_sparsity(linear: nn.Module) -> float:
-    w = weight_view(linear)
-    return float((w == 0).sum().item()) / w.numel()
 
 
 def diag_error(w: Tensor, keep: Tensor, col_sq: Tensor | None) -> float | None:

@@ -29,6 +29,7 @@ By default, as the reference's ``--skip_layer mlp``, MLP linears are not refined
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 
 from ..masks import Pattern
 from ..models import weight_view
+from ..options import Options, option
 from ..registry import REFINERS
 from .base import InputStats, Target
 from .refine import Refiner, skip_matcher
@@ -130,39 +132,40 @@ def dsnot(dense: Tensor, sparse: Tensor, mean: Tensor, var: Tensor, col_norm: Te
     return w1, info
 
 
+@dataclass(frozen=True)
+class DSnoTOptions(Options):
+    """Defaults = the reference's."""
+
+    max_cycles: int = option(50, "swap cycles per layer", lo=0)
+    update_threshold: float = option(0.1 / 2048, "a row stops when |e_i| (per-token units) falls to this", lo=0.0)
+    pow_of_var: float = option(1.0, "exponent of the input variance dividing the growing criterion")
+    same_sign: bool | None = option(None, "reject swaps that flip the sign of e_i (none: only for N:M, as the reference)")
+    monotone: bool = option(False, "reject swaps that do not reduce |e_i| (not in the reference)")
+    skip: str = option("mlp", "regex on qualified names left unrefined (reference: mlp; empty = none)")
+
+    def validate(self) -> None:
+        skip_matcher(self.skip)  # a bad regex fails now, not after the first block
+
+
 @REFINERS.register("dsnot", help="DSnoT: training-free grow/prune swaps that reduce the expected reconstruction error")
 class DSnoT(Refiner):
-    """Options (defaults = the reference's):
-        max_cycles: swap cycles per layer (50).
-        update_threshold: a row stops when ``|e_i|`` (per-token units) falls to this (0.1/2048).
-        pow_of_var: exponent of the input variance dividing the growing criterion (1).
-        same_sign: reject swaps that flip the sign of ``e_i`` (default: only for N:M, as the reference).
-        monotone: reject swaps that do not reduce ``|e_i|`` (not in the reference; off).
-        skip: regex on qualified names of linears left unrefined (reference: ``mlp``; ``""`` = none).
-    """
+    """DSnoT refinement (options: :class:`DSnoTOptions`)."""
 
     name = "dsnot"
+    Options = DSnoTOptions
 
-    def __init__(self, *, max_cycles: int = 50, update_threshold: float = 0.1 / 2048, pow_of_var: float = 1.0,
-                 same_sign: bool | None = None, monotone: bool = False, skip: str = "mlp") -> None:
-        if isinstance(max_cycles, bool) or not isinstance(max_cycles, int) or max_cycles < 0:
-            raise ValueError(f"dsnot option max_cycles={max_cycles!r} must be an integer >= 0")
-        if not isinstance(update_threshold, (int, float)) or update_threshold < 0:
-            raise ValueError(f"dsnot option update_threshold={update_threshold!r} must be a number >= 0")
-        if not isinstance(pow_of_var, (int, float)):
-            raise ValueError(f"dsnot option pow_of_var={pow_of_var!r} must be a number")
-        self.max_cycles, self.update_threshold, self.pow_of_var = max_cycles, float(update_threshold), float(pow_of_var)
-        self.same_sign, self.monotone = same_sign, bool(monotone)
-        self.skip = skip or ""
-        self._skip = skip_matcher(self.skip)
+    def __init__(self, options: DSnoTOptions | None = None) -> None:
+        super().__init__(options)
+        self._skip = skip_matcher(self.opts.skip)
 
-    def refine(self, linear: nn.Module, dense: Tensor, stats: InputStats, target: Target, name: str = "") -> dict[str, Any]:
-        if self._skip is not None and name and self._skip.search(name):
-            return {"skipped": f"matches skip={self.skip!r}"}
+    def refine(self, name: str, linear: nn.Module, dense: Tensor, stats: InputStats, target: Target) -> dict[str, Any]:
+        o = self.opts
+        if self._skip is not None and self._skip.search(name):
+            return {"skipped": f"matches skip={o.skip!r}"}
         if stats is None or stats.count == 0:
-            raise ValueError("dsnot needs calibration statistics, but this layer saw no input")
+            raise RuntimeError(f"dsnot: {name} saw no calibration input")
         w = weight_view(linear)
-        new, info = dsnot(dense, w, stats.mean, stats.var, stats.col_norm, target.pattern, self.max_cycles,
-                          self.update_threshold, self.pow_of_var, self.same_sign, self.monotone)
+        new, info = dsnot(dense, w, stats.mean, stats.var, stats.col_norm, target.pattern, o.max_cycles,
+                          o.update_threshold, o.pow_of_var, o.same_sign, o.monotone)
         w.copy_(new.to(w.dtype))
         return info

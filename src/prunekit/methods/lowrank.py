@@ -12,6 +12,7 @@ rank is not the same as removing parameters.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,9 +20,20 @@ from torch import Tensor, nn
 
 from ..models import weight_view
 from ..models.lowrank import LowRankLinear
+from ..options import Options, option
 from .base import CompressResult
 
 FACTORIZE = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class LowRankOptions(Options):
+    """Options of the per-matrix low-rank methods (``svd``, ``svd-llm``)."""
+
+    factorize: str = option("auto", "auto: two factors only where they save parameters (else dense truncated)",
+                            choices=FACTORIZE)
+    budget: str = option("rank", "what --sparsity removes of each matrix: its rank or its parameters",
+                         choices=("rank", "params"))
 
 
 def svd_fp32(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -19,7 +19,7 @@ class Magnitude(Method):
     name = "magnitude"
     needs_calibration = False
 
-    def compress(self, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
+    def compress(self, name: str, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
         w = weight_view(linear).float()
         keep = keep_mask(w.abs(), target.sparsity, target.pattern, per_row=False)
         err = diag_error(w, keep, stats.col_sq if stats is not None else None)

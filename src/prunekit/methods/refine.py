@@ -16,9 +16,10 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..models import in_features, weight_view
-from ..registry import REFINERS
-from .base import CompressResult, InputStats, Method, Target, instantiate
+from ..options import Options
+from .base import CompressResult, InputStats, Method, Target
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +28,15 @@ class Refiner(ABC):
     """Base class of post-compression refiners (register subclasses in ``REFINERS``)."""
 
     name: ClassVar[str] = ""
+    Options: ClassVar[type[Options]] = Options
     needs_moments: ClassVar[bool] = True
 
-    @abstractmethod
-    def refine(self, linear: nn.Module, dense: Tensor, stats: InputStats, target: Target, name: str = "") -> dict[str, Any]:
-        """Improve ``linear`` (already compressed from ``dense``) in place; return what it did."""
+    def __init__(self, options: Options | None = None) -> None:
+        self.opts = options if options is not None else self.Options()
 
-    @classmethod
-    def options(cls) -> dict[str, Any]:
-        return Method.options.__func__(cls)  # same keyword-only introspection as methods
+    @abstractmethod
+    def refine(self, name: str, linear: nn.Module, dense: Tensor, stats: InputStats, target: Target) -> dict[str, Any]:
+        """Improve ``linear`` (qualified ``name``, already compressed from ``dense``) in place; return what it did."""
 
 
 class RefinedMethod(Method):
@@ -44,13 +45,14 @@ class RefinedMethod(Method):
     Layers that ``inner`` replaces by another module (low rank) are left as they are.
     """
 
-    def __init__(self, inner: Method, refiner: Refiner) -> None:  # noqa: D107  (no options of its own)
+    def __init__(self, inner: Method, refiner: Refiner) -> None:
+        super().__init__(inner.opts)
         self.inner, self.refiner = inner, refiner
         self.name = inner.name
+        self.patterns = inner.patterns
         self.needs_calibration = True  # the refiner needs input statistics even after magnitude
         self.needs_hessian = inner.needs_hessian
         self.needs_moments = True
-        self._names: dict[int, str] = {}
 
     def init_stats(self, linear: nn.Module) -> InputStats:
         st = self.inner.init_stats(linear) if self.inner.needs_calibration else None
@@ -63,24 +65,22 @@ class RefinedMethod(Method):
         self.inner.update_stats(stats, inputs)
 
     def prepare(self, linears: dict[str, nn.Module], targets: dict[str, Target]) -> None:
-        self._names = {id(m): n for n, m in linears.items()}
         self.inner.prepare(linears, targets)
 
-    def compress(self, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
+    def summary(self) -> dict[str, Any] | None:
+        return self.inner.summary()
+
+    def compress(self, name: str, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
         dense = weight_view(linear).detach().clone()
-        res = self.inner.compress(linear, stats if self.inner.needs_calibration else None, target)
+        res = self.inner.compress(name, linear, stats if self.inner.needs_calibration else None, target)
         if res.module is not None:
             res.info["refine"] = {"skipped": "replaced module"}
             return res
         t0 = time.perf_counter()
-        info = self.refiner.refine(linear, dense, stats, target, self._names.get(id(linear), ""))
+        info = self.refiner.refine(name, linear, dense, stats, target)
         info["seconds"] = time.perf_counter() - t0
         res.info["refine"] = {"name": self.refiner.name, **info}
         return res
-
-
-def build_refiner(name: str, **options: Any) -> Refiner:
-    return instantiate(REFINERS, "refiner", name, options)
 
 
 def skip_matcher(pattern: str) -> re.Pattern | None:
@@ -89,4 +89,4 @@ def skip_matcher(pattern: str) -> re.Pattern | None:
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise ValueError(f"skip={pattern!r} is not a valid regex: {e}") from None
+        raise ConfigError(f"skip={pattern!r} is not a valid regex ({e}); fix the pattern or pass skip= for none") from None

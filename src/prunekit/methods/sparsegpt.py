@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,8 @@ from torch import Tensor, nn
 from ..masks import Pattern
 from ..models import set_weight, weight_fp32
 from ..registry import METHODS
+from ..errors import ConfigError
+from ..options import Options, option
 from .base import CompressResult, InputStats, Method, Target
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,7 @@ def _inverse_cholesky(h: Tensor, percdamp: float, max_retries: int) -> tuple[Ten
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if info.item() == 0:
                 return upper, damp, attempt
-    raise ValueError(
+    raise ConfigError(
         f"SparseGPT: the Hessian is not positive definite even with damping {damp:g}; use more "
         "calibration samples or raise --option percdamp"
     )
@@ -140,27 +143,30 @@ def sparsegpt_prune(
     return w, {**info, "rel_error": num / den if den > 0 else 0.0}
 
 
+@dataclass(frozen=True)
+class SparseGPTOptions(Options):
+    blocksize: int = option(128, "columns per OBS block", lo=1)
+    percdamp: float = option(0.01, "damping as a fraction of mean(diag H)", lo=0.0, hi=10.0, lo_open=True, hi_open=True)
+    max_retries: int = option(10, "Cholesky retries, doubling the damping each time", lo=0)
+
+
 @METHODS.register("sparsegpt", help="OBS reconstruction with the inverse Hessian (block 128, damping 0.01)")
 class SparseGPT(Method):
     name = "sparsegpt"
+    Options = SparseGPTOptions
     needs_hessian = True
 
-    def __init__(self, *, blocksize: int = 128, percdamp: float = 0.01, max_retries: int = 10) -> None:
-        if not (isinstance(blocksize, int) and blocksize >= 1):
-            raise ValueError(f"sparsegpt blocksize={blocksize!r} must be a positive integer (default 128)")
-        if not (0.0 < float(percdamp) < 10.0):
-            raise ValueError(f"sparsegpt percdamp={percdamp!r} must be in (0, 10) (default 0.01)")
-        self.blocksize, self.percdamp, self.max_retries = blocksize, float(percdamp), int(max_retries)
-
-    def compress(self, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
+    def compress(self, name: str, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
         if stats is None or stats.count == 0:
-            raise ValueError("sparsegpt needs calibration statistics, but this layer saw no input")
-        w_new, info = sparsegpt_prune(
-            weight_fp32(linear), stats.hessian(), target.sparsity, target.pattern,
-            self.blocksize, self.percdamp, self.max_retries,
-        )
+            raise RuntimeError(f"sparsegpt: {name} saw no calibration input")
+        o = self.opts
+        try:
+            w_new, info = sparsegpt_prune(weight_fp32(linear), stats.hessian(), target.sparsity, target.pattern,
+                                          o.blocksize, o.percdamp, o.max_retries)
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from None
         if info["retries"]:
-            log.warning("SparseGPT: Cholesky failed; succeeded with damping %.3g after %d retries",
-                        info["damp"], info["retries"])
+            log.warning("SparseGPT: Cholesky failed for %s; succeeded with damping %.3g after %d retries",
+                        name, info["damp"], info["retries"])
         set_weight(linear, w_new)
         return CompressResult(error=info["rel_error"], info={k: info[k] for k in ("damp", "retries", "loss")})

@@ -16,13 +16,17 @@ error ``tr(D H D^T) / tr(W H W^T)``, ``D = W - W'``, always uses the undamped ``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..models import weight_view
+from ..options import option
 from ..registry import METHODS
 from .base import CompressResult, InputStats, Method, Target
-from .lowrank import install, rank_for, split_factors
+from .lowrank import LowRankOptions, install, rank_for, split_factors
 
 
 def whitening_factor(h: Tensor, percdamp: float = 1e-4, max_retries: int = 12) -> tuple[Tensor, float]:
@@ -38,7 +42,7 @@ def whitening_factor(h: Tensor, percdamp: float = 1e-4, max_retries: int = 12) -
         lower, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
         if int(info) == 0:
             return lower, damp
-    raise ValueError(f"svd-llm: X^T X is not positive definite even with damping {damp:g}; use more calibration "
+    raise ConfigError(f"svd-llm: X^T X is not positive definite even with damping {damp:g}; use more calibration "
                      "samples or raise --option percdamp")
 
 
@@ -59,35 +63,27 @@ def whitened_truncation(w: Tensor, h: Tensor, k: int, percdamp: float = 1e-4) ->
     return a, b, {"damp": damp, "error": max(err, 0.0)}
 
 
+@dataclass(frozen=True)
+class SVDLLMOptions(LowRankOptions):
+    percdamp: float = option(1e-4, "damping (fraction of mean(diag H)) tried first when Cholesky fails",
+                             lo=0.0, hi=10.0, lo_open=True, hi_open=True)
+
+
 @METHODS.register("svd-llm", help="activation-aware SVD (SVD-LLM truncation-aware whitening with chol(X^T X)); "
                                    "sparsity = rank removed")
 class SVDLLM(Method):
-    """Options:
-        budget: ``rank`` (sparsity = fraction of rank removed) or ``params`` (fraction of the
-            matrix's parameters removed, SVD-LLM's compression ratio).
-        factorize: ``auto`` (factor where it saves parameters, else dense truncated), ``always``, ``never``.
-        percdamp: damping fraction of ``mean(diag H)`` tried first when Cholesky fails.
-    """
+    """Activation-aware truncated SVD (options: :class:`SVDLLMOptions`)."""
 
     name = "svd-llm"
+    Options = SVDLLMOptions
     needs_hessian = True
+    patterns = ("unstructured",)  # removes rank, not weights
 
-    def __init__(self, *, budget: str = "rank", factorize: str = "auto", percdamp: float = 1e-4) -> None:
-        if budget not in ("rank", "params"):
-            raise ValueError(f"svd-llm option budget={budget!r} must be 'rank' or 'params'")
-        if factorize not in ("auto", "always", "never"):
-            raise ValueError(f"svd-llm option factorize={factorize!r} must be auto, always or never")
-        if not percdamp > 0:
-            raise ValueError(f"svd-llm option percdamp={percdamp!r} must be > 0")
-        self.budget, self.factorize, self.percdamp = budget, factorize, float(percdamp)
-
-    def compress(self, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
+    def compress(self, name: str, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
         if stats is None or stats.count == 0:
-            raise ValueError("svd-llm needs calibration statistics, but this layer saw no input")
-        if target.pattern.is_nm:
-            raise ValueError("svd-llm removes rank, not weights: use --pattern unstructured")
+            raise RuntimeError(f"svd-llm: {name} saw no calibration input")
         w = weight_view(linear)
-        k = rank_for(target.sparsity, *w.shape, self.budget)
-        a, b, info = whitened_truncation(w, stats.hessian(), k, self.percdamp)
+        k = rank_for(target.sparsity, *w.shape, self.opts.budget)
+        a, b, info = whitened_truncation(w, stats.hessian(), k, self.opts.percdamp)
         err = info.pop("error")
-        return install(linear, a, b, self.factorize, {**info, "rank_removed": 1 - k / min(w.shape)}, err)
+        return install(linear, a, b, self.opts.factorize, {**info, "rank_removed": 1 - k / min(w.shape)}, err)

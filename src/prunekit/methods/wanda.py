@@ -24,9 +24,9 @@ def wanda_scores(weight: Tensor, col_norm: Tensor) -> Tensor:
 class Wanda(Method):
     name = "wanda"
 
-    def compress(self, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
+    def compress(self, name: str, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
         if stats is None or stats.count == 0:
-            raise ValueError("wanda needs calibration statistics, but this layer saw no input")
+            raise RuntimeError(f"wanda: {name} saw no calibration input")
         w = weight_view(linear)
         scores = wanda_scores(w, stats.col_norm)
         keep = keep_mask(scores, target.sparsity, target.pattern, per_row=True)

@@ -22,11 +22,14 @@ their factors are cached until the matrix is compressed.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..models import weight_view
+from ..options import Options, option
 from ..registry import METHODS
 from .base import CompressResult, InputStats, Method, Target
 from .lowrank import install, normalized_singular_values, split_factors, svd_fp32, tail_energy
@@ -58,13 +61,11 @@ def find_tau(norm_values: list[Tensor], shapes: list[tuple[int, int]], target: f
     ``tau <= 1`` keeps at least each matrix's largest singular value, so some targets are
     unreachable: that raises ``ValueError`` naming the maximum.
     """
-    if objective not in ("rank", "params"):
-        raise ValueError(f"welore objective={objective!r} must be 'rank' or 'params'")
     if target <= 0:
         return 0.0
     best = reduction(norm_values, shapes, 1.0, objective)
     if best < target:
-        raise ValueError(f"welore cannot remove {target:.1%} of the {objective} (at most {best:.1%} "
+        raise ConfigError(f"welore cannot remove {target:.1%} of the {objective} (at most {best:.1%} "
                          "keeping one rank per matrix); lower --sparsity")
     lo, hi = 0.0, 1.0
     for _ in range(iters):
@@ -76,80 +77,83 @@ def find_tau(norm_values: list[Tensor], shapes: list[tuple[int, int]], target: f
     return hi
 
 
+@dataclass(frozen=True)
+class WeLoreOptions(Options):
+    objective: str = option("rank", "rank: --sparsity is the overall rank reduction (paper); params: the parameter "
+                            "reduction actually achieved", choices=("rank", "params"))
+    n_lrc: str = option("dense", "matrices whose kept rank saves no parameters: dense (paper: untouched) or "
+                        "truncate (dense rank-k product)", choices=("dense", "truncate"))
+    cache_factors: bool = option(True, "keep U, V from the one SVD pass (memory ~2x the weights); false re-runs "
+                                 "the SVD of each factorized matrix")
+
+
 @METHODS.register("welore", help="WeLore: one global threshold on min-max normalised singular values; "
                                   "sparsity = overall rank (or parameter) reduction")
 class WeLore(Method):
-    """Options:
-        objective: ``rank`` (paper; sparsity = overall rank reduction) or ``params``
-            (sparsity = parameter reduction actually achieved).
-        n_lrc: what happens to matrices whose kept rank saves no parameters: ``dense`` (paper:
-            untouched) or ``truncate`` (dense matrix holding the rank-k product; saves nothing).
-        cache_factors: keep ``U, V`` from the one SVD pass (memory ~2x the weights); ``False``
-            keeps only singular values and re-runs the SVD of each factorized matrix.
-    """
+    """WeLore (options: :class:`WeLoreOptions`); the global ``tau`` is decided in :meth:`prepare`."""
 
     name = "welore"
+    Options = WeLoreOptions
     needs_calibration = False
+    patterns = ("unstructured",)  # removes rank, not weights
 
-    def __init__(self, *, objective: str = "rank", n_lrc: str = "dense", cache_factors: bool = True) -> None:
-        if objective not in ("rank", "params"):
-            raise ValueError(f"welore option objective={objective!r} must be 'rank' or 'params'")
-        if n_lrc not in ("dense", "truncate"):
-            raise ValueError(f"welore option n_lrc={n_lrc!r} must be 'dense' or 'truncate'")
-        self.objective, self.n_lrc, self.cache_factors = objective, n_lrc, bool(cache_factors)
+    def __init__(self, options: WeLoreOptions | None = None) -> None:
+        super().__init__(options)
         self.tau: float | None = None
         self.plan: dict[str, int] = {}  # name -> kept rank
-        self._names: dict[int, str] = {}
+        self._summary: dict[str, Any] | None = None
         self._cache: dict[str, tuple[Tensor | None, Tensor, Tensor | None]] = {}
 
     def prepare(self, linears: dict[str, nn.Module], targets: dict[str, Target]) -> None:
         if not linears:
             return
         names = list(linears)
-        self._names = {id(m): n for n, m in linears.items()}
-        shapes, norm, svals = [], [], []
+        shapes, norm = [], []
         for name in names:
             w = weight_view(linears[name])
             u, s, vh = svd_fp32(w)
-            self._cache[name] = (u, s, vh) if self.cache_factors else (None, s, None)
+            self._cache[name] = (u, s, vh) if self.opts.cache_factors else (None, s, None)
             shapes.append(tuple(w.shape))
-            svals.append(s)
             norm.append(normalized_singular_values(s))
-        if any(t.pattern.is_nm for t in targets.values()):
-            raise ValueError("welore removes rank, not weights: use --pattern unstructured")
-        weights = [min(m, n) if self.objective == "rank" else m * n for m, n in shapes]
+        objective = self.opts.objective
+        weights = [min(m, n) if objective == "rank" else m * n for m, n in shapes]
         goal = sum(targets[n].sparsity * wt for n, wt in zip(names, weights)) / sum(weights)
         if len({round(targets[n].sparsity, 9) for n in names}) > 1:
             log.warning("welore chooses its own per-matrix ranks; the allocation's per-layer targets are "
                         "averaged to one overall goal %.4f", goal)
-        self.tau = find_tau(norm, shapes, goal, self.objective)
+        self.tau = find_tau(norm, shapes, goal, objective)
         removed = removed_counts(norm, self.tau)
         self.plan = {n: v.numel() - r for n, v, r in zip(names, norm, removed)}
+        self._summary = self._summarize(names, shapes, norm, removed, goal)
+
+    def _summarize(self, names, shapes, norm, removed, goal) -> dict[str, Any]:
         # "rank_reduction" counts every rank below tau (the paper's and the reference's "attempted" reduction,
         # which tau is tuned on); with n_lrc="dense" the N-LRCs keep theirs, so the rank actually removed is less.
         lrc = [self.plan[n] * (rows + cols) < rows * cols for n, (rows, cols) in zip(names, shapes)]
-        applied = sum(r for r, is_lrc in zip(removed, lrc) if is_lrc or self.n_lrc == "truncate")
-        lrcs = sum(lrc)
-        self.summary = {"tau": self.tau, "goal": goal, "objective": self.objective,
-                        "rank_reduction": reduction(norm, shapes, self.tau, "rank"),
-                        "rank_reduction_applied": applied / sum(min(sh) for sh in shapes),
-                        "param_reduction": reduction(norm, shapes, self.tau, "params"),
-                        "lrc_matrices": lrcs, "matrices": len(names)}
+        applied = sum(r for r, is_lrc in zip(removed, lrc) if is_lrc or self.opts.n_lrc == "truncate")
+        out = {"tau": self.tau, "goal": goal, "objective": self.opts.objective,
+               "rank_reduction": reduction(norm, shapes, self.tau, "rank"),
+               "rank_reduction_applied": applied / sum(min(sh) for sh in shapes),
+               "param_reduction": reduction(norm, shapes, self.tau, "params"),
+               "lrc_matrices": sum(lrc), "matrices": len(names)}
         log.info("welore: tau=%.4f (goal %.3f %s) -> rank below tau %.4f, rank actually removed %.4f (%d of %d "
-                 "matrices factorized, n_lrc=%s), parameter reduction %.4f", self.tau, goal, self.objective,
-                 self.summary["rank_reduction"], self.summary["rank_reduction_applied"], lrcs, len(names), self.n_lrc,
-                 self.summary["param_reduction"])
+                 "matrices factorized, n_lrc=%s), parameter reduction %.4f", self.tau, goal, self.opts.objective,
+                 out["rank_reduction"], out["rank_reduction_applied"], out["lrc_matrices"], len(names),
+                 self.opts.n_lrc, out["param_reduction"])
+        return out
 
-    def compress(self, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
-        name = self._names.get(id(linear))
-        if name is None or name not in self.plan:
-            raise RuntimeError("welore.compress called on a layer prepare() did not see; run it through run_sequential")
+    def summary(self) -> dict[str, Any] | None:
+        return self._summary
+
+    def compress(self, name: str, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
+        if name not in self.plan:
+            raise RuntimeError(f"welore: {name} was not in prepare(); run it through run_sequential")
         u, s, vh = self._cache.pop(name)
         k, full = self.plan[name], s.numel()
         info = {"tau": self.tau, "rank_removed": 1 - k / full, "rank_thresholded": k}
         m, n = weight_view(linear).shape
         lrc = k * (m + n) < m * n
-        if k == full or (not lrc and self.n_lrc == "dense"):
+        if k == full or (not lrc and self.opts.n_lrc == "dense"):
             info.update(rank=full, full_rank=full, lowrank=False, n_lrc=k < full, params_before=m * n,
                         params_after=m * n, rank_removed=0.0)
             return CompressResult(error=0.0, info=info)

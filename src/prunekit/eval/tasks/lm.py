@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...calibration import calibration_forward_context
-from ...models import context_length
+from ...models import context_length, model_device
+from ...errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _start_token(tokenizer) -> int:
     for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id):
         if tid is not None:
             return int(tid)
-    raise ValueError("the tokenizer has no BOS/EOS/PAD token to stand in for an empty context")
+    raise ConfigError("the tokenizer has no BOS/EOS/PAD token to stand in for an empty context")
 
 
 def _pad_id(tokenizer) -> int:
@@ -86,10 +87,6 @@ def max_length(model: nn.Module, cap: int = 2048) -> int:
     return min(limit, cap) if limit else cap
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _accepts_position_ids(model: nn.Module) -> bool:
     try:
         return "position_ids" in inspect.signature(model.forward).parameters
@@ -97,12 +94,27 @@ def _accepts_position_ids(model: nn.Module) -> bool:
         return False
 
 
+def _cache_arg(model: nn.Module) -> str:
+    """The keyword the model's forward takes its KV cache by: ``cache`` (transformers >= 5.2x), else
+    ``past_key_values`` (deprecated there: passing it prints a FutureWarning)."""
+    try:
+        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
+        return "past_key_values"
+
+
+def cache_of(output):
+    """The KV cache a forward returned, under either name."""
+    cache = output.get("cache") if hasattr(output, "get") else None
+    return cache if cache is not None else output.past_key_values
+
+
 def _forward(model, ids: Tensor, mask: Tensor, pos: Tensor | None, past=None):
     kw = dict(input_ids=ids, attention_mask=mask, use_cache=True)
     if pos is not None:
         kw["position_ids"] = pos
     if past is not None:
-        kw["past_key_values"] = past
+        kw[_cache_arg(model)] = past
     return model(**kw)
 
 
@@ -132,7 +144,7 @@ def loglikelihoods(
     """
     max_len = max_len or max_length(model)
     counter = counter if counter is not None else Counter()
-    dev = _device(model)
+    dev = model_device(model)
     use_pos = _accepts_position_ids(model)
     pad = _pad_id(tokenizer)
     prepared = []  # (ctx_ids, [cont_ids])
@@ -140,15 +152,15 @@ def loglikelihoods(
         memo: dict = {}
         cont_ids = []
         if not conts:
-            raise ValueError(f"context {context[-40:]!r} has no choices")
+            raise ConfigError(f"context {context[-40:]!r} has no choices")
         for c in conts:
             ctx_ids, ids = split_request(tokenizer, context, c, memo)
             if not ids:
-                raise ValueError(f"continuation {c!r} of context {context[-40:]!r} encodes to no tokens")
+                raise ConfigError(f"continuation {c!r} of context {context[-40:]!r} encodes to no tokens")
             cont_ids.append(ids)
         longest = max(len(ids) for ids in cont_ids)
         if longest > max_len - 1:
-            raise ValueError(f"a choice of {longest} tokens does not fit max length {max_len}")
+            raise ConfigError(f"a choice of {longest} tokens does not fit max length {max_len}")
         keep = max(1, max_len - (longest - 1))
         prepared.append((ctx_ids[-keep:], cont_ids))
     out: list[list[float]] = [[] for _ in prepared]
@@ -156,7 +168,7 @@ def loglikelihoods(
     order = sorted(range(len(prepared)), key=lambda i: (-len(prepared[i][0]) - max(map(len, prepared[i][1])), i))
     done = 0
     with calibration_forward_context(model):
-        if not reuse_prefix:
+        if not reuse_prefix or getattr(model, "prunekit_lazy", None) is not None:
             _score_full(model, prepared, order, out, batch_size, dev, pad, use_pos, counter)
         else:
             for start in range(0, len(order), batch_size):
@@ -182,7 +194,7 @@ def _score_batch(model, batch, outs, row_batch, dev, pad, use_pos, counter) -> N
     counter.tokens += sum(lens)
     counter.forwards += 1
     last = F.log_softmax(res.logits[:, -1].float(), dim=-1).cpu()
-    cache = res.past_key_values
+    cache = cache_of(res)
     rows = []  # (batch row, choice index, continuation ids) needing a second pass
     for r, (_, conts) in enumerate(batch):
         for j, cont in enumerate(conts):
@@ -213,8 +225,8 @@ def _score_batch(model, batch, outs, row_batch, dev, pad, use_pos, counter) -> N
         del past, logits, logp
 
 
-def _score_full(model, prepared, order, out, batch_size, dev, pad, use_pos, counter) -> None:
-    """Reference path: every context+continuation scored as its own right-padded sequence."""
+def _full_batches(prepared, order, batch_size, pad, use_pos):
+    """Every context+continuation as its own right-padded sequence, in batches: ``(rows, model inputs)``."""
     seqs = [(i, ctx, cont) for i in order for ctx, conts in [prepared[i]] for cont in conts]
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
@@ -224,14 +236,38 @@ def _score_full(model, prepared, order, out, batch_size, dev, pad, use_pos, coun
         for r, (_, c, k) in enumerate(chunk):
             ids[r, : len(c) + len(k)] = torch.tensor(c + k)
             mask[r, : len(c) + len(k)] = 1
-        pos = torch.arange(width)[None].expand(len(chunk), -1) if use_pos else None
-        logits = _forward(model, ids.to(dev), mask.to(dev), None if pos is None else pos.to(dev)).logits
-        counter.tokens += int(mask.sum())
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if use_pos:
+            inputs["position_ids"] = torch.arange(width)[None].expand(len(chunk), -1)
+        yield chunk, inputs
+
+
+def _add_scores(chunk, logits, out) -> None:
+    logp = F.log_softmax(logits.float(), dim=-1).cpu()
+    for r, (i, c, k) in enumerate(chunk):
+        p = torch.arange(len(c) - 1, len(c) + len(k) - 1)
+        out[i].append(float(logp[r, p, torch.tensor(k)].sum()))
+
+
+def _score_full(model, prepared, order, out, batch_size, dev, pad, use_pos, counter) -> None:
+    """Reference path: every context+continuation scored as its own right-padded sequence.
+
+    A model streamed from disk (:class:`~prunekit.models.lazy.LazyModel`) is scored this way, all
+    sequences through one block at a time (no prefix reuse: that needs every block per step).
+    """
+    batches = list(_full_batches(prepared, order, batch_size, pad, use_pos))
+    lazy = getattr(model, "prunekit_lazy", None)
+    if lazy is not None:
+        from ..streamed import streamed_logits
+
+        logits_of = streamed_logits(lazy, [inputs for _, inputs in batches])
+    else:
+        logits_of = (_forward(model, x["input_ids"].to(dev), x["attention_mask"].to(dev),
+                              x["position_ids"].to(dev) if "position_ids" in x else None).logits for _, x in batches)
+    for (chunk, inputs), logits in zip(batches, logits_of):
+        counter.tokens += int(inputs["attention_mask"].sum())
         counter.forwards += 1
-        logp = F.log_softmax(logits.float(), dim=-1).cpu()
-        for r, (i, c, k) in enumerate(chunk):
-            p = torch.arange(len(c) - 1, len(c) + len(k) - 1)
-            out[i].append(float(logp[r, p, torch.tensor(k)].sum()))
+        _add_scores(chunk, logits, out)
 
 
 def greedy_generate(
@@ -249,11 +285,14 @@ def greedy_generate(
 
     A prompt longer than ``max_len - max_new_tokens`` tokens loses its left part.
     """
+    if getattr(model, "prunekit_lazy", None) is not None:
+        raise ConfigError("greedy generation needs every block for every new token: it cannot stream a model one "
+                          "block at a time; score generation tasks where the model fits in memory")
     max_len = max_len or max_length(model)
     if max_new_tokens < 1 or max_new_tokens >= max_len:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, {max_len - 1}]")
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be in [1, {max_len - 1}]")
     counter = counter if counter is not None else Counter()
-    dev = _device(model)
+    dev = model_device(model)
     use_pos = _accepts_position_ids(model)
     pad = _pad_id(tokenizer)
     eos = {t for t in (tokenizer.eos_token_id,) if t is not None}
@@ -312,7 +351,7 @@ def _generate_batch(model, tokenizer, prompts, max_new, stop, eos, dev, pad, use
             break
         mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
         res = _forward(model, nxt[:, None].to(dev), mask.to(dev), next_pos[:, None].to(dev) if use_pos else None,
-                       res.past_key_values)
+                       cache_of(res))
         counter.tokens += sum(1 for f in finished if not f)
         counter.forwards += 1
         next_pos = next_pos + 1

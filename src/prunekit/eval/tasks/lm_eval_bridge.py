@@ -11,6 +11,7 @@ import importlib.util
 import time
 
 from .base import Task, TaskResult, TaskSettings
+from ...errors import ConfigError
 
 INSTALL_HINT = "pip install lm-eval"
 
@@ -24,9 +25,9 @@ class LmEvalTask(Task):
 
     def __init__(self, name: str) -> None:
         if not name:
-            raise ValueError("lm_eval task name is empty: write --tasks lm_eval:NAME, e.g. lm_eval:hellaswag")
+            raise ConfigError("lm_eval task name is empty: write --tasks lm_eval:NAME, e.g. lm_eval:hellaswag")
         if not lm_eval_available():
-            raise ValueError(f"task 'lm_eval:{name}' needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}")
+            raise ConfigError(f"task 'lm_eval:{name}' needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}")
         super().__init__(f"lm_eval:{name}")
         self.task_name = name
 
@@ -39,7 +40,7 @@ class LmEvalTask(Task):
         out = lm_eval.simple_evaluate(model=lm, tasks=[self.task_name], limit=limit)
         res = out["results"].get(self.task_name)
         if res is None:
-            raise ValueError(f"lm-eval returned no results for {self.task_name!r} (got {sorted(out['results'])})")
+            raise ConfigError(f"lm-eval returned no results for {self.task_name!r} (got {sorted(out['results'])})")
         metrics, stderr = {}, {}
         for key, value in res.items():
             metric, _, _filter = key.partition(",")

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ...data import DataNotFoundError, data_dir
-from ...data.base import jsonl_rows
+from ...data.base import jsonl_rows, read_text
+from ...errors import ConfigError
 
 #: seed of the deterministic shuffles (BIG-bench example order, GSM8K exemplars)
 SEED = 1234
@@ -45,13 +46,13 @@ def read_jsonl(path: Path, required: Sequence[Sequence[str]] = ()) -> list[dict[
     for lineno, row in jsonl_rows(Path(path)):
         for group in required:
             if not any(k in row for k in group):
-                raise ValueError(
+                raise ConfigError(
                     f"{path}:{lineno} has no field {' or '.join(repr(k) for k in group)} "
                     f"(it has: {', '.join(row) or 'none'}); see docs/evaluation.md for the format"
                 )
         rows.append(row)
     if not rows:
-        raise ValueError(f"{path} has no examples")
+        raise ConfigError(f"{path} has no examples")
     return rows
 
 
@@ -72,25 +73,20 @@ def load_bigbench(spec: str, data_dir_path=None) -> tuple[Path, dict[str, Any]]:
             raise FileNotFoundError(f"BIG-bench task file {spec!r} does not exist; pass a task.json path")
         path = data_file(data_dir_path, "bigbench", spec, "task.json", task=f"bigbench:{spec}")
     try:
-        task = json.loads(path.read_text(encoding="utf-8"))
+        task = json.loads(read_text(path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
     examples = task.get("examples") if isinstance(task, dict) else None
     if not examples or not isinstance(examples, list):
-        raise ValueError(f"{path} has no 'examples' list; is it a BIG-bench task.json (programmatic tasks are not supported)?")
+        raise ConfigError(f"{path} has no 'examples' list; is it a BIG-bench task.json (programmatic tasks are not supported)?")
     for i, ex in enumerate(examples):
         if not isinstance(ex, dict) or "input" not in ex or not ("target_scores" in ex or "target" in ex):
-            raise ValueError(f"{path}: example {i} needs 'input' and 'target_scores' or 'target'")
+            raise ConfigError(f"{path}: example {i} needs 'input' and 'target_scores' or 'target'")
     return path, task
-
-
-def bigbench_kind(task: dict[str, Any]) -> str:
-    """``"multiple_choice"`` when examples carry ``target_scores``, else ``"generation"``."""
-    return "multiple_choice" if all("target_scores" in ex for ex in task["examples"]) else "generation"
 
 
 def as_answers(value: Any, where: str) -> tuple[str, ...]:
     answers = tuple(str(a) for a in value) if isinstance(value, (list, tuple)) else (str(value),)
     if not answers or not all(a.strip() for a in answers):
-        raise ValueError(f"{where}: empty answer; give a non-empty string or list of strings")
+        raise ConfigError(f"{where}: empty answer; give a non-empty string or list of strings")
     return answers

@@ -29,6 +29,7 @@ from .base import Task, TaskSettings, take
 from .lm import Counter, loglikelihoods
 from .loaders import data_file, existing_file, load_bigbench, read_jsonl, shuffled
 from .scoring import mc_metrics, mc_predictions
+from ...errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class MultipleChoiceTask(Task):
             self._examples = self._loader()
             for i, ex in enumerate(self._examples):
                 if len(ex.choices) < 2 or not ex.gold or any(not 0 <= g < len(ex.choices) for g in ex.gold):
-                    raise ValueError(f"task {self.name!r}: example {i} has {len(ex.choices)} choices and gold "
+                    raise ConfigError(f"task {self.name!r}: example {i} has {len(ex.choices)} choices and gold "
                                      f"{list(ex.gold)}; it needs >= 2 choices and a gold index among them")
         return self._examples
 
@@ -101,7 +102,7 @@ def _piqa(data_dir) -> list[MCExample]:
     rows = read_jsonl(data_file(data_dir, "piqa", "valid.jsonl", task="piqa"), [["goal"], ["sol1"], ["sol2"]])
     labels = data_file(data_dir, "piqa", "valid-labels.lst", task="piqa").read_text().split()
     if len(labels) != len(rows):
-        raise ValueError(f"piqa: {len(rows)} questions but {len(labels)} labels; the files do not belong together")
+        raise ConfigError(f"piqa: {len(rows)} questions but {len(labels)} labels; the files do not belong together")
     return [MCExample(f"Question: {r['goal']}\nAnswer:", (f" {r['sol1']}", f" {r['sol2']}"), (int(y),))
             for r, y in zip(rows, labels)]
 
@@ -111,7 +112,7 @@ def _rte(data_dir) -> list[MCExample]:
     with path.open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows or not {"sentence1", "sentence2", "label"} <= set(rows[0]):
-        raise ValueError(f"{path}: expected the columns sentence1, sentence2, label (HF glue/rte export)")
+        raise ConfigError(f"{path}: expected the columns sentence1, sentence2, label (HF glue/rte export)")
     # label 0 = entailment → " True" is gold
     return [MCExample(f"{r['sentence1']}\nQuestion: {r['sentence2']} True or False?\nAnswer:", (" True", " False"),
                       (int(r["label"]),)) for r in rows]
@@ -125,7 +126,7 @@ def _mmlu_rows(path: Path) -> list[list[str]]:
         rows = [r for r in csv.reader(f) if r]
     for i, r in enumerate(rows, 1):
         if len(r) != 6 or r[5].strip() not in _LETTERS:
-            raise ValueError(f"{path}: row {i} is not question,A,B,C,D,answer(A-D)")
+            raise ConfigError(f"{path}: row {i} is not question,A,B,C,D,answer(A-D)")
     return rows
 
 
@@ -140,14 +141,14 @@ def _mmlu(data_dir, shots: int = 5, split: str = "test", subjects: str | None = 
     if wanted:
         known = {f.name[: -len(f"_{split}.csv")] for f in files}
         if wanted - known:
-            raise ValueError(f"mmlu: unknown subject(s) {sorted(wanted - known)}; choose from {sorted(known)}")
+            raise ConfigError(f"mmlu: unknown subject(s) {sorted(wanted - known)}; choose from {sorted(known)}")
         files = [f for f in files if f.name[: -len(f"_{split}.csv")] in wanted]
     per_subject = []
     for f in files:
         subject = f.name[: -len(f"_{split}.csv")]
         dev = _mmlu_rows(data_file(data_dir, "mmlu", "dev", f"{subject}_dev.csv", task="mmlu"))[:shots]
         if len(dev) < shots:
-            raise ValueError(f"mmlu {subject}: only {len(dev)} dev questions for {shots} shots")
+            raise ConfigError(f"mmlu {subject}: only {len(dev)} dev questions for {shots} shots")
         head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
         head += "".join(f"{_mmlu_question(r)} {r[5].strip()}\n\n" for r in dev)
         per_subject.append([MCExample(head + _mmlu_question(r), tuple(f" {x}" for x in _LETTERS),
@@ -187,10 +188,10 @@ def _generic_mc(path: Path) -> list[MCExample]:
     for i, r in enumerate(read_jsonl(path, [["context"], ["choices"], ["label", "gold"]]), 1):
         choices, label = r["choices"], r.get("label", r.get("gold"))
         if not isinstance(choices, list) or len(choices) < 2:
-            raise ValueError(f"{path}: example {i}: 'choices' must be a list of >= 2 strings")
+            raise ConfigError(f"{path}: example {i}: 'choices' must be a list of >= 2 strings")
         golds = tuple(label) if isinstance(label, list) else (label,)
         if not all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g < len(choices) for g in golds):
-            raise ValueError(f"{path}: example {i}: label {label!r} must be an index into its {len(choices)} choices")
+            raise ConfigError(f"{path}: example {i}: label {label!r} must be an index into its {len(choices)} choices")
         delim = str(r.get("delimiter", " "))
         out.append(MCExample(str(r["context"]), tuple(delim + str(c) for c in choices), golds))
     return out
@@ -215,7 +216,7 @@ def rte(data_dir=None) -> Task:
 def mmlu(data_dir=None, shots: int = 5, subjects: str | None = None) -> Task:
     shots = int(shots)
     if not 0 <= shots <= 5:
-        raise ValueError(f"mmlu shots={shots} is invalid: the dev split has 5 questions per subject (0-5)")
+        raise ConfigError(f"mmlu shots={shots} is invalid: the dev split has 5 questions per subject (0-5)")
     return MultipleChoiceTask("mmlu", lambda: _mmlu(data_dir, shots, "test", subjects),
                               {"split": "test", "shots": shots, "fewshot_source": "dev (first k)",
                                "subjects": subjects or "all 57", "order": "round-robin over subjects"})

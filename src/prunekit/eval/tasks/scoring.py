@@ -20,13 +20,14 @@ import math
 import re
 import string
 from typing import Sequence
+from ...errors import ConfigError
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
     """Mean and its standard error ``std(ddof=1) / sqrt(n)`` (0 for a single value)."""
     n = len(values)
     if n == 0:
-        raise ValueError("no examples were scored; check the task file and --limit")
+        raise ConfigError("no examples were scored; check the task file and --limit")
     mean = sum(values) / n
     if n == 1:
         return mean, 0.0
@@ -133,5 +134,5 @@ def gsm8k_gold(answer: str) -> str:
     if value is None:
         value = clean_number(answer)
     if value is None:
-        raise ValueError(f"answer {answer!r} has no final number (expected '#### <number>' or a number)")
+        raise ConfigError(f"answer {answer!r} has no final number (expected '#### <number>' or a number)")
     return value

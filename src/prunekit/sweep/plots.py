@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .sweep import curves
+from .results import curves
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def plot_sweep(data: dict[str, Any], out_dir: str | Path, title: str = "") -> di
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:  # pragma: no cover - optional dependency
-        raise ValueError("plots need matplotlib: pip install matplotlib (or prunekit[plots])") from e
+        raise ConfigError("plots need matplotlib: pip install matplotlib (or prunekit[plots])") from e
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

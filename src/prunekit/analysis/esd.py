@@ -84,8 +84,7 @@ def hill_ks_table(evals: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor]:
     k = torch.arange(n_all - 1, dtype=torch.float64)
     n_k = n_all - k
     denom = suffix[:-1] - n_k * loge[:-1]
-    with np.errstate(all="ignore"):
-        alphas = 1.0 + n_k / denom
+    alphas = 1.0 + n_k / denom  # torch division: denom <= 0 gives inf/nan silently, masked next
     alphas = torch.where(denom > 0, alphas, torch.full_like(alphas, math.inf))
     ds = torch.ones(n_all - 1, dtype=torch.float64)
     cols = torch.arange(n_all, dtype=torch.float64)
@@ -306,12 +305,6 @@ def _write_cache(path: Path, evals: np.ndarray, metrics: dict) -> None:
 
 def analyze_model(model: nn.Module, include=None, exclude=None, **kw) -> list[LayerSpectrum]:
     """:func:`analyze_linears` over every selected decoder linear of ``model``."""
-    from ..models import decoder_linears, find_blocks
+    from ..models import block_lookup, decoder_linears
 
-    path, _ = find_blocks(model)
-    linears = decoder_linears(model, include, exclude)
-
-    def block_of(name: str) -> int:
-        return int(name[len(path) + 1 :].split(".", 1)[0])
-
-    return analyze_linears(linears, block_of, **kw)
+    return analyze_linears(decoder_linears(model, include, exclude), block_lookup(model), **kw)
