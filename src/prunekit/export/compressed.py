@@ -17,24 +17,29 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .. import codec
-from ..models import UnsupportedModelError, clear_quantizer, decoder_linears, find_blocks
+from ..models import UnsupportedModelError, block_linears, clear_quantizer, find_blocks
 from ..models.compressed import FORMAT, MANIFEST, REST_FILE, VERSION, block_file, part_key
-from ..models.lowrank import lowrank_modules
+from ..models.lowrank import LowRankLinear
 from .atomic import atomic_folder
 from .save import dense_weights_bytes, write_report
 
 log = logging.getLogger(__name__)
 
 
-def unique_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The state dict with every shared tensor once, and ``{alias: name}`` for the tied ones."""
+def unique_state(model: nn.Module, skip: str | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The state dict with every shared tensor once, and ``{alias: name}`` for the tied ones.
+
+    Names starting with ``skip`` and tensors still on the ``meta`` device (released blocks of a
+    streamed model) are left out.
+    """
     first: dict[tuple, str] = {}
     state, tied = {}, {}
     for name, t in model.state_dict().items():
+        if (skip and name.startswith(skip)) or t.device.type == "meta":
+            continue
         key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
         if t.data_ptr() and key in first:
             tied[name] = first[key]
@@ -44,29 +49,12 @@ def unique_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
     return state, tied
 
 
-def sparse_candidates(model: nn.Module) -> dict[str, bool]:
-    """``{weight name: transposed}`` of the decoder linears (the tensors worth encoding sparsely).
-
-    ``transposed`` is true for GPT-2's ``Conv1D``, whose weight is stored ``[in, out]``.
-    """
-    try:
-        linears = decoder_linears(model)
-    except UnsupportedModelError:
-        return {}
-    return {f"{name}.weight": not isinstance(mod, nn.Linear) for name, mod in linears.items()}
-
-
-def block_of(name: str, block_path: str | None) -> int | None:
-    """The decoder block ``name`` lives in (``None``: outside the blocks)."""
-    if block_path and name.startswith(block_path + "."):
-        head = name[len(block_path) + 1:].split(".", 1)[0]
-        if head.isdigit():
-            return int(head)
-    return None
-
-
 def encode_tensor(t: Tensor, transposed: bool | None) -> tuple[codec.Encoded, dict[str, Any]]:
-    """Encode one tensor; returns the encoding and its manifest entry (without ``file``/``block``)."""
+    """Encode one tensor; returns the encoding and its manifest entry (without ``file``/``block``).
+
+    ``transposed``: ``None`` stores ``t`` dense; ``False``/``True`` allow a sparse encoding of ``t``
+    or of its transpose (GPT-2's ``Conv1D`` keeps ``[in, out]``; N:M groups run along the inputs).
+    """
     enc = codec.encode(t.t() if transposed else t, sparse_ok=transposed is not None)
     if enc.encoding == "dense" and transposed:  # dense tensors are stored in the module's own layout
         enc = codec.Encoded("dense", {"data": t.detach().cpu().contiguous()})
@@ -77,24 +65,21 @@ def encode_tensor(t: Tensor, transposed: bool | None) -> tuple[codec.Encoded, di
     return enc, entry
 
 
-class ShardWriter:
-    """Writes a compressed folder's shards one group (a decoder block, or the rest) at a time.
+class CompressedWriter:
+    """Writes a compressed folder block by block: :meth:`write_block` for each decoder block (its
+    shard is written at once, so a streamed pipeline can release the block), then :meth:`finish`
+    for everything outside the blocks, the manifest and the config.
 
-    :func:`write_shards` feeds it a whole model; a block-streamed pipeline can call
-    :meth:`write` as soon as each block is compressed and :meth:`manifest` at the end.
+    The same interface as :class:`prunekit.models.shards.ShardWriter` (the dense streamed writer).
     """
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: str | Path, blocks_path: str | None, n_blocks: int) -> None:
+        self.folder, self.path, self.n_blocks = Path(folder), blocks_path, n_blocks
         self.tensors: dict[str, dict] = {}
+        self.lowrank: dict[str, dict] = {}
         self.dense_bytes = 0
 
-    def write(self, block: int | None, tensors: dict[str, Tensor], candidates: dict[str, bool]) -> None:
-        """Encode ``tensors`` (name → tensor) into the shard of ``block`` (``None``: the rest shard).
-
-        ``candidates`` maps the names worth encoding sparsely to ``transposed`` (see
-        :func:`sparse_candidates`); every other tensor is stored dense.
-        """
+    def _write(self, block: int | None, tensors: dict[str, Tensor], candidates: dict[str, bool]) -> None:
         from safetensors.torch import save_file
 
         file = REST_FILE if block is None else block_file(block)
@@ -106,37 +91,50 @@ class ShardWriter:
             self.dense_bytes += t.numel() * t.element_size()
         save_file(parts, str(self.folder / file), metadata={"format": "pt", "prunekit": FORMAT})
 
-    def manifest(self, dtype: torch.dtype, block_path: str | None, count: int, tied: dict[str, str],
-                 lowrank: dict[str, dict]) -> dict[str, Any]:
-        """The manifest (see :mod:`prunekit.models.compressed`) of everything written so far."""
+    def write_block(self, index: int, block: nn.Module) -> None:
+        """Encode decoder block ``index`` (parameters and persistent buffers) into its own shard."""
+        prefix = f"{self.path}.{index}"
+        linears = block_linears(block, prefix)
+        candidates = {f"{n}.weight": not isinstance(m, nn.Linear) for n, m in linears.items()}
+        self._write(index, {f"{prefix}.{n}": t.detach() for n, t in block.state_dict().items()}, candidates)
+        for n, m in block.named_modules():
+            if isinstance(m, LowRankLinear):
+                self.lowrank[f"{prefix}.{n}"] = {"rank": m.rank, "in_features": m.in_features,
+                                                 "out_features": m.out_features, "bias": m.up.bias is not None}
+
+    def finish(self, model: nn.Module) -> dict[str, Any]:
+        """Write the tensors outside the blocks (tied ones once), the manifest and the config; returns the manifest."""
+        rest, tied = unique_state(model, f"{self.path}." if self.path else None)
+        if rest:
+            self._write(None, rest, {})
         encodings = {k: sum(e["encoding"] == k for e in self.tensors.values()) for k in codec.ENCODINGS}
-        return {
-            "format": FORMAT, "version": VERSION, "dtype": str(dtype).removeprefix("torch."),
-            "blocks": {"path": block_path, "count": count}, "tensors": self.tensors, "tied": tied, "lowrank": lowrank,
+        manifest = {
+            "format": FORMAT, "version": VERSION, "dtype": str(model.dtype).removeprefix("torch."),
+            "blocks": {"path": self.path, "count": self.n_blocks}, "tensors": self.tensors, "tied": tied,
+            "lowrank": self.lowrank,
             "sizes": {"stored_bytes": sum(e["bytes"] for e in self.tensors.values()), "dense_bytes": self.dense_bytes,
                       "encodings": encodings},
         }
+        (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        model.config.architectures = [type(model).__name__]  # as save_pretrained records it
+        model.config.save_pretrained(self.folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(self.folder)
+        log.info("compressed %d tensors (%s) into %.1f MB (dense %.1f MB)", len(self.tensors), encodings,
+                 manifest["sizes"]["stored_bytes"] / 2**20, self.dense_bytes / 2**20)
+        return manifest
 
 
-def write_shards(model: nn.Module, folder: Path) -> dict[str, Any]:
-    """Encode and write every shard of ``model`` into ``folder``, one block at a time; returns the manifest."""
-    state, tied = unique_state(model)
-    candidates = sparse_candidates(model)
+def write_model(model: nn.Module, folder: Path) -> dict[str, Any]:
+    """Encode and write a whole in-memory model into ``folder``, one block at a time; returns the manifest."""
     try:
-        block_path, blocks = find_blocks(model)
-        count = len(blocks)
-    except UnsupportedModelError:
-        block_path, count = None, 0
-    groups: dict[int | None, list[str]] = {}
-    for name in state:
-        groups.setdefault(block_of(name, block_path), []).append(name)
-    writer = ShardWriter(folder)
-    for block in [None, *range(count)]:
-        if groups.get(block):
-            writer.write(block, {n: state[n] for n in groups[block]}, candidates)
-    lowrank = {n: {"rank": m.rank, "in_features": m.in_features, "out_features": m.out_features,
-                   "bias": m.up.bias is not None} for n, m in lowrank_modules(model).items()}
-    return writer.manifest(model.dtype, block_path, count, tied, lowrank)
+        path, blocks = find_blocks(model)
+    except UnsupportedModelError:  # no decoder blocks found: one shard, every tensor dense
+        path, blocks = None, []
+    writer = CompressedWriter(folder, path, len(blocks))
+    for i, block in enumerate(blocks):
+        writer.write_block(i, block)
+    return writer.finish(model)
 
 
 def save_compressed_folder(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report: dict | None = None,
@@ -152,18 +150,10 @@ def save_compressed_folder(model: nn.Module, tokenizer, out_dir: str | os.PathLi
     dense = dense_weights_bytes(model)
 
     def write(tmp: Path) -> None:
-        model.config.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        info = write_shards(model, tmp)
-        (tmp / MANIFEST).write_text(json.dumps(info, indent=1))
+        write_model(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_report(tmp, report, dense, "compressed")
-        sizes = info["sizes"]
-        log.info("compressed %d tensors (%s) into %.1f MB (dense %.1f MB)", len(info["tensors"]),
-                 sizes["encodings"], sizes["stored_bytes"] / 2**20, sizes["dense_bytes"] / 2**20)
 
     return atomic_folder(out_dir, write, overwrite, needed_bytes=_estimate_bytes(model))
 

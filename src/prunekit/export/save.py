@@ -47,11 +47,10 @@ def dense_weights_bytes(model: nn.Module) -> int:
 
     lowrank = lowrank_modules(model)
     total, seen = 0, set()
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), tuple(t.shape), t.dtype)
-        if t.data_ptr() and key in seen:
+    for name, t in model.state_dict(keep_vars=True).items():  # tied parameters: one object (also on meta)
+        if id(t) in seen:
             continue
-        seen.add(key)
+        seen.add(id(t))
         mod, _, leaf = name.rpartition(".")
         owner = mod.rpartition(".")[0]
         if owner in lowrank and leaf == "weight":  # down/up factors count as the merged [out, in] weight

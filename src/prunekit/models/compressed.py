@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 from .. import codec
 from ..errors import ConfigError
 from .blocks import set_module
+from .lazy import _ST_DTYPES, TensorSource, safetensors_header
 from .lowrank import LowRankLinear
 
 log = logging.getLogger(__name__)
@@ -91,17 +93,18 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 class CompressedReader:
-    """Lazy access to a compressed folder; :meth:`read` decodes one block's tensors at a time.
+    """Lazy access to a compressed folder: :meth:`tensor` decodes one tensor, :meth:`read` one block.
 
-    Only the shard of the block asked for is opened (memory-mapped) and it is closed again
-    before :meth:`read` returns, so a caller that assigns each block before reading the next
-    never holds more than the model plus one block's encoded and decoded tensors.
+    Parts are read with positioned reads at the offsets of each shard's header (not through a
+    memory map, which would leave every page it touched resident), so a caller that assigns each
+    block before reading the next holds the model plus one block's encoded and decoded tensors.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.tensors: dict[str, dict] = self.manifest["tensors"]
+        self._headers: dict[str, tuple[dict, int]] = {}
         for file in sorted({e["file"] for e in self.tensors.values()}):
             if not (self.path / file).is_file():
                 raise CorruptCheckpointError(f"{self.path / file} is missing (named in {MANIFEST}); the folder is "
@@ -130,41 +133,53 @@ class CompressedReader:
     def names(self, block: int | None) -> list[str]:
         return [n for n, e in self.tensors.items() if e.get("block") == block]
 
+    def numel(self, name: str) -> int:
+        return math.prod(int(d) for d in self.tensors[self.tied.get(name, name)]["shape"])
+
     def read(self, block: int | None) -> dict[str, Tensor]:
         """Decode the tensors of decoder block ``block`` (``None``: those outside the blocks)."""
-        by_file: dict[str, list[str]] = {}
-        for n in self.names(block):
-            by_file.setdefault(self.tensors[n]["file"], []).append(n)
-        out: dict[str, Tensor] = {}
-        for file, names in by_file.items():
-            out.update(self._read_file(file, names))
-        return out
+        return {n: self.tensor(n) for n in self.names(block)}
 
-    def _read_file(self, file: str, names: list[str]) -> dict[str, Tensor]:
-        from safetensors import safe_open
+    def tensor(self, name: str) -> Tensor:
+        """Decode the tensor ``name`` (a tied alias gives its source tensor)."""
+        name = self.tied.get(name, name)
+        entry = self.tensors[name]
+        wanted = (["data"] if entry["encoding"] == "dense" else list(_PARTS[entry["encoding"]])) \
+            + (["signs"] if entry.get("signs") else [])
+        parts = {p: self._part(entry["file"], part_key(name, p)) for p in wanted}
+        return self._decode(self.path / entry["file"], name, entry, parts)
 
+    def _header(self, file: str) -> tuple[dict, int]:
+        if file not in self._headers:
+            f = self.path / file
+            try:
+                header, base = safetensors_header(f)
+                end = max((int(s["data_offsets"][1]) for s in header.values()), default=0)
+            except (ConfigError, TypeError, KeyError, IndexError, ValueError, AttributeError):
+                raise CorruptCheckpointError(f"{f} has an unreadable safetensors header; the file is damaged: "
+                                             f"{_FIX}") from None
+            if f.stat().st_size < base + end:
+                raise CorruptCheckpointError(f"{f} is truncated ({f.stat().st_size} bytes, its header describes "
+                                             f"{base + end}); {_FIX}")
+            self._headers[file] = (header, base)
+        return self._headers[file]
+
+    def _part(self, file: str, key: str) -> Tensor:
+        header, base = self._header(file)
         f = self.path / file
-        try:
-            handle = safe_open(str(f), framework="pt")
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for truncated files
-            raise CorruptCheckpointError(f"{f}: cannot be read ({e}); the file is truncated or damaged: "
-                                         f"{_FIX}") from None
-        out = {}
-        with handle:
-            keys = set(handle.keys())
-            for name in names:
-                entry = self.tensors[name]
-                wanted = (["data"] if entry["encoding"] == "dense" else list(_PARTS[entry["encoding"]])) \
-                    + (["signs"] if entry.get("signs") else [])
-                missing = [part_key(name, p) for p in wanted if part_key(name, p) not in keys]
-                if missing:
-                    raise CorruptCheckpointError(f"{f} lacks {missing[0]!r}, which {MANIFEST} names; {_FIX}")
-                try:
-                    parts = {p: handle.get_tensor(part_key(name, p)) for p in wanted}
-                except Exception as e:  # noqa: BLE001
-                    raise CorruptCheckpointError(f"{f}: cannot read {name!r} ({e}); {_FIX}") from None
-                out[name] = self._decode(f, name, entry, parts)
-        return out
+        spec = header.get(key)
+        if spec is None:
+            raise CorruptCheckpointError(f"{f} lacks {key!r}, which {MANIFEST} names; {_FIX}")
+        start, end = (int(x) for x in spec["data_offsets"])
+        buf = bytearray(end - start)
+        with open(f, "rb", buffering=0) as fh:
+            fh.seek(base + start)
+            got = fh.readinto(buf) if buf else 0
+        dtype = _ST_DTYPES.get(spec.get("dtype"))
+        if got != len(buf) or dtype is None:
+            raise CorruptCheckpointError(f"{f}: cannot read {key!r}; the file is damaged: {_FIX}")
+        t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+        return t.reshape([int(d) for d in spec["shape"]])
 
     @staticmethod
     def _decode(f: Path, name: str, entry: dict, parts: dict[str, Tensor]) -> Tensor:
@@ -175,9 +190,29 @@ class CompressedReader:
             if entry.get("transposed") and entry["encoding"] != "dense":
                 return codec.decode(entry["encoding"], parts, (shape[1], shape[0]), dtype, entry).t().contiguous()
             return codec.decode(entry["encoding"], parts, tuple(shape), dtype, entry)
-        except (codec.CodecError, ValueError, KeyError, IndexError) as e:
+        except (codec.CodecError, ValueError, KeyError, IndexError, RuntimeError) as e:
             raise CorruptCheckpointError(f"{f}: tensor {name!r} does not match its manifest entry ({e}); "
                                          f"{_FIX}") from None
+
+
+class CompressedSource(TensorSource):
+    """A compressed folder as the tensor source of a :class:`~prunekit.models.lazy.LazyModel`
+    (block-streamed compression and evaluation): each tensor is decoded when it is asked for."""
+
+    def __init__(self, folder: str | Path, config=None) -> None:
+        from transformers import AutoConfig
+
+        self.reader = CompressedReader(folder)
+        self.config = config or AutoConfig.from_pretrained(folder)
+
+    def names(self) -> list[str]:
+        return [*self.reader.tensors, *self.reader.tied]
+
+    def numel(self, name: str) -> int:
+        return self.reader.numel(name)
+
+    def get(self, name: str) -> Tensor:
+        return self.reader.tensor(name)
 
 
 def _assign(model: nn.Module, name: str, tensor: Tensor, where: Path) -> None:
