@@ -107,7 +107,10 @@ def run_in_cgroup(model: str, offload: str, gb: float) -> dict:
                 "stderr_tail": proc.stderr.strip().splitlines()[-1:] if proc.returncode else [],
                 "command": "prunekit " + " ".join(cmd[3:])}
     finally:
-        cg.rmdir() if not (cg / "cgroup.procs").read_text().strip() else None
+        try:
+            cg.rmdir()  # empty once the run has exited
+        except OSError:
+            pass
 
 
 def render(data: dict) -> str:
