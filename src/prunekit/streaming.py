@@ -25,9 +25,11 @@ from .calibration import BlockEvent, run_sequential
 from .calibration.residency import Streamed
 from .config import PruneConfig, to_dict
 from .errors import ConfigError
+from .export.compressed import CompressedWriter
 from .models.shards import ShardWriter
 from .models import find_blocks, resolve_dtype, resolve_source
 from .models.lazy import GGUFSource, LazyModel, SafetensorsSource
+from .models.compressed import CompressedSource, is_compressed_folder
 from .models.lowrank import is_lowrank_folder, read_manifest
 from .report import Report, RunInfo
 
@@ -42,6 +44,9 @@ def _source(spec: str):
     if src.gguf_file:
         return GGUFSource(Path(src.path) / src.gguf_file), None
     folder = Path(src.path)
+    if is_compressed_folder(folder):  # prunekit's sparse format: each tensor decoded when it is read
+        source = CompressedSource(folder)
+        return source, source.reader.lowrank or None
     manifest = read_manifest(folder)["modules"] if is_lowrank_folder(folder) else None
     return SafetensorsSource(folder), manifest
 
@@ -114,6 +119,9 @@ def model_bytes_on_disk(spec: str, dtype: str | torch.dtype) -> int | None:
         return sum(int(t.n_elements) for t in GGUFReader(str(Path(src.path) / src.gguf_file)).tensors) * size
     from .models.lazy import safetensors_header
 
+    if is_compressed_folder(src.path):  # the stored parts are smaller than the tensors they decode to
+        reader = CompressedSource(src.path).reader
+        return sum(reader.numel(n) for n in reader.tensors) * size
     total = 0
     for f in Path(src.path).glob("*.safetensors"):
         for spec in safetensors_header(f)[0].values():
@@ -140,9 +148,13 @@ def prune_streamed(
     calib: Tensor | None = None,
     callback: Callable[[BlockEvent], None] | None = None,
     data_dir=None,
+    save_format: str = "dense",
 ) -> Report:
     """:func:`prunekit.prune` for a :class:`LazyModel`: the compressed model is written to ``out_folder``
-    (shards + index + config; the caller adds tokenizer and report) block by block."""
+    (shards + index + config; the caller adds tokenizer and report) block by block, as a plain
+    sharded HF folder (``save_format="dense"``) or in prunekit's compressed format (``"compressed"``)."""
+    if save_format not in ("dense", "compressed"):
+        raise ConfigError(f"save format {save_format!r} is not one of: dense, compressed")
     t0 = time.perf_counter()
     method, allocator = build_components(config)
     model = lazy.model
@@ -154,7 +166,7 @@ def prune_streamed(
         calib, calib_info = _calibration(model, config, calib, tokenizer, data_dir)
     with lazy.autoload(path):  # OWL's dense forward reads each block as it runs
         targets, alloc_summary = _targets(model, config, allocator, linears, calib, residency.linears(linears))
-    writer = ShardWriter(out_folder, path)
+    writer = (CompressedWriter if save_format == "compressed" else ShardWriter)(out_folder, path)
     residency.on_done = writer.write_block
     info = RunInfo(config.method, config.sparsity, config.pattern, config.allocation, calib_info, to_dict(config),
                    {"allocation": alloc_summary, "streamed": True}, started=t0)

@@ -56,10 +56,11 @@ def _evaluate(lazy, tok, args, seqlen: int, label: str, tokens: dict) -> dict:
 
 def run_streamed(args: argparse.Namespace, config, tasks: dict, settings, prune_progress, print_summary) -> int:
     """The streamed pipeline; ``prune_progress`` wraps the prune in a progress bar."""
-    import json
-
     from ..eval import check_seqlen
-    from ..export import REPORT_FILE, atomic_folder
+    from ..export import atomic_folder
+    from ..export.formats import describe
+    from ..export.save import dense_weights_bytes, storage, write_report
+    from ..models.lowrank import lowrank_modules
     from ..streaming import model_bytes_on_disk, open_lazy, prune_streamed
     from ._tasks import run_with_progress
 
@@ -75,7 +76,8 @@ def run_streamed(args: argparse.Namespace, config, tasks: dict, settings, prune_
     result: dict = {}
 
     def write(tmp: Path) -> None:
-        report = prune_progress(lambda cb: prune_streamed(lazy, config, tmp, tok, callback=cb, data_dir=args.data_dir))
+        report = prune_progress(lambda cb: prune_streamed(lazy, config, tmp, tok, callback=cb, data_dir=args.data_dir,
+                                                          save_format=args.save_format))
         tok.save_pretrained(tmp)
         pruned_lazy, _ = open_lazy(str(tmp), args.dtype, args.device)
         pruned = _evaluate(pruned_lazy, tok, args, eval_seqlen, "pruned", tokens)
@@ -86,14 +88,18 @@ def run_streamed(args: argparse.Namespace, config, tasks: dict, settings, prune_
             report.evaluation["tasks"] = {"dense": {k: r.to_dict() for k, r in dense_tasks.items()},
                                           "pruned": {k: r.to_dict() for k, r in pruned_tasks.items()}}
         report.extra.update(model=args.model, dtype=args.dtype, offload="disk")
-        (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, default=str))
-        result.update(report=report, pruned=pruned, tasks=pruned_tasks)
+        fmt = args.save_format if args.save_format == "compressed" or not lowrank_modules(lazy.model) else "lowrank"
+        dense_bytes = dense_weights_bytes(lazy.model)
+        write_report(tmp, report.to_dict(), dense_bytes, fmt)
+        result.update(report=report, pruned=pruned, tasks=pruned_tasks, storage=(dense_bytes, fmt))
 
     out = atomic_folder(args.out, write, args.overwrite, needed_bytes=model_bytes_on_disk(args.model, args.dtype) or 0)
     args.saved = out
     print_summary(result["report"], dense, result["pruned"], dense_tasks, result["tasks"])
-    print(f"saved to {out} (written block by block while pruning: plain safetensors shards, or the prunekit "
-          "low-rank format for factorized models)")
+    what = {"compressed": "prunekit compressed format", "lowrank": "prunekit low-rank format",
+            "dense": "plain safetensors shards"}[result["storage"][1]]
+    sizes = describe(storage(out, *result["storage"]))
+    print(f"saved to {out} (written block by block while pruning: {what}; {sizes})")
     if args.json:
         Path(args.json).expanduser().write_text(result["report"].to_json())
     return 0

@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="save the pruned model here (atomic; safetensors + report)")
     p.add_argument("--merge-lowrank", action="store_true",
                    help="save low-rank factors merged into dense weights (plain transformers; no size saving)")
+    p.add_argument("--save-format", default="dense", choices=["dense", "compressed"],
+                   help="dense: plain HF folder (default); compressed: non-zeros + bitmask / N:M indices, "
+                        "as small as the sparsity, reloaded by prunekit.load_model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--no-dense-eval", action="store_true", help="skip the dense perplexity baseline")
     p.add_argument("--json", default=None, help="also write the report JSON to this file")
@@ -159,9 +162,10 @@ def _run(args: argparse.Namespace, config) -> int:
     if recover_cfg is not None:
         chain_after_prune(args, recover_cfg, model, teacher, tok, report, tasks, settings)
     if args.out:  # the model first: a finished prune must not be lost to a bad report path
-        from ..export.lowrank import save_compressed
+        from ..export import save_folder
 
-        out, how = save_compressed(model, tok, args.out, report.to_dict(), args.overwrite, args.merge_lowrank)
+        out, how = save_folder(model, tok, args.out, report.to_dict(), args.overwrite, args.merge_lowrank,
+                               args.save_format)
         args.saved = out
         print(f"saved to {out} ({how})")
     if args.json:

@@ -27,7 +27,7 @@ from torch import nn
 from ..models import clear_quantizer
 from ..models.lowrank import FORMAT, MANIFEST, WEIGHTS, lowrank_modules, merge_lowrank
 from .atomic import atomic_folder
-from .save import REPORT_FILE, model_bytes, save_model
+from .save import dense_weights_bytes, model_bytes, save_model, write_report
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def save_lowrank(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report
 
     clear_quantizer(model)
     info = manifest(model)
+    dense = dense_weights_bytes(model)
 
     def write(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
@@ -74,8 +75,7 @@ def save_lowrank(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report
         (tmp / MANIFEST).write_text(json.dumps(info, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if report is not None:
-            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+        write_report(tmp, report, dense, "lowrank")
 
     out = atomic_folder(out_dir, write, overwrite, needed_bytes=model_bytes(model))
     log.info("saved %d low-rank modules to %s", len(info["modules"]), out)

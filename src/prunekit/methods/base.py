@@ -194,9 +194,14 @@ class Method(ABC):
 
 
 def apply_keep_mask(linear: nn.Module, keep: Tensor) -> None:
-    """Zero the weights where ``keep`` is False (in place, in the module's dtype)."""
+    """Zero the weights where ``keep`` is False (in place, in the module's dtype).
+
+    Pruned weights become ``+0.0``, as the reference code's ``W[mask] = 0`` does: multiplying by
+    the mask would leave ``-0.0`` for negative weights, which equals zero but carries a sign bit
+    that a bit-exact compressed checkpoint would then have to store.
+    """
     w = weight_view(linear)
-    w.mul_(keep.to(w.dtype))
+    w.masked_fill_(~keep.to(w.device), 0.0)
 
 
 def diag_error(w: Tensor, keep: Tensor, col_sq: Tensor | None) -> float | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..registry import MODEL_ALIASES
+from .compressed import is_compressed_folder, load_compressed_model
 from .lowrank import is_lowrank_folder, load_lowrank_model
 from ..errors import ConfigError
 
@@ -256,7 +257,8 @@ def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, t
     """Load ``(model, tokenizer)``; the model is in eval mode on ``device``.
 
     Args:
-        spec: local HF folder, ``.gguf`` file, hub id (``org/name``) or alias (``smollm2-135m``).
+        spec: local HF folder, ``.gguf`` file, hub id (``org/name``) or alias (``smollm2-135m``);
+            prunekit's low-rank and compressed folders are recognised by their manifests.
         dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
         device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``/``None`` (best available).
         trust_remote_code: run the repository's own modelling code (off unless asked).
@@ -268,11 +270,13 @@ def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, t
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     src = _materialized(resolve_source(spec))
-    if not src.hub:
+    if not src.hub and not is_compressed_folder(src.path):  # the compressed reader checks its shards itself
         check_weight_files(Path(src.path), allow_pickle)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
     try:
-        if not src.hub and is_lowrank_folder(src.path):  # factorized modules saved by prunekit
+        if not src.hub and is_compressed_folder(src.path):  # prunekit's sparse format, decoded block by block
+            model = load_compressed_model(src.path, torch_dtype, trust_remote_code)
+        elif not src.hub and is_lowrank_folder(src.path):  # factorized modules saved by prunekit
             model = load_lowrank_model(src.path, torch_dtype, trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
