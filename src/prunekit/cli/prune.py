@@ -201,6 +201,10 @@ def print_summary(report, dense: dict, pruned: dict, dense_tasks: dict | None = 
     if st:  # structured: the model is physically smaller
         rows.append(["parameters (M)", f"{st['params_dense'] / 1e6:.3f}", f"{st['params'] / 1e6:.3f}"])
         rows.append(["blocks / widths uniform", "", f"{st['blocks']} / {st['uniform_widths']}"])
+        save = st.get("save", {})
+        if save.get("zero_bias_params"):
+            rows.append(["parameters in a plain folder (M, incl. zero biases)", "", f"{save['params_saved'] / 1e6:.3f}"])
+        rows.append(["loads with", "", save.get("loader", "-")])
     rows.append(["prune time (s)", "", f"{report.seconds:.1f}"])
     for ds, res in pruned.items():
         d = dense.get(ds)

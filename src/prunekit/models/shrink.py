@@ -11,6 +11,7 @@ decides whether a stock config can express the result.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Iterable
 
 import torch
@@ -36,7 +37,14 @@ def new_linear_like(module: nn.Module, out_f: int, in_f: int, bias: bool) -> nn.
         if not bias:
             new.bias = None
         return new
-    return nn.Linear(in_f, out_f, bias=bias, device=w.device, dtype=w.dtype)
+    return plain_linear(in_f, out_f, bias, w.device, w.dtype)
+
+
+def plain_linear(in_f: int, out_f: int, bias: bool, device=None, dtype=None) -> nn.Linear:
+    """``nn.Linear`` (width 0 allowed: a dropped FFN has nothing to initialise, so no warning)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return nn.Linear(in_f, out_f, bias=bias, device=device, dtype=dtype)
 
 
 def sliced_linear(module: nn.Module, rows: Tensor | None = None, cols: Tensor | None = None,

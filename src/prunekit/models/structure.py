@@ -193,11 +193,11 @@ def require_parts(model: nn.Module, kind: str, blocks: list[BlockParts] | None =
     blocks = blocks if blocks is not None else block_parts(model)
     missing = [b.index for b in blocks if getattr(b, kind) is None]
     if missing:
-        what = {"attn": "attention heads (separate q/k/v/o projections, GPT-2's c_attn or GPT-NeoX's "
-                        "query_key_value, self-attention only)",
-                "ffn": "an FFN (gate/up/down, fc1/fc2, c_fc/c_proj or dense_h_to_4h/dense_4h_to_h)"}[kind]
-        raise ConfigError(f"{type(model).__name__}: block {missing[0]} has no recognisable {what}; structured "
-                          "pruning of this part cannot apply to this architecture — use --pattern blocks, or an "
+        what = {"attn": "attention whose heads prunekit can remove (it knows separate q/k/v/o projections, "
+                        "GPT-2's c_attn and GPT-NeoX's query_key_value, self-attention only)",
+                "ffn": "FFN whose channels prunekit can remove (it knows gate/up/down, fc1/fc2, c_fc/c_proj and "
+                       "dense_h_to_4h/dense_4h_to_h; fused gate_up projections are not supported)"}[kind]
+        raise ConfigError(f"{type(model).__name__}: block {missing[0]} has no {what}; use --pattern blocks, or an "
                           "unstructured pattern")
     return blocks
 

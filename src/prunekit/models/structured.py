@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import ConfigError
 from .blocks import decoder_linears, set_module
 from .linear import _is_conv1d, weight_view
-from .shrink import HEAD_ATTRS, new_linear_like, set_attributes
+from .shrink import HEAD_ATTRS, new_linear_like, plain_linear, set_attributes
 from .structure import block_parts
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def rebuild(model: nn.Module, data: dict, dtype: torch.dtype | None = None) -> i
         if same:
             continue
         if spec["type"] == "Linear" and _is_conv1d(cur):
-            new = nn.Linear(spec["in"], spec["out"], bias=spec["bias"], dtype=dtype or cur.weight.dtype)
+            new = plain_linear(spec["in"], spec["out"], spec["bias"], dtype=dtype or cur.weight.dtype)
         else:
             new = new_linear_like(cur, spec["out"], spec["in"], spec["bias"])
             if dtype is not None:

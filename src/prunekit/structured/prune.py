@@ -36,7 +36,8 @@ from .drop import drop_ranked
 from .global_plan import global_plan
 from .method import UnitPruner
 from .plan import BlockPlan, UnitCosts, plan_blocks, unit_costs
-from .summary import param_count as _param_count, structure_summary
+from ..export.structured import plain_config
+from .summary import param_count, structure_summary
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def prune_structured(model: nn.Module, pattern: Pattern, target: float, criterio
                      allocator: Allocator, selected: dict[str, nn.Module], calib: Tensor | None, info: RunInfo,
                      batch_size: int = 8, device=None, callback: Callable | None = None) -> Report:
     """Remove ``target`` of the ``selected`` decoder-linear weights as whole units; the model shrinks in place."""
-    dense_params = _param_count(model)
+    dense_params = param_count(model)
     parts = check_structured(model, pattern, criterion, selected)
     if isinstance(criterion, BlockCriterion):
         if allocator.name != "uniform":
@@ -106,6 +107,7 @@ def prune_structured(model: nn.Module, pattern: Pattern, target: float, criterio
                               "--allocation uniform")
         report = drop_ranked(model, parts, selected, pattern.kind, criterion, target, calib, batch_size, info)
         report.extra["structure"] = structure_summary(model, dense_params, None)
+        report.extra["structure"]["save"] = _save_format(model)
         return report
     assert isinstance(criterion, UnitCriterion)
     costs = unit_costs(model, parts, selected, pattern.kind, criterion.opts.gqa)
@@ -130,6 +132,26 @@ def prune_structured(model: nn.Module, pattern: Pattern, target: float, criterio
             remove_channels(model, c.ffn, rem.channels)
     report.extra["structure"] = structure_summary(model, dense_params, {i: vars(p) for i, p in plans.items()})
     report.extra["structure"]["plan"] = {"multiple": multiple, "gqa": criterion.opts.gqa, **plan_info}
+    report.extra["structure"]["save"] = _save_format(model)
     return report
+
+
+def _save_format(model: nn.Module) -> dict:
+    """How the model will be saved, and the parameters the saved folder holds (exact).
+
+    A plain folder may hold a few more: when bias compensation added biases to the output
+    projections, the config's bias switch also gives q/k/v (or gate/up) biases, saved as zeros.
+    """
+    cfg, zeros = plain_config(model)
+    if cfg is None:
+        return {"format": "prunekit-structured", "loader": "prunekit.load_model"}
+    extra = 0
+    if zeros:
+        from ..export.structured import _meta_shapes
+
+        meta = _meta_shapes(cfg)
+        extra = sum(int(torch.Size(meta[k]).numel()) for k in zeros)
+    return {"format": "plain", "loader": "transformers.AutoModelForCausalLM.from_pretrained",
+            "zero_biases_added": len(zeros), "zero_bias_params": extra, "params_saved": param_count(model) + extra}
 
 
