@@ -81,6 +81,8 @@ class UnitPruner(Method):
 
     def compress_block(self, modules: dict[str, nn.Module], stats: dict[str, InputStats | None],
                        targets: dict[str, Target]) -> dict[str, tuple[CompressResult, float]]:
+        if not modules:  # a block outside the selection
+            return {}
         t0 = time.perf_counter()
         idx = self._block_of[next(iter(modules))]
         c, plan = self.costs[idx], self.plans.get(idx, BlockPlan())

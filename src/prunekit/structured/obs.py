@@ -39,8 +39,13 @@ def damp_hessian(h: Tensor, percdamp: float) -> Tensor:
 
 
 def inverse(h: Tensor) -> Tensor:
-    """``H^{-1}`` via Cholesky; raises ``torch.linalg.LinAlgError`` if ``H`` is not positive definite."""
-    return torch.cholesky_inverse(torch.linalg.cholesky(h))
+    """``H^{-1}`` via Cholesky; raises ``torch.linalg.LinAlgError`` if ``H`` is not positive definite.
+
+    ``cholesky_solve`` against the identity, not ``cholesky_inverse``: in float64 on this CPU the
+    latter took 3.7 s for a 1536-wide Hessian, the former 0.5 s (same result).
+    """
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.cholesky_solve(eye, torch.linalg.cholesky(h))
 
 
 def group_error(w: Tensor, hinv: Tensor, cols: Tensor) -> float:

@@ -45,13 +45,25 @@ class SlimGPT(UnitCriterion):
 
     def _system(self, w: Tensor, bias: Tensor | None, stats: InputStats) -> tuple[Tensor, Tensor]:
         """``(W, H^{-1})`` in float64, augmented by the constant feature when ``bias``."""
-        h = stats.hessian().to(torch.float64) * (stats.samples / 2.0)  # X^T X
         w = w.to(torch.float64)
         if self.opts.bias:
-            h = obs.augment(h, stats.sum, stats.count)
             b = bias.to(torch.float64) if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
             w = torch.cat([w, b.unsqueeze(1)], 1)
-        return w, obs.inverse(obs.damp_hessian(h, self.opts.percdamp))
+        return w, self._hinv(stats)
+
+    def _hinv(self, stats: InputStats) -> Tensor:
+        """The damped inverse Hessian of ``stats`` (the last two kept: selection and update share them)."""
+        cache = self.__dict__.setdefault("_cache", [])
+        for st, hinv in cache:
+            if st is stats:
+                return hinv
+        h = stats.hessian().to(torch.float64) * (stats.samples / 2.0)  # X^T X
+        if self.opts.bias:
+            h = obs.augment(h, stats.sum, stats.count)
+        hinv = obs.inverse(obs.damp_hessian(h, self.opts.percdamp))
+        cache.append((stats, hinv))
+        del cache[:-2]
+        return hinv
 
     def _head_cols(self, attn: AttentionParts) -> list[Tensor]:
         return [attn.o_cols(h) for h in range(attn.heads)]
