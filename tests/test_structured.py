@@ -335,3 +335,17 @@ def test_architecture_without_a_recognisable_ffn_fails_in_one_line():
     assert "\n" not in str(e.value) and "--pattern blocks" in str(e.value)
     prune(model, PruneConfig(pattern="blocks", sparsity=0.5), calib=_ids())
     assert len(find_blocks(model)[1]) == 1
+
+
+def test_block_scores_are_cached_by_model_and_calibration_content(tmp_path, monkeypatch):
+    from prunekit.structured.cache import cached_scores
+
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
+    model, ids, calls = tiny_model("llama"), _ids(), []
+    compute = lambda: calls.append(1) or {"x": len(calls)}  # noqa: E731
+    assert cached_scores(model, ids, "t", compute) == {"x": 1}
+    assert cached_scores(model, ids, "t", compute) == {"x": 1} and len(calls) == 1
+    assert cached_scores(model, ids[:3], "t", compute) == {"x": 2}  # other tokens
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] += 1
+    assert cached_scores(model, ids, "t", compute) == {"x": 3}  # another weight

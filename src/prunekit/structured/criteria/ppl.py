@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ...options import Options, option
 from ...registry import STRUCTURED
 from ..base import BlockCriterion
+from ..cache import cached_scores
 from ..passes import removal_nll
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PPLOptions(Options):
     nsamples: int = option(8, "calibration sequences measured (the first ones of the calibration set)", lo=1)
+    cache: bool = option(True, "reuse scores cached on disk for an identical model and calibration")
 
 
 @STRUCTURED.register("ppl", help="calibration perplexity with each block (or FFN) removed; smallest rise removed")
@@ -41,8 +43,14 @@ class RemovalPPL(BlockCriterion):
     def block_scores(self, model: nn.Module, calib_ids: Tensor, kind: str, batch_size: int,
                      candidates: list[int]) -> dict[int, float]:
         ids = calib_ids[: self.opts.nsamples]
-        dense, nll = removal_nll(model, ids, kind, candidates,
-                                 lambda k, n: log.info("removal perplexity: %d/%d candidates", k, n))
-        self.info = {"dense_ppl": math.exp(dense), "nsamples": int(ids.shape[0]),
+
+        def compute() -> dict:
+            dense, nll = removal_nll(model, ids, kind, candidates,
+                                     lambda k, n: log.info("removal perplexity: %d/%d candidates", k, n))
+            return {"dense": dense, "nll": sorted(nll.items())}
+
+        got = cached_scores(model, ids, f"ppl|{kind}|{sorted(candidates)}", compute, self.opts.cache)
+        nll = {int(i): v for i, v in got["nll"]}
+        self.info = {"dense_ppl": math.exp(got["dense"]), "nsamples": int(ids.shape[0]),
                      "ppl": {i: math.exp(v) for i, v in nll.items()}}
-        return {i: math.exp(v) - math.exp(dense) for i, v in nll.items()}
+        return {i: math.exp(v) - math.exp(got["dense"]) for i, v in nll.items()}

@@ -15,12 +15,14 @@ from torch import Tensor, nn
 from ...options import Options, option
 from ...registry import STRUCTURED
 from ..base import BlockCriterion
+from ..cache import cached_scores
 from ..passes import block_influence
 
 
 @dataclass(frozen=True)
 class ShortGPTOptions(Options):
     batch_size: int = option(8, "calibration sequences per forward of the dense pass", lo=1)
+    cache: bool = option(True, "reuse scores cached on disk for an identical model and calibration")
 
 
 @STRUCTURED.register("shortgpt", help="ShortGPT block influence 1 - cos(x_in, x_out); lowest removed (blocks, ffn)")
@@ -30,5 +32,8 @@ class ShortGPT(BlockCriterion):
 
     def block_scores(self, model: nn.Module, calib_ids: Tensor, kind: str, batch_size: int,
                      candidates: list[int]) -> dict[int, float]:
-        bi = block_influence(model, calib_ids, kind, self.opts.batch_size)
+        tag = f"shortgpt|{kind}"
+        bi = cached_scores(model, calib_ids, tag, lambda: {"bi": block_influence(model, calib_ids, kind,
+                                                                                    self.opts.batch_size)},
+                           self.opts.cache)["bi"]
         return {i: bi[i] for i in candidates}
