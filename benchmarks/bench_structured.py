@@ -57,7 +57,7 @@ def grid(args) -> list[dict]:
     """The rows this invocation should run (labels are unique; finished ones are skipped)."""
     rows = [{"label": "dense", "family": "dense"}]
     for s in args.sparsities:
-        for pat in args.patterns:
+        for pat in (args.patterns if "structured" in args.families else []):
             if pat in ("blocks", "ffn"):
                 rows += [_row("structured", pat, c, "uniform", s) for c in BLOCK if c in args.criteria]
                 continue
@@ -67,11 +67,21 @@ def grid(args) -> list[dict]:
                 if c in args.criteria:
                     rows += [_row("structured", pat, c, a, s) for a in args.allocations]
         if "lowrank" in args.families:
-            rows += [_row("lowrank", None, "svd-llm", "uniform", s, {"budget": "params"}),
-                     _row("lowrank", None, "welore", "uniform", s, {"objective": "params"})]
+            rows += [_row("lowrank", None, m, "uniform", s, o) for m, o in LOWRANK_OPTIONS.items()]
         if "unstructured" in args.families:
             rows.append(_row("unstructured", None, "wanda", "uniform", s))
     return rows
+
+
+LOWRANK_OPTIONS = {"svd-llm": {"budget": "params"}, "welore": {"objective": "params"}}
+
+
+def parse_row(label: str) -> dict:
+    """``"channels/flap/global/0.2"``, ``"lowrank/svd-llm/uniform/0.25"``, ``"unstructured/wanda/uniform/0.1"``."""
+    first, method, allocation, s = label.split("/")
+    if first in ("lowrank", "unstructured"):
+        return _row(first, None, method, allocation, float(s), LOWRANK_OPTIONS.get(method))
+    return _row("structured", first, method, allocation, float(s))
 
 
 def _row(family, pattern, method, allocation, sparsity, options=None) -> dict:
@@ -193,7 +203,9 @@ def main() -> None:
     ap.add_argument("--sparsities", nargs="*", type=float, default=[0.1, 0.2, 0.3])
     ap.add_argument("--families", nargs="*", default=["structured", "lowrank", "unstructured"])
     ap.add_argument("--only", nargs="*", default=None, help="run only these labels")
-    ap.add_argument("--extra", default=None, help="JSON list of extra row specs (e.g. the 25%% targets)")
+    ap.add_argument("--rows", nargs="*", default=[], help="extra rows by label, e.g. channels/flap/owl/0.2, "
+                                                          "lowrank/svd-llm/uniform/0.25")
+    ap.add_argument("--save", nargs="*", default=[], help="LABEL=DIR: also save that row's model to DIR")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=1024)
     ap.add_argument("--eval-seqlen", type=int, default=1024)
@@ -207,7 +219,12 @@ def main() -> None:
     path = Path(args.out + ".json")
     data = json.loads(path.read_text()) if path.exists() else {"rows": [], "runs": []}
     done = {r["label"] for r in data["rows"]}
-    specs = [s for s in grid(args) if s["family"] != "dense"] + (json.loads(args.extra) if args.extra else [])
+    specs = [s for s in grid(args) if s["family"] != "dense"] + [parse_row(x) for x in args.rows]
+    specs = list({s["label"]: s for s in specs}.values())
+    saves = dict(x.split("=", 1) for x in args.save)
+    for s in specs:
+        if s["label"] in saves:
+            s["save_to"] = saves[s["label"]]
     specs = [s for s in specs if s["label"] not in done and (args.only is None or s["label"] in args.only)]
     if "dense" not in done:
         specs.insert(0, {"label": "dense", "family": "dense"})
