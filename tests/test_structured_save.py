@@ -13,7 +13,7 @@ from test_structured import _ids, _logits, arch_model
 from prunekit import PruneConfig, load_model, prune
 from prunekit.cli import main
 from prunekit.export.lowrank import save_compressed
-from prunekit.export.structured import PLAIN, PRUNEKIT, is_restructured, plain_config
+from prunekit.export.structured import PRUNEKIT, is_restructured, plain_config
 from prunekit.models import find_blocks
 from prunekit.models.structured import MANIFEST
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..methods.base import CompressResult, InputStats, Method, Target
-from ..models.linear import _is_conv1d, in_features, set_weight, weight_view
+from ..models.linear import in_features, set_weight, weight_view
 from ..models.shrink import new_linear_like
 from ..models.structure import AttentionParts, BlockParts, FFNParts, head_weights
 from .base import UnitCriterion, UnitStats

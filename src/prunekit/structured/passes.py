@@ -14,7 +14,6 @@ so they come from the *dense* model (as OWL's outlier ratios do), not from the s
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Iterator
 
 import torch
@@ -24,7 +23,6 @@ from torch import Tensor, nn
 from ..calibration.context import calibration_forward_context, capture_block_inputs
 from ..methods.base import InputStats
 from ..models import find_blocks, model_device
-from ..models.linear import in_features, weight_view
 from ..models.structure import block_parts
 
 
