@@ -349,3 +349,25 @@ def test_block_scores_are_cached_by_model_and_calibration_content(tmp_path, monk
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] += 1
     assert cached_scores(model, ids, "t", compute) == {"x": 3}  # another weight
+
+
+def test_dropped_ffn_with_bias_compensation_is_exact_when_its_output_is_constant():
+    """OPT's fc2 has a bias: with fc2's weights zero the FFN adds a constant, which bias=true keeps."""
+    ids = _ids()
+    for bias, exact in ((True, True), (False, False)):
+        model = arch_model("opt")
+        with torch.no_grad():
+            for layer in model.model.decoder.layers:
+                layer.fc2.weight.zero_()
+                layer.fc2.bias.normal_()
+        ref = _logits(model, ids[:2])
+        prune(model, PruneConfig(method="shortgpt", pattern="ffn", sparsity=0.25, method_options={"bias": bias}),
+              calib=ids)
+        assert sum(b.ffn.width == 0 for b in block_parts(model)) == 1
+        assert torch.allclose(_logits(model, ids[:2]), ref, atol=1e-5) == exact
+
+
+def test_ffn_bias_compensation_refuses_a_post_ffn_norm():
+    with pytest.raises(ConfigError, match="post_feedforward_layernorm"):
+        prune(arch_model("gemma2"), PruneConfig(method="shortgpt", pattern="ffn", sparsity=0.2,
+                                                method_options={"bias": True}), calib=_ids())

@@ -126,10 +126,20 @@ class UnitCriterion(StructuredCriterion):
         return w, bias
 
 
+@dataclass(frozen=True)
+class BlockOptions(Options):
+    """Options every block criterion has."""
+
+    bias: bool = option(False, "pattern ffn: a dropped FFN's mean output on the calibration set becomes its output "
+                               "projection's bias (FLAP-style compensation; FFN-SkipLLM drops it outright)")
+    cache: bool = option(True, "reuse scores cached on disk for an identical model and calibration")
+
+
 class BlockCriterion(StructuredCriterion):
     """Ranks whole decoder blocks (``blocks``) or their FFN sub-blocks (``ffn``) on calibration data."""
 
     patterns = ("blocks", "ffn")
+    Options = BlockOptions
 
     def block_scores(self, model: nn.Module, calib_ids: Tensor, kind: str, batch_size: int,
                      candidates: list[int]) -> dict[int, float]:

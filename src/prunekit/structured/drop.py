@@ -21,6 +21,7 @@ from ..models.shrink import drop_blocks, remove_channels
 from ..models.structure import BlockParts
 from ..report import LayerRecord, Report, RunInfo
 from .base import BlockCriterion
+from .passes import output_means
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,9 @@ def drop_ranked(model: nn.Module, parts: list[BlockParts], selected: dict[str, n
     if kind == "blocks":
         drop_blocks(model, gone)
     else:
+        means = _compensation(model, parts, gone, calib, batch_size) if criterion.opts.bias else {}
         for i in gone:
-            remove_channels(model, parts[i].ffn, range(parts[i].ffn.width))
+            remove_channels(model, parts[i].ffn, range(parts[i].ffn.width), means.get(i))
     secs = time.perf_counter() - t0
     layers = [LayerRecord(nm, shapes[nm], shapes[nm][0] * shapes[nm][1], target, kind,
                           1.0 if nm in removed_names else 0.0, None, 0.0) for nm in selected]
@@ -79,3 +81,20 @@ def drop_ranked(model: nn.Module, parts: list[BlockParts], selected: dict[str, n
                                       **getattr(criterion, "info", {})}, t0)
     report.extra["seconds_scoring_and_removal"] = secs
     return report
+
+
+def _compensation(model: nn.Module, parts: list[BlockParts], gone: list[int], calib: Tensor,
+                  batch_size: int) -> dict[int, Tensor]:
+    """Each dropped FFN's mean output (dense model), to become its output projection's bias.
+
+    Raises:
+        ConfigError: the FFN's output passes a norm before the residual (Gemma-2/3), so a bias on
+            its projection would not add a constant.
+    """
+    for i in gone:
+        if parts[i].ffn.contribution != parts[i].ffn.output:
+            raise ConfigError(f"bias=true: block {i}'s FFN output goes through {parts[i].ffn.contribution} before the "
+                              "residual add, so a constant cannot replace it; use bias=false")
+    means = output_means(model, [parts[i].ffn.output for i in gone], calib, batch_size)
+    return {i: means[parts[i].ffn.output] for i in gone}
+

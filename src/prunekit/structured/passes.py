@@ -209,3 +209,25 @@ def dense_stats(model: nn.Module, linears: dict[str, nn.Module], calib_ids: Tens
         for h in handles:
             h.remove()
     return stats
+
+
+def output_means(model: nn.Module, names: list[str], calib_ids: Tensor, batch_size: int = 8) -> dict[str, Tensor]:
+    """Mean output (over calibration tokens) of each named module, on the dense model (float64 sums)."""
+    sums: dict[str, list] = {n: [None, 0] for n in names}
+    handles = []
+    for n in names:
+        def hook(_m, _a, out, _n=n):
+            y = _hidden_out(out).detach().reshape(-1, _hidden_out(out).shape[-1]).to(torch.float64)
+            acc = sums[_n]
+            acc[0] = y.sum(0) if acc[0] is None else acc[0] + y.sum(0)
+            acc[1] += y.shape[0]
+        handles.append(model.get_submodule(n).register_forward_hook(hook))
+    path, blocks = find_blocks(model)
+    handles.append(blocks[-1].register_forward_hook(lambda *_: (_ for _ in ()).throw(_Stop())))
+    try:
+        _run(model, calib_ids, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (v[0] / max(v[1], 1)).to(torch.float32) for n, v in sums.items()}
+

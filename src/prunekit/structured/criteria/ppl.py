@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ...options import Options, option
 from ...registry import STRUCTURED
-from ..base import BlockCriterion
+from ..base import BlockCriterion, BlockOptions
 from ..cache import cached_scores
 from ..passes import removal_nll
 
@@ -26,9 +26,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class PPLOptions(Options):
+class PPLOptions(BlockOptions):
     nsamples: int = option(8, "calibration sequences measured (the first ones of the calibration set)", lo=1)
-    cache: bool = option(True, "reuse scores cached on disk for an identical model and calibration")
 
 
 @STRUCTURED.register("ppl", help="calibration perplexity with each block (or FFN) removed; smallest rise removed")

@@ -12,17 +12,16 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ...options import Options, option
+from ...options import option
 from ...registry import STRUCTURED
-from ..base import BlockCriterion
+from ..base import BlockCriterion, BlockOptions
 from ..cache import cached_scores
 from ..passes import block_influence
 
 
 @dataclass(frozen=True)
-class ShortGPTOptions(Options):
+class ShortGPTOptions(BlockOptions):
     batch_size: int = option(8, "calibration sequences per forward of the dense pass", lo=1)
-    cache: bool = option(True, "reuse scores cached on disk for an identical model and calibration")
 
 
 @STRUCTURED.register("shortgpt", help="ShortGPT block influence 1 - cos(x_in, x_out); lowest removed (blocks, ffn)")
