@@ -74,6 +74,9 @@ def drop_ranked(model: nn.Module, parts: list[BlockParts], selected: dict[str, n
         means = _compensation(model, parts, gone, calib, batch_size) if criterion.opts.bias else {}
         for i in gone:
             remove_channels(model, parts[i].ffn, range(parts[i].ffn.width), means.get(i))
+            out = model.get_submodule(parts[i].ffn.output)
+            if i not in means and getattr(out, "bias", None) is not None:
+                out.bias = None  # dropped outright: not even the output projection's bias remains
     secs = time.perf_counter() - t0
     layers = [LayerRecord(nm, shapes[nm], shapes[nm][0] * shapes[nm][1], target, kind,
                           1.0 if nm in removed_names else 0.0, None, 0.0) for nm in selected]
