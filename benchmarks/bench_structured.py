@@ -77,11 +77,17 @@ LOWRANK_OPTIONS = {"svd-llm": {"budget": "params"}, "welore": {"objective": "par
 
 
 def parse_row(label: str) -> dict:
-    """``"channels/flap/global/0.2"``, ``"lowrank/svd-llm/uniform/0.25"``, ``"unstructured/wanda/uniform/0.1"``."""
+    """``"channels/flap/global/0.2"``, ``"lowrank/svd-llm/uniform/0.25"``, ``"unstructured/wanda/uniform/0.1"``;
+    method options after ``+``: ``"ffn/shortgpt+bias=true/uniform/0.2"``."""
     first, method, allocation, s = label.split("/")
+    method, *pairs = method.split("+")
+    options = dict(p.split("=", 1) for p in pairs)
     if first in ("lowrank", "unstructured"):
-        return _row(first, None, method, allocation, float(s), LOWRANK_OPTIONS.get(method))
-    return _row("structured", first, method, allocation, float(s))
+        row = _row(first, None, method, allocation, float(s), {**LOWRANK_OPTIONS.get(method, {}), **options})
+    else:
+        row = _row("structured", first, method, allocation, float(s), options)
+    row["label"] = label
+    return row
 
 
 def _row(family, pattern, method, allocation, sparsity, options=None) -> dict:

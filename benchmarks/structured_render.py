@@ -32,7 +32,8 @@ def _what(row: dict) -> str:
         return f"low rank {row['method']}"
     if row["family"] == "unstructured":
         return f"unstructured {row['method']} (zeros stored dense)"
-    return f"{row['pattern']} {row['method']} {row['allocation']}"
+    opts = "".join(f" {k}={v}" for k, v in (row.get("options") or {}).items())
+    return f"{row['pattern']} {row['method']}{opts} {row['allocation']}"
 
 
 def _format(row: dict) -> str:
