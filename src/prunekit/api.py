@@ -25,7 +25,9 @@ from .errors import ConfigError
 from .eval import PerplexityResult, check_seqlen, perplexity
 from .methods import Method, Target, build_method
 from .models import block_lookup, check_finite, decoder_linears, weight_view
+from .registry import STRUCTURED
 from .report import Report, RunInfo
+from .structured import check_structured, prune_structured
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +35,27 @@ log = logging.getLogger(__name__)
 def build_components(config: PruneConfig) -> tuple[Method, Allocator]:
     """The configured method (wrapped with its refiner) and allocator, every option validated.
 
-    Cheap and model-free, so the CLI calls it before loading anything.
+    Cheap and model-free, so the CLI calls it before loading anything. With a structured pattern
+    the "method" is a structured criterion (:data:`prunekit.registry.STRUCTURED`).
 
     Raises:
         ConfigError: an unknown name, a bad option, or a pattern the method cannot produce.
     """
-    method = build_method(config.method, config.method_options, config.refine, config.refine_options)
     allocator = build_allocator(config.allocation, config.allocation_options)
     pattern = config.pattern_obj
+    # --- structured patterns (prunekit.structured) ---
+    if pattern.is_structured:
+        criterion = STRUCTURED.build(config.method, config.method_options)
+        if pattern.kind not in criterion.patterns:
+            raise ConfigError(f"criterion {config.method!r} cannot serve pattern {pattern} (it serves: "
+                              f"{', '.join(criterion.patterns)}); for {pattern} use one of: "
+                              f"{', '.join(n for n in STRUCTURED.names() if pattern.kind in STRUCTURED.get(n).patterns)}")
+        return criterion, allocator
+    if getattr(allocator, "structured_only", False):
+        raise ConfigError(f"allocation {config.allocation!r} ranks whole heads/channels: use it with a structured "
+                          "--pattern (channels, heads, width)")
+    # --- end structured ---
+    method = build_method(config.method, config.method_options, config.refine, config.refine_options)
     if pattern.kind not in method.patterns:
         raise ConfigError(f"method {config.method!r} cannot produce pattern {pattern} (it makes: "
                           f"{', '.join(method.patterns)}); choose another --pattern or --method")
@@ -57,6 +72,15 @@ def select_linears(model: nn.Module, config: PruneConfig) -> dict[str, nn.Module
         )
     for name, mod in linears.items():
         config.pattern_obj.check_width(weight_view(mod).shape[1], name)
+    return linears
+
+
+def check_model(model: nn.Module, config: PruneConfig) -> dict[str, nn.Module]:
+    """Everything about ``model`` that can fail before any work (the CLI calls it before the dense baseline)."""
+    linears = select_linears(model, config)
+    if config.pattern_obj.is_structured:
+        criterion, _ = build_components(config)
+        check_structured(model, config.pattern_obj, criterion, linears)
     return linears
 
 
@@ -131,11 +155,18 @@ def prune(
     """
     t0 = time.perf_counter()
     method, allocator = build_components(config)
-    linears = select_linears(model, config)
+    linears = check_model(model, config)
     check_finite(model)
     calib_info: dict = {}
     if method.needs_calibration or allocator.needs_calibration:
         calib, calib_info = _calibration(model, config, calib, tokenizer, data_dir)
+    if config.pattern_obj.is_structured:  # whole units removed: prunekit.structured
+        info = RunInfo(config.method, config.sparsity, config.pattern, config.allocation, calib_info,
+                       to_dict(config), {}, started=t0)
+        report = prune_structured(model, config.pattern_obj, config.sparsity, method, allocator, linears, calib, info,
+                                  config.calib.batch_size, device, callback)
+        log.info("removed %d parameters in %.1fs", report.extra["structure"]["params_removed"], report.seconds)
+        return report
     targets, alloc_summary = _targets(model, config, allocator, linears, calib)
     info = RunInfo(config.method, config.sparsity, config.pattern, config.allocation, calib_info, to_dict(config),
                    {"allocation": alloc_summary}, started=t0)

@@ -52,10 +52,13 @@ class PruneConfig:
     """What to prune and how.
 
     Attributes:
-        method: registered method name (``magnitude``, ``wanda``, ``sparsegpt`` …).
+        method: registered method name (``magnitude``, ``wanda``, ``sparsegpt`` …); with a
+            structured pattern, a registered structured criterion (``flap``, ``slimgpt``,
+            ``shortgpt`` …). ``None``: ``wanda``, or the structured pattern's default criterion.
         sparsity: target fraction of weights removed over the selected linears, in [0, 1).
             ``None`` with an N:M pattern means the pattern's own sparsity (2:4 → 0.5).
-        pattern: ``unstructured`` or ``N:M`` (N kept in every M consecutive inputs).
+        pattern: ``unstructured``, ``N:M`` (N kept in every M consecutive inputs), or a structured
+            kind: ``channels``, ``heads``, ``width``, ``blocks``, ``ffn`` (whole units removed).
         allocation: registered allocation strategy (``uniform`` …) deciding per-layer sparsity.
         include / exclude: regexes on qualified linear names (default: every decoder linear).
         method_options / allocation_options: extra keyword options for the method / allocator.
@@ -64,7 +67,7 @@ class PruneConfig:
             method masked it (``dsnot``), and its keyword options; ``None`` = no refinement.
     """
 
-    method: str = "wanda"
+    method: str | None = None
     sparsity: float | None = 0.5
     pattern: str = "unstructured"
     allocation: str = "uniform"
@@ -83,6 +86,12 @@ class PruneConfig:
             raise ConfigError(f"refine_options={dict(self.refine_options)} given without a refiner: add --refine dsnot")
         pat = Pattern.parse(self.pattern)  # raises a clear ValueError
         object.__setattr__(self, "pattern", str(pat))
+        if self.method is None:
+            from .structured.defaults import default_criterion
+
+            object.__setattr__(self, "method", default_criterion(pat.kind) if pat.is_structured else "wanda")
+        if pat.is_structured and self.refine is not None:
+            raise ConfigError(f"refine={self.refine!r} works on unstructured masks, not on pattern {pat}; drop --refine")
         for key in ("include", "exclude"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
             for rx in getattr(self, key):
@@ -92,7 +101,7 @@ class PruneConfig:
                     raise ConfigError(f"--{key} regex {rx!r} is invalid ({e}); fix it, e.g. 'mlp' or 'self_attn'") from None
         if self.sparsity is None:
             if not pat.is_nm:
-                raise ConfigError("sparsity is required for an unstructured pattern: e.g. --sparsity 0.5")
+                raise ConfigError(f"sparsity is required for pattern {pat}: e.g. --sparsity 0.5")
             object.__setattr__(self, "sparsity", pat.sparsity)
         s = self.sparsity
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not (0.0 <= float(s) < 1.0):
@@ -109,9 +118,10 @@ class PruneConfig:
 
     def _typed_options(self) -> None:
         """Names checked and option values converted by each component's declared ``Options``."""
-        from .registry import ALLOCATORS, METHODS, REFINERS
+        from .registry import ALLOCATORS, METHODS, REFINERS, STRUCTURED
 
-        for reg, name, key in ((METHODS, self.method, "method_options"), (ALLOCATORS, self.allocation,
+        methods = STRUCTURED if self.pattern_obj.is_structured else METHODS
+        for reg, name, key in ((methods, self.method, "method_options"), (ALLOCATORS, self.allocation,
                                "allocation_options"), (REFINERS, self.refine, "refine_options")):
             raw = dict(getattr(self, key))
             if name is None:

@@ -19,12 +19,18 @@ from torch import Tensor
 from .errors import ConfigError
 
 
+#: structured pattern kinds: whole units are removed and the model gets physically smaller
+#: (FFN channels, attention heads, both, whole decoder blocks, the FFN sub-block of a block)
+STRUCTURED_KINDS = ("channels", "heads", "width", "blocks", "ffn")
+
+
 @dataclass(frozen=True)
 class Pattern:
-    """Where zeros may go: anywhere (``unstructured``) or ``n`` kept out of every ``m``.
+    """Where zeros may go: anywhere (``unstructured``), ``n`` kept out of every ``m``, or whole structures.
 
     N:M follows the hardware convention (NVIDIA 2:4): ``n`` non-zeros in every group of ``m``
-    consecutive weights along the input dimension, so its sparsity is ``1 - n/m``.
+    consecutive weights along the input dimension, so its sparsity is ``1 - n/m``. The structured
+    kinds (:data:`STRUCTURED_KINDS`) remove whole units, see :mod:`prunekit.structured`.
     """
 
     kind: str = "unstructured"
@@ -32,8 +38,9 @@ class Pattern:
     m: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("unstructured", "nm"):
-            raise ConfigError(f"pattern kind {self.kind!r} is not one of 'unstructured', 'nm'")
+        if self.kind not in ("unstructured", "nm", *STRUCTURED_KINDS):
+            raise ConfigError(f"pattern kind {self.kind!r} is not one of 'unstructured', 'nm', "
+                              + ", ".join(repr(k) for k in STRUCTURED_KINDS))
         if self.kind == "nm" and not (0 < self.n < self.m):
             raise ConfigError(
                 f"N:M pattern {self.n}:{self.m} needs 0 < N < M (N weights kept in every M); "
@@ -42,12 +49,14 @@ class Pattern:
 
     @classmethod
     def parse(cls, text: "str | Pattern") -> "Pattern":
-        """Parse ``"unstructured"``, ``"2:4"``, ``"4:8"`` (any ``N:M``)."""
+        """Parse ``"unstructured"``, ``"2:4"``, ``"4:8"`` (any ``N:M``) or a structured kind (``"channels"`` …)."""
         if isinstance(text, Pattern):
             return text
         t = str(text).strip().lower()
         if t in ("unstructured", "none", ""):
             return cls()
+        if t in STRUCTURED_KINDS:
+            return cls(t)
         if ":" in t:
             a, _, b = t.partition(":")
             try:
@@ -55,11 +64,17 @@ class Pattern:
             except ValueError:
                 raise ConfigError(f"pattern {text!r} is not 'unstructured' or N:M such as '2:4'") from None
             return cls("nm", n, m)
-        raise ConfigError(f"pattern {text!r} is not 'unstructured' or N:M such as '2:4'")
+        raise ConfigError(f"pattern {text!r} is not 'unstructured', N:M such as '2:4', or one of "
+                          + ", ".join(STRUCTURED_KINDS))
 
     @property
     def is_nm(self) -> bool:
         return self.kind == "nm"
+
+    @property
+    def is_structured(self) -> bool:
+        """Whole heads, channels or blocks are removed (the model gets smaller)."""
+        return self.kind in STRUCTURED_KINDS
 
     @property
     def sparsity(self) -> float | None:
@@ -76,7 +91,7 @@ class Pattern:
             )
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+        return f"{self.n}:{self.m}" if self.is_nm else self.kind
 
 
 def _prune_lowest(scores: Tensor, k: int, dim: int = -1) -> Tensor:

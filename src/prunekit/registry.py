@@ -77,3 +77,5 @@ DATASETS: Registry = Registry("dataset")
 TASKS: Registry = Registry("task")
 MODEL_ALIASES: Registry = Registry("model alias")
 REFINERS: Registry = Registry("refiner")
+#: criteria for structured patterns (channels, heads, width, blocks, ffn); names may repeat METHODS'
+STRUCTURED: Registry = Registry("structured criterion")

@@ -25,7 +25,10 @@ def run(args: argparse.Namespace) -> int:
     from .. import allocation, data, methods  # noqa: F401  (populate the registries)
     from ..eval import tasks  # noqa: F401
 
-    sections = [("methods", registry.METHODS), ("refiners", registry.REFINERS), ("allocations", registry.ALLOCATORS),
+    from .. import structured  # noqa: F401
+
+    sections = [("methods", registry.METHODS), ("structured criteria (--pattern channels|heads|width|blocks|ffn)",
+                registry.STRUCTURED), ("refiners", registry.REFINERS), ("allocations", registry.ALLOCATORS),
                 ("datasets", registry.DATASETS), ("tasks", registry.TASKS), ("model aliases", registry.MODEL_ALIASES)]
     for title, reg in sections:
         if not len(reg):
@@ -36,5 +39,8 @@ def run(args: argparse.Namespace) -> int:
             for line in option_lines(reg.get(name)):
                 print(line)
         if title == "methods":
-            print("patterns:\n  unstructured   zeros anywhere\n  N:M            N kept in every M consecutive inputs (2:4, 4:8, …)")
+            print("patterns:\n  unstructured   zeros anywhere\n  N:M            N kept in every M consecutive inputs (2:4, 4:8, …)"
+                  "\n  channels       FFN channels removed (the model gets smaller)\n  heads          attention heads "
+                  "(whole key/value groups, or the same number of query heads per group)\n  width          heads and "
+                  "channels\n  blocks         whole decoder blocks\n  ffn            FFN sub-blocks of whole blocks")
     return 0

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..registry import ALLOCATORS, METHODS, REFINERS
+from ..registry import ALLOCATORS, METHODS, REFINERS, STRUCTURED
 from ._tasks import add_task_args, prepare, run_with_progress, task_settings
 from .common import (add_eval_args, add_model_args, check_json_path, fmt_ppl, load_from_args, options_epilog,
                      run_perplexity, setup_threads, table)
@@ -20,10 +20,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "dense vs pruned perplexity.",
                        epilog=options_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--method", default=None, choices=METHODS.names(), help="pruning criterion (default wanda)")
+    p.add_argument("--method", default=None, choices=sorted(set(METHODS.names()) | set(STRUCTURED.names())),
+                   help="pruning criterion (default wanda; with a structured pattern: flap for channels/heads/width, "
+                        "shortgpt for blocks/ffn)")
     p.add_argument("--sparsity", type=float, default=None,
-                   help="fraction of weights to remove, in [0, 1) (default 0.5; implied by an N:M pattern)")
-    p.add_argument("--pattern", default=None, help="unstructured (default) or N:M, e.g. 2:4, 4:8")
+                   help="fraction of weights to remove, in [0, 1) (default 0.5; implied by an N:M pattern); "
+                        "structured: fraction of the selected decoder-linear weights removed")
+    p.add_argument("--pattern", default=None, help="unstructured (default), N:M (2:4, 4:8), or structured: channels, "
+                                                   "heads, width, blocks, ffn (the model gets smaller)")
     p.add_argument("--allocation", default=None, choices=ALLOCATORS.names(), help="layerwise sparsity allocation")
     p.add_argument("--alloc-option", action="append", metavar="K=V", help="allocation option (repeatable)")
     p.add_argument("--option", action="append", metavar="K=V", help="method option, e.g. percdamp=0.01 (repeatable)")
@@ -141,6 +145,9 @@ def _run(args: argparse.Namespace, config) -> int:
     print(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.dtype}, "
           f"{args.device}) in {time.perf_counter() - t0:.1f}s")
     check_finite(model)  # a NaN anywhere makes every number below meaningless
+    from ..api import check_model
+
+    check_model(model, config)  # architecture x pattern, include/exclude: before the dense baseline
     if args.eval_datasets:
         check_seqlen(model, eval_seqlen, "--eval-seqlen")
     tokens: dict = {}
@@ -212,6 +219,14 @@ def print_summary(report, dense: dict, pruned: dict, dense_tasks: dict | None = 
                          fmt_metric(v, res.stderr.get(m), ppl)])
     rows.append(["sparsity of pruned linears", "0.0000", f"{report.sparsity:.4f}"])
     rows.append([f"target ({report.method}, {report.pattern}, {report.allocation})", "", f"{report.target_sparsity:.4f}"])
+    st = report.extra.get("structure")
+    if st:  # structured: the model is physically smaller
+        rows.append(["parameters (M)", f"{st['params_dense'] / 1e6:.3f}", f"{st['params'] / 1e6:.3f}"])
+        rows.append(["blocks / widths uniform", "", f"{st['blocks']} / {st['uniform_widths']}"])
+        save = st.get("save", {})
+        if save.get("zero_bias_params"):
+            rows.append(["parameters in a plain folder (M, incl. zero biases)", "", f"{save['params_saved'] / 1e6:.3f}"])
+        rows.append(["loads with", "", save.get("loader", "-")])
     rows.append(["prune time (s)", "", f"{report.seconds:.1f}"])
     for ds, res in pruned.items():
         d = dense.get(ds)

@@ -93,6 +93,10 @@ def save_merged(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report:
 def save_compressed(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report: dict | None = None,
                     overwrite: bool = False, merge: bool = False) -> tuple[Path, str]:
     """Save in the right format; returns the folder and a sentence saying what loads it."""
+    from .structured import is_restructured, save_structured
+
+    if not lowrank_modules(model) and is_restructured(model):  # structurally pruned: smaller shapes
+        return save_structured(model, tokenizer, out_dir, report, overwrite)
     if lowrank_modules(model) and not merge:
         return save_lowrank(model, tokenizer, out_dir, report, overwrite), (
             "factorized low-rank format: reload with prunekit.load_model (or `prunekit export --merge-lowrank` "

@@ -23,6 +23,7 @@ import torch
 from ..registry import MODEL_ALIASES
 from .compressed import is_compressed_folder, load_compressed_model
 from .lowrank import is_lowrank_folder, load_lowrank_model
+from .structured import is_structured_folder, load_structured_model
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -278,6 +279,8 @@ def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, t
             model = load_compressed_model(src.path, torch_dtype, trust_remote_code)
         elif not src.hub and is_lowrank_folder(src.path):  # factorized modules saved by prunekit
             model = load_lowrank_model(src.path, torch_dtype, trust_remote_code)
+        elif not src.hub and is_structured_folder(src.path):  # per-block widths saved by prunekit
+            model = load_structured_model(src.path, torch_dtype, trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
         tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code)

@@ -1,0 +1,1 @@
+"""One file per structured criterion; each registers itself in ``prunekit.registry.STRUCTURED``."""

@@ -1,0 +1,157 @@
+"""Structured pruning end to end: plan, remove through the sequential engine, shrink, report.
+
+:func:`prune_structured` is what :func:`prunekit.prune` runs for a structured pattern:
+
+1. describe every block (:func:`~prunekit.models.structure.block_parts`) and check the pattern can
+   apply to this architecture and selection (one-line :class:`~prunekit.errors.ConfigError`);
+2. ``blocks``/``ffn``: rank candidates with the block criterion and remove the lowest
+   (:mod:`.drop`); otherwise plan how many heads/channels each block loses (:mod:`.plan`: uniform
+   or per-block rates from an allocator; :mod:`.global_plan` for ``--allocation global``);
+3. run the sequential engine with :class:`~prunekit.structured.method.UnitPruner` (zeroes the
+   chosen units of each block on the pruned upstream activations, compensates the output
+   projections), then remove the zeroed units physically (:mod:`prunekit.models.shrink`);
+4. report exact parameter counts, per-block widths and whether a stock config can express the
+   result (``report.extra["structure"]``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..allocation.base import Allocator
+from ..calibration import run_sequential
+from ..errors import ConfigError
+from ..masks import Pattern
+from ..methods.base import Target
+from ..models import block_lookup, weight_view
+from ..models.shrink import remove_channels, remove_heads
+from ..models.structure import BlockParts, block_parts, require_parts
+from ..report import Report, RunInfo
+from .base import BlockCriterion, StructuredCriterion, UnitCriterion
+from .drop import drop_ranked
+from .global_plan import global_plan
+from .method import UnitPruner
+from .plan import BlockPlan, UnitCosts, plan_blocks, unit_costs
+from ..export.structured import plain_config
+from .summary import param_count, structure_summary
+
+log = logging.getLogger(__name__)
+
+
+def check_structured(model: nn.Module, pattern: Pattern, criterion: StructuredCriterion,
+                     selected: dict[str, nn.Module]) -> list[BlockParts]:
+    """Everything about the model that can fail before any work; the blocks' layout.
+
+    Raises:
+        ConfigError: the architecture has no recognisable attention/FFN for the pattern, or the
+            selection cuts a unit across linears.
+    """
+    parts = block_parts(model)
+    if pattern.kind in ("heads", "width"):
+        require_parts(model, "attn", parts)
+    if pattern.kind in ("channels", "width", "ffn"):
+        require_parts(model, "ffn", parts)
+    if isinstance(criterion, UnitCriterion):
+        unit_costs(model, parts, selected, pattern.kind, criterion.opts.gqa)
+    return parts
+
+
+def _rates(model: nn.Module, allocator: Allocator, selected: dict[str, nn.Module], target: float, pattern: Pattern,
+           calib: Tensor | None) -> dict[int, float] | None:
+    """Per-block rates from a registered allocator (parameter-weighted over each block's linears); None if uniform."""
+    if allocator.name == "uniform":
+        return None
+    alloc = allocator.allocate(model, selected, target, pattern, calib if allocator.needs_calibration else None)
+    block_of = block_lookup(model)
+    acc: dict[int, list[float]] = {}
+    for n, s in alloc.items():
+        p = weight_view(selected[n]).numel()
+        a = acc.setdefault(block_of(n), [0.0, 0.0])
+        a[0] += s * p
+        a[1] += p
+    return {b: v[0] / v[1] for b, v in acc.items()}
+
+
+def _targets(costs: list[UnitCosts], plans: dict[int, BlockPlan], pattern: Pattern) -> dict[str, Target]:
+    """Per-linear targets (the fraction of each linear's weights the plan removes), for the engine and report."""
+    out: dict[str, Target] = {}
+    for c in costs:
+        p = plans[c.index]
+        if c.attn is not None:
+            a = c.attn
+            heads = p.heads_per_group * a.kv_heads + p.groups * a.group_size
+            frac = {a.q: heads / a.heads, a.o: heads / a.heads}
+            if a.layout == "separate":
+                frac[a.k] = frac[a.v] = p.groups / a.kv_heads
+            out.update({n: Target(min(f, 0.999999), pattern) for n, f in frac.items()})
+        if c.ffn is not None:
+            f = p.channels / c.ffn.width
+            out.update({n: Target(min(f, 0.999999), pattern) for n in c.ffn.linears})
+    return out
+
+
+def prune_structured(model: nn.Module, pattern: Pattern, target: float, criterion: StructuredCriterion,
+                     allocator: Allocator, selected: dict[str, nn.Module], calib: Tensor | None, info: RunInfo,
+                     batch_size: int = 8, device=None, callback: Callable | None = None) -> Report:
+    """Remove ``target`` of the ``selected`` decoder-linear weights as whole units; the model shrinks in place."""
+    dense_params = param_count(model)
+    parts = check_structured(model, pattern, criterion, selected)
+    if isinstance(criterion, BlockCriterion):
+        if allocator.name != "uniform":
+            raise ConfigError(f"allocation {allocator.name!r} gives per-layer rates; pattern {pattern} removes whole "
+                              f"{'blocks' if pattern.kind == 'blocks' else 'FFNs'} ranked by {criterion.name}: use "
+                              "--allocation uniform")
+        report = drop_ranked(model, parts, selected, pattern.kind, criterion, target, calib, batch_size, info)
+        report.extra["structure"] = structure_summary(model, dense_params, None)
+        report.extra["structure"]["save"] = _save_format(model)
+        return report
+    assert isinstance(criterion, UnitCriterion)
+    costs = unit_costs(model, parts, selected, pattern.kind, criterion.opts.gqa)
+    multiple = criterion.opts.multiple
+    plan_info: dict = {}
+    if getattr(allocator, "structured_only", False):
+        plans, plan_info = global_plan(model, criterion, costs, target, multiple, calib, batch_size)
+    else:
+        rates = _rates(model, allocator, selected, target, pattern, calib)
+        plans = plan_blocks(costs, target, rates, multiple)
+    pruner = UnitPruner(model, criterion, parts, costs, plans)
+    targets = _targets(costs, plans, pattern)
+    report = run_sequential(model, calib if pruner.needs_calibration else None, pruner, targets, batch_size, device,
+                            callback, info=info)
+    for c in costs:
+        rem = pruner.removed.get(c.index)
+        if rem is None:
+            continue
+        if c.attn is not None and rem.heads:
+            remove_heads(model, c.attn, rem.heads, rem.groups)
+        if c.ffn is not None and rem.channels:
+            remove_channels(model, c.ffn, rem.channels)
+    report.extra["structure"] = structure_summary(model, dense_params, {i: vars(p) for i, p in plans.items()})
+    report.extra["structure"]["plan"] = {"multiple": multiple, "gqa": criterion.opts.gqa, **plan_info}
+    report.extra["structure"]["save"] = _save_format(model)
+    return report
+
+
+def _save_format(model: nn.Module) -> dict:
+    """How the model will be saved, and the parameters the saved folder holds (exact).
+
+    A plain folder may hold a few more: when bias compensation added biases to the output
+    projections, the config's bias switch also gives q/k/v (or gate/up) biases, saved as zeros.
+    """
+    cfg, zeros = plain_config(model)
+    if cfg is None:
+        return {"format": "prunekit-structured", "loader": "prunekit.load_model"}
+    extra = 0
+    if zeros:
+        from ..export.structured import _meta_shapes
+
+        meta = _meta_shapes(cfg)
+        extra = sum(int(torch.Size(meta[k]).numel()) for k in zeros)
+    return {"format": "plain", "loader": "transformers.AutoModelForCausalLM.from_pretrained",
+            "zero_biases_added": len(zeros), "zero_bias_params": extra, "params_saved": param_count(model) + extra}
+
+
