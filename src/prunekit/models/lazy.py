@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .checks import all_finite, count_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +222,8 @@ class LazyModel:
                 raise ConfigError(f"the checkpoint has no tensor for {full}; stream only checkpoints saved by "
                                   "transformers/prunekit, or load the model in memory (--offload none)")
             value = self.source.get(src).to(self.device, self.dtype)  # sources hand out fresh tensors
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise ConfigError(f"{full} has {int((~torch.isfinite(value)).sum())} NaN/Inf values; the model is "
+            if value.is_floating_point() and not all_finite(value):
+                raise ConfigError(f"{full} has {count_nonfinite(value)} NaN/Inf values; the model is "
                                   "corrupt: reload or re-download it")
             _assign(self.model, full, value)
         self.model.tie_weights()
