@@ -91,3 +91,27 @@ def test_cli_offload_disk_saves_compressed_and_eval_streams_it(folder, text, tmp
                      "--offload", offload, "--json", str(js)]) == 0
         evals[offload] = json.loads(js.read_text())[str(text)]["nll"]
     assert evals["none"] == evals["disk"] == ppl["none"]
+
+
+@pytest.mark.parametrize("extra, says", [(["--save-format", "compressed"], "drop --save-format compressed"),
+                                         (["--offload", "disk"], "needs it in memory")])
+def test_structured_refuses_compressed_and_streaming_before_work(folder, text, tmp_path, capsys, extra, says):
+    out = tmp_path / "o"
+    code = main(["prune", str(folder), "--method", "flap", "--pattern", "width", "--sparsity", "0.25",
+                 "--calib", str(text), "--nsamples", "2", "--seqlen", "32", "--out", str(out), *extra])
+    err = capsys.readouterr().err
+    assert code != 0 and says in err and err.count("\n") == 1
+    assert not out.exists() and not any(tmp_path.glob(".o*"))
+
+
+def test_api_refuses_a_compressed_save_of_a_structured_model(folder, tmp_path):
+    from prunekit.errors import ConfigError
+
+    model, tok = load_model(str(folder))
+    prune(model, PruneConfig(method="magnitude", pattern="width", sparsity=0.3))
+    with pytest.raises(ConfigError, match="structurally pruned"):
+        save_folder(model, tok, tmp_path / "c", save_format="compressed")
+    assert not (tmp_path / "c").exists()
+    lazy, tok = open_lazy(str(folder))
+    with pytest.raises(ConfigError, match="cannot stream"):
+        prune_streamed(lazy, PruneConfig(method="magnitude", pattern="width", sparsity=0.3), tmp_path / "s", tok)

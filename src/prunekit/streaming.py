@@ -155,6 +155,9 @@ def prune_streamed(
     sharded HF folder (``save_format="dense"``) or in prunekit's compressed format (``"compressed"``)."""
     if save_format not in ("dense", "compressed"):
         raise ConfigError(f"save format {save_format!r} is not one of: dense, compressed")
+    if config.pattern_obj.is_structured:
+        raise ConfigError(f"pattern {config.pattern!r} reshapes the model as a whole and cannot stream: load the "
+                          "model in memory (prunekit.load_model + prunekit.prune), or use an unstructured / N:M pattern")
     t0 = time.perf_counter()
     method, allocator = build_components(config)
     model = lazy.model

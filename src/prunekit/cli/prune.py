@@ -110,6 +110,13 @@ def _check_inputs(args: argparse.Namespace):
     check_json_path(args.json)
     if args.max_windows is not None and args.max_windows < 1:
         raise ConfigError(f"--max-windows={args.max_windows} must be >= 1")
+    if config.pattern_obj.is_structured and args.save_format == "compressed":
+        raise ConfigError(f"--save-format compressed stores the zeros of a sparse model compactly; --pattern "
+                          f"{config.pattern} removes them outright (the saved model is already smaller): drop "
+                          "--save-format compressed")
+    if config.pattern_obj.is_structured and args.offload == "disk":
+        raise ConfigError(f"--pattern {config.pattern} reshapes the model as a whole and needs it in memory: use "
+                          "--offload none (or auto), or an unstructured / N:M pattern to stream")
     return config
 
 
@@ -136,6 +143,10 @@ def _run(args: argparse.Namespace, config) -> int:
 
     recover_cfg = chain_config(args)  # --recover settings fail before the model loads too
     if wants_streaming(args):
+        if config.pattern_obj.is_structured:
+            raise ConfigError(f"{args.model} does not fit in memory ({args.dtype}), and --pattern {config.pattern} "
+                              "needs the whole model in memory: use an unstructured / N:M pattern, which streams, "
+                              "or a machine with more memory")
         if recover_cfg is not None:
             raise ConfigError("--recover trains the whole model in memory, so it cannot follow a streamed prune; "
                               "prune with --offload disk, then run prunekit recover where the model fits")
