@@ -93,7 +93,12 @@ def test_streamed_perplexity_equals_the_in_memory_perplexity(folder, text, monke
     assert got.nll == want.nll and got.windows == 5 and len(walks) == 3
 
 
-def test_only_one_block_is_resident_at_a_time(folder, text, tmp_path):
+def test_only_one_block_is_resident_at_a_time(folder, text, tmp_path, monkeypatch):
+    from prunekit.calibration.spill import SpilledTensors
+
+    spilled = []
+    monkeypatch.setattr(SpilledTensors, "append", lambda self, t, real=SpilledTensors.append: (spilled.append(t.shape),
+                                                                                               real(self, t)))
     lazy, tok = open_lazy(str(folder))
     seen = []
 
@@ -105,6 +110,8 @@ def test_only_one_block_is_resident_at_a_time(folder, text, tmp_path):
     prune_streamed(lazy, PruneConfig(method="wanda", sparsity=0.5), out, tok, calib=_calib(tok, text), callback=on_block)
     assert seen == [[], [], []]  # each block was released as soon as it was written
     assert all(p.device.type == "meta" for p in lazy.model.model.layers.parameters())
+    assert spilled  # the calibration activations lived on disk, not in memory
+    assert sorted(p.name for p in out.iterdir() if "activations" in p.name) == []
 
 
 def test_cli_offload_disk_end_to_end(folder, text, tmp_path, capsys):

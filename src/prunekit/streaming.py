@@ -163,7 +163,7 @@ def prune_streamed(
     model = lazy.model
     path, blocks = find_blocks(model)
     linears = select_linears(model, config)
-    residency = Streamed(lazy, path, None)  # reads (and checks) everything outside the blocks
+    residency = Streamed(lazy, path, None, spill_dir=out_folder)  # reads (and checks) everything outside the blocks
     calib_info: dict = {}
     if method.needs_calibration or allocator.needs_calibration:
         calib, calib_info = _calibration(model, config, calib, tokenizer, data_dir)

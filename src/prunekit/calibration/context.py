@@ -155,20 +155,24 @@ def logits_from_last_hidden(model: nn.Module, blocks: nn.ModuleList, batch: dict
 
 
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: Tensor, batch_size: int,
-                         device: torch.device) -> BlockInputs:
+                         device: torch.device, store: Any = None) -> BlockInputs:
     """Record block 0's hidden states and every block's other arguments for ``ids`` in batches.
 
     One forward per batch runs the model's embedding stage (embeddings, masks, rotary tables)
     but no block and no LM head; the first batch also runs block 0 once to learn its output form.
     """
     batches = [{"input_ids": ids[s : s + batch_size].to(device)} for s in range(0, ids.shape[0], batch_size)]
-    return capture_batches(model, blocks, batches)
+    return capture_batches(model, blocks, batches, store)
 
 
-def capture_batches(model: nn.Module, blocks: nn.ModuleList, batches: list[dict[str, Tensor]]) -> BlockInputs:
+def capture_batches(model: nn.Module, blocks: nn.ModuleList, batches: list[dict[str, Tensor]],
+                    store: Any = None) -> BlockInputs:
     """:func:`capture_block_inputs` for batches of model inputs (``input_ids`` with, e.g., an
-    ``attention_mask`` for padded sequences: the masks the model builds from it are recorded too)."""
-    rec = BlockInputs(calls=[[] for _ in blocks])
+    ``attention_mask`` for padded sequences: the masks the model builds from it are recorded too).
+
+    ``store``: where the hidden states go (an empty list-like, e.g. a
+    :class:`~prunekit.calibration.spill.SpilledTensors` on disk); a list in memory by default."""
+    rec = BlockInputs(hidden=[] if store is None else store, calls=[[] for _ in blocks])
     with _recording(blocks, rec):
         for batch in batches:
             try:

@@ -244,7 +244,7 @@ def run_sequential(
         inputs = BlockInputs()
         if calibrated:
             with res.capture(model, blocks):
-                inputs = capture_block_inputs(model, blocks, calib_ids, batch_size, dev)
+                inputs = capture_block_inputs(model, blocks, calib_ids, batch_size, dev, res.activations())
         for idx, block in enumerate(blocks):
             t0 = time.perf_counter()
             with res.block(idx, block):

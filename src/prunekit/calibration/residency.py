@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -41,6 +42,10 @@ class InMemory:
     def linears(self, found: Mapping[str, nn.Module]) -> Mapping[str, nn.Module]:
         """The selected linears as :meth:`Method.prepare` sees them (here: the modules themselves)."""
         return found
+
+    def activations(self) -> None:
+        """Where the calibration hidden states live between blocks: ``None``, a list in memory."""
+        return None
 
     @contextlib.contextmanager
     def capture(self, model: nn.Module, blocks: nn.ModuleList) -> Iterator[None]:
@@ -94,14 +99,23 @@ class Streamed:
     """Blocks read from a :class:`~prunekit.models.lazy.LazyModel` one at a time, handed to ``on_done``
     after compression (to be written out), then released."""
 
-    def __init__(self, lazy, blocks_path: str, on_done: Callable[[int, nn.Module], None] | None = None) -> None:
+    def __init__(self, lazy, blocks_path: str, on_done: Callable[[int, nn.Module], None] | None = None,
+                 spill_dir: str | Path | None = None, spill: bool = True) -> None:
         self.lazy, self.path, self.on_done = lazy, blocks_path, on_done
+        self.spill_dir, self.spill = spill_dir, spill
         self.device = lazy.device
         head = lazy.output_head()  # an untied LM head is never run by the engine: it stays on disk
         lazy.load(exclude=(blocks_path + ".",) + ((head + ".",) if head else ()))
 
     def linears(self, found: Mapping[str, nn.Module]) -> Mapping[str, nn.Module]:
         return _LazyLinears(self.lazy, found)
+
+    def activations(self):
+        """On disk (an unlinked file in ``spill_dir``): memory stays one block's working set whatever the
+        calibration size (128 x 2048 tokens of a 4096-wide model are 4.3 GB of float32)."""
+        from .spill import SpilledTensors
+
+        return SpilledTensors(self.spill_dir) if self.spill else None
 
     @contextlib.contextmanager
     def capture(self, model: nn.Module, blocks: nn.ModuleList) -> Iterator[None]:
