@@ -79,10 +79,14 @@ def test_streamed_folder_holds_one_shard_per_block_and_the_lm_head_once(tmp_path
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
 
 
-def test_streamed_perplexity_equals_the_in_memory_perplexity(folder, text, monkeypatch):
+@pytest.mark.parametrize("arch, tied", [("llama", True), ("llama", False), ("qwen2", False), ("gemma3", True),
+                                        ("gemma2", False)])
+def test_streamed_perplexity_equals_the_in_memory_perplexity(tmp_path, text, monkeypatch, arch, tied):
     import prunekit.eval.streamed as streamed
 
+    folder = save_tiny(tmp_path / arch, arch, tie_word_embeddings=tied)  # gemma: 4 blocks, mixed attention
     model, tok = load_model(str(folder))
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
     want = evaluate(model, tok, EvalConfig((str(text),), seqlen=32, max_windows=5, batch_size=2))[str(text)]
     lazy = LazyModel(SafetensorsSource(folder), torch.float32)
     walks = []

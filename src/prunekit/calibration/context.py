@@ -143,12 +143,18 @@ def _stubbed(blocks: nn.ModuleList, forwards: list) -> Iterator[None]:
 
 
 def logits_from_last_hidden(model: nn.Module, blocks: nn.ModuleList, batch: dict[str, Tensor], last: Tensor,
-                            returns: Any) -> Tensor:
+                            returns: Any, zero_embeddings: bool = False) -> Tensor:
     """The model's logits for ``ids`` when its last block outputs ``last``: the model's own head
     (final norm, LM head, any logit soft-capping) runs on it, every block is skipped.
 
-    ``returns`` is a block's output form (:attr:`BlockInputs.returns`).
+    ``returns`` is a block's output form (:attr:`BlockInputs.returns`). ``zero_embeddings``: pass
+    zeros as ``inputs_embeds`` instead of the ids (the embeddings' output is never used: every
+    block is skipped), so the embedding matrix need not be in memory.
     """
+    if zero_embeddings:
+        ids = batch["input_ids"]
+        batch = {k: v for k, v in batch.items() if k != "input_ids"}
+        batch["inputs_embeds"] = torch.zeros(*ids.shape, last.shape[-1], dtype=last.dtype, device=last.device)
     passthrough = [lambda *a, **k: _like(returns, BlockCall.split(a, k)[0]) for _ in blocks[:-1]]
     with _stubbed(blocks, passthrough + [lambda *a, **k: _like(returns, last)]):
         return model(**batch, use_cache=False).logits

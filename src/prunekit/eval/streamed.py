@@ -25,14 +25,16 @@ BUDGET = 1 << 30  # bytes of hidden states held per chunk of sequences
 
 
 def _walk(lazy: LazyModel, batches: list[dict[str, Tensor]]):
-    """The last block's outputs for ``batches``, blocks read one at a time; and the block output form."""
+    """The last block's outputs for ``batches``, blocks read one at a time; and the block output form.
+
+    The modules outside the blocks must be loaded for the capture; they are released right after it."""
     model = lazy.model
     path, blocks = find_blocks(model)
     lazy.load(f"{path}.0")  # block 0 runs once during the capture to show what a block returns
     try:
         inputs = capture_batches(model, blocks, batches)
     finally:
-        lazy.release(f"{path}.0")
+        lazy.release("")  # the embeddings too: the block loop needs one block only
     for idx, block in enumerate(blocks):
         lazy.load(f"{path}.{idx}")
         for b in range(inputs.batches):
@@ -41,21 +43,41 @@ def _walk(lazy: LazyModel, batches: list[dict[str, Tensor]]):
     return inputs.hidden, inputs.returns
 
 
+def _module_name(model, module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def _chunks(batches: list[dict[str, Tensor]], budget_bytes: int, width: int, device) -> Iterator[list]:
+    """Consecutive batches whose hidden states (and the next block's outputs) fit ``budget_bytes``."""
+    chunk: list[dict[str, Tensor]] = []
+    size = 0
+    for i, batch in enumerate(batches):
+        chunk.append({k: v.to(device) for k, v in batch.items()})
+        size += batch["input_ids"].numel() * width * 4 * 2
+        if size >= budget_bytes or i == len(batches) - 1:
+            yield chunk
+            chunk, size = [], 0
+
+
 def streamed_logits(lazy: LazyModel, batches: list[dict[str, Tensor]], budget_bytes: int | None = None) -> Iterator[Tensor]:
-    """The model's logits for every batch of inputs, in order, one block of weights in memory at a time."""
+    """The model's logits for every batch of inputs, in order, one block of weights in memory at a time.
+
+    The input embeddings are in memory only for the capture, an untied LM head only while the logits
+    are computed (with zero input embeddings: every block is skipped then), so the two large
+    matrices of a big-vocabulary model are never resident together."""
     budget_bytes = BUDGET if budget_bytes is None else budget_bytes
     model = lazy.model
     path, blocks = find_blocks(model)
-    lazy.load(exclude=(path + ".",))
-    hidden = model.config.get_text_config().hidden_size
+    head = lazy.output_head()
+    emb = _module_name(model, model.get_input_embeddings()) if head else None
+    width = model.config.get_text_config().hidden_size
     with calibration_forward_context(model):
-        chunk: list[dict[str, Tensor]] = []
-        size = 0
-        for i, batch in enumerate(batches):
-            chunk.append({k: v.to(lazy.device) for k, v in batch.items()})
-            size += batch["input_ids"].numel() * hidden * 4 * 2  # the states and the next block's output
-            if size >= budget_bytes or i == len(batches) - 1:
-                last, returns = _walk(lazy, chunk)
+        for chunk in _chunks(batches, budget_bytes, width, lazy.device):
+            lazy.load(exclude=(path + ".",) + ((head + ".",) if head else ()))
+            last, returns = _walk(lazy, chunk)
+            lazy.load(exclude=(path + ".",) + ((emb + ".",) if emb else ()))
+            try:
                 for b, h in zip(chunk, last):
-                    yield logits_from_last_hidden(model, blocks, b, h, returns)
-                chunk, size = [], 0
+                    yield logits_from_last_hidden(model, blocks, b, h, returns, zero_embeddings=emb is not None)
+            finally:
+                lazy.release("")
