@@ -237,3 +237,19 @@ def test_ray_sweep_on_cuda_declares_a_gpu_and_matches_serial(ray_local, setup, t
     finally:
         torch.set_num_threads(before)
     assert numbers(data) == numbers(serial)
+
+
+def test_an_unreachable_cluster_address_is_one_line_naming_it():
+    from prunekit.sweep.ray_executor import _connect
+
+    class FakeRay:
+        @staticmethod
+        def is_initialized():
+            return False
+
+        @staticmethod
+        def init(**kwargs):
+            raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}")
+
+    with pytest.raises(ConfigError, match=r"no Ray cluster answers at --ray 10\.0\.0\.9:6379 .*--ray alone"):
+        _connect(FakeRay, RayResources(address="10.0.0.9:6379"))

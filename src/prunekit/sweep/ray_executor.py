@@ -183,7 +183,11 @@ def _connect(ray, resources: RayResources) -> bool:
     if ray.is_initialized():
         return False
     if resources.address is not None:
-        ray_init(ray, address=resources.address, log_to_driver=True)
+        try:
+            ray_init(ray, address=resources.address, log_to_driver=True)
+        except ConnectionError as e:
+            raise ConfigError(f"no Ray cluster answers at --ray {resources.address} ({e}); give the head node's "
+                              "address as `ray status` on it prints it, or --ray alone for a local Ray") from None
         return True
     workers = resources.workers or max(1, (os.cpu_count() or 1) // resources.cpus_per_cell)
     ray_init(ray, address="local", num_cpus=workers * resources.cpus_per_cell, include_dashboard=False,
