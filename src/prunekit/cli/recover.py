@@ -111,18 +111,30 @@ def make_evaluator(tok, args, tasks, settings):
     return evaluate
 
 
+class _Bar:
+    """A tqdm bar opened at the first step, so a run refused before training prints only its error."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.bar = total, None
+
+    def __call__(self, info) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc="recover", unit="step")
+        self.bar.n = info.step
+        self.bar.set_postfix_str(f"loss {info.loss:.4f} lr {info.lr:.2e} {info.tokens_per_s:.0f} tok/s "
+                                 f"ETA {info.eta_s / 60:.1f} min")
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def progress_bar(total: int):
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc="recover", unit="step")
-
-    def on_step(info) -> None:
-        bar.n = info.step
-        bar.set_postfix_str(f"loss {info.loss:.4f} lr {info.lr:.2e} {info.tokens_per_s:.0f} tok/s "
-                            f"ETA {info.eta_s / 60:.1f} min")
-        bar.refresh()
-
-    return bar, on_step
+    bar = _Bar(total)
+    return bar, bar
 
 
 def prior_report(model_spec: str) -> dict | None:
