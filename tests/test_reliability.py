@@ -217,3 +217,12 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, tiny_folder):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == "terminated; nothing was saved"
     assert not out.exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a folder nobody can create files in (Linux /proc)")
+def test_an_out_folder_that_cannot_be_created_is_one_line_naming_it():
+    from prunekit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--out '/proc/prunekit-x' cannot be written .*folder '/proc'"):
+        with reserve_output("/proc/prunekit-x"):
+            pass

@@ -106,7 +106,11 @@ def reserve_output(out_dir: str | os.PathLike, overwrite: bool = False) -> Itera
         yield out
         return
     lock = out.parent / f".{out.name}.lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"--out {str(out)!r} cannot be written ({e.strerror} in folder {str(out.parent)!r}); "
+                          "choose an --out in a folder you can write to") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
