@@ -116,6 +116,35 @@ def check_models(student: nn.Module, teacher: nn.Module | None, tokenizer, cfg: 
                               "(same tokenizer)")
 
 
+def _prepare_teacher(student: nn.Module, teacher: nn.Module | None, config: RecoverConfig) -> str | None:
+    """Cast the teacher to its dtype and put it in eval mode; returns the dtype's name (``None``: no teacher)."""
+    if teacher is None or not config.needs_teacher:
+        return None
+    dt = teacher_dtype(config, next(student.parameters()).device)
+    teacher.to(dt).eval()  # it only runs under inference_mode: no graph, no gradients
+    return str(dt).replace("torch.", "")
+
+
+def _trainable(student: nn.Module, linear_names: list[str], config: RecoverConfig) -> list[tuple[str, nn.Parameter]]:
+    """The parameters the optimizer updates: LoRA adapters on the decoder linears, or the full set."""
+    if config.trainable == "lora":
+        from .lora import add_lora
+
+        return add_lora(student, linear_names, config)
+    return _trainable_full(student, config)
+
+
+def _merge_lora(student, teacher, objective, text, masks, config, evaluate, evaluation: dict):
+    """Merge the adapters through the masks; returns the LoRA facts and an objective on the merged student."""
+    from .lora import merge_lora
+
+    val_unmasked = objective.evaluate(text.val, config.batch_size)
+    if evaluate:
+        evaluation["unmasked_merge"] = evaluate(student)
+    info = {**merge_lora(student, masks, masked=True), "validation_unmasked": val_unmasked}
+    return info, Objective(config, student, teacher)
+
+
 def _trainable_full(model: nn.Module, cfg: RecoverConfig) -> list[tuple[str, nn.Parameter]]:
     """Every parameter except the token embeddings / LM head (unless ``train_embeddings``)."""
     frozen = set()
@@ -159,20 +188,11 @@ def recover(student: nn.Module, teacher: nn.Module | None, tokenizer, config: Re
     masks = MaskSet.capture(student)
     before = sparsity_stats(student)
     fingerprint = {"zeros": before["zeros"], "params": sum(p.numel() for p in student.parameters())}
-    t_dtype = None
-    if teacher is not None and config.needs_teacher:
-        dt = teacher_dtype(config, next(student.parameters()).device)
-        teacher.to(dt).eval()  # it only runs under inference_mode: no graph, no gradients
-        t_dtype = str(dt).replace("torch.", "")
+    t_dtype = _prepare_teacher(student, teacher, config)
     evaluation = {"before": evaluate(student)} if evaluate else {}
     flags = {n: p.requires_grad for n, p in student.named_parameters()}
     linear_names = list(decoder_linears(student))
-    if config.trainable == "lora":
-        from .lora import add_lora
-
-        named = add_lora(student, linear_names, config)
-    else:
-        named = _trainable_full(student, config)
+    named = _trainable(student, linear_names, config)
     projectable = {f"{n}.weight" for n in linear_names}
     objective = Objective(config, student, teacher)
     val_before = objective.evaluate(text.val, config.batch_size)
@@ -180,13 +200,7 @@ def recover(student: nn.Module, teacher: nn.Module | None, tokenizer, config: Re
     result = trainer.run()
     lora_info = None
     if config.trainable == "lora":
-        from .lora import merge_lora
-
-        val_unmasked = objective.evaluate(text.val, config.batch_size)
-        if evaluate:
-            evaluation["unmasked_merge"] = evaluate(student)
-        lora_info = {**merge_lora(student, masks, masked=True), "validation_unmasked": val_unmasked}
-        objective = Objective(config, student, teacher)
+        lora_info, objective = _merge_lora(student, teacher, objective, text, masks, config, evaluate, evaluation)
     val_after = objective.evaluate(text.val, config.batch_size)
     for n, p in student.named_parameters():
         p.requires_grad_(flags.get(n, True))
