@@ -24,9 +24,9 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..calibration.context import calibration_forward_context
+from ..calibration.context import hooked_pass
 from ..masks import Pattern
-from ..models import block_lookup, find_blocks, model_device, weight_view
+from ..models import block_lookup, find_blocks, weight_view
 from ..options import Options, option
 from ..registry import ALLOCATORS
 from .base import Allocator, minmax, project_to_mean
@@ -50,10 +50,6 @@ def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[flo
     return [sparsity - 2.0 * lam * (x - mean_n) for x in n]
 
 
-class _Stop(Exception):
-    pass
-
-
 def dense_input_norms(model: nn.Module, linears: Mapping[str, nn.Module], calib_ids: Tensor,
                       batch_size: int = 8) -> dict[str, Tensor]:
     """``||X_j||_2`` of each linear's input on the dense model (one forward, hooks only).
@@ -64,7 +60,6 @@ def dense_input_norms(model: nn.Module, linears: Mapping[str, nn.Module], calib_
     path, blocks = find_blocks(model)
     block_of = block_lookup(model)
     last = max(block_of(n) for n in linears)
-    dev = model_device(model)
     sums: dict[str, Tensor] = {}
     seen: dict[int, tuple[Tensor, Tensor]] = {}
     handles = []
@@ -82,20 +77,10 @@ def dense_input_norms(model: nn.Module, linears: Mapping[str, nn.Module], calib_
             sums[name] = sums[name] + part if name in sums else part.clone()
         return hook
 
-    def stop(_mod, _args, _out):
-        raise _Stop
-
     for name in linears:  # the model's own modules (``linears`` may hand out copies read from a checkpoint)
         handles.append(model.get_submodule(name).register_forward_pre_hook(pre_hook(name)))
-    handles.append(blocks[last].register_forward_hook(stop))
     try:
-        with calibration_forward_context(model):
-            for s in range(0, calib_ids.shape[0], batch_size):
-                seen.clear()
-                try:
-                    model(input_ids=calib_ids[s : s + batch_size].to(dev), use_cache=False)
-                except _Stop:
-                    pass
+        hooked_pass(model, calib_ids, batch_size, blocks[last], seen.clear)
     finally:
         for h in handles:
             h.remove()

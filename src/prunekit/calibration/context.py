@@ -189,3 +189,34 @@ def capture_batches(model: nn.Module, blocks: nn.ModuleList, batches: list[dict[
         raise RuntimeError(f"{type(model).__name__}: the forward did not reach the last decoder block; "
                            "prunekit cannot calibrate this architecture — please open an issue")
     return rec
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a calibration forward early: nothing after that point is needed."""
+
+
+def _raise_stop(*_args) -> None:
+    raise StopForward
+
+
+def hooked_pass(model: nn.Module, ids: Tensor, batch_size: int, stop_after: nn.Module | None = None,
+                before_batch=None) -> None:
+    """Run ``model`` on ``ids`` in batches for what its hooks record (statistics passes on the dense
+    model); each forward ends once ``stop_after`` has run (or a hook raises :class:`StopForward`),
+    so the layers after it — and the LM head — never run. ``before_batch()`` is called before each batch."""
+    from ..models import model_device
+
+    dev = model_device(model)
+    handle = stop_after.register_forward_hook(_raise_stop) if stop_after is not None else None
+    try:
+        with calibration_forward_context(model):
+            for s in range(0, ids.shape[0], batch_size):
+                if before_batch is not None:
+                    before_batch()
+                try:
+                    model(input_ids=ids[s : s + batch_size].to(dev), use_cache=False)
+                except StopForward:
+                    pass
+    finally:
+        if handle is not None:
+            handle.remove()

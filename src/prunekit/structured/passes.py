@@ -20,14 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..calibration.context import calibration_forward_context, capture_block_inputs
+from ..calibration.context import StopForward, calibration_forward_context, capture_block_inputs, hooked_pass
 from ..methods.base import InputStats
 from ..models import find_blocks, model_device
 from ..models.structure import block_parts
-
-
-class _Stop(Exception):
-    pass
 
 
 def _hidden_in(args: tuple, kwargs: dict) -> Tensor:
@@ -60,7 +56,7 @@ def block_influence(model: nn.Module, calib_ids: Tensor, kind: str = "blocks", b
             sums[i] += float(cos.double().sum())
             count[i] += cos.numel()
             if i == len(blocks) - 1:
-                raise _Stop
+                raise StopForward
         return hook
 
     def on_ffn(i: int):
@@ -73,21 +69,11 @@ def block_influence(model: nn.Module, calib_ids: Tensor, kind: str = "blocks", b
         if parts is not None:
             handles.append(model.get_submodule(parts[i].ffn.contribution).register_forward_hook(on_ffn(i)))
     try:
-        _run(model, calib_ids, batch_size)
+        hooked_pass(model, calib_ids, batch_size)
     finally:
         for h in handles:
             h.remove()
     return [1.0 - s / max(c, 1) for s, c in zip(sums, count)]
-
-
-def _run(model: nn.Module, ids: Tensor, batch_size: int) -> None:
-    dev = model_device(model)
-    with calibration_forward_context(model):
-        for s in range(0, ids.shape[0], batch_size):
-            try:
-                model(input_ids=ids[s : s + batch_size].to(dev), use_cache=False)
-            except _Stop:
-                pass
 
 
 @contextlib.contextmanager
@@ -195,16 +181,8 @@ def dense_stats(model: nn.Module, linears: dict[str, nn.Module], calib_ids: Tens
 
         handles.append(mod.register_forward_pre_hook(hook))
     path, blocks = find_blocks(model)
-    handles.append(blocks[-1].register_forward_hook(lambda *_: (_ for _ in ()).throw(_Stop())))
     try:
-        dev = model_device(model)
-        with calibration_forward_context(model):
-            for s in range(0, calib_ids.shape[0], batch_size):
-                seen.clear()
-                try:
-                    model(input_ids=calib_ids[s : s + batch_size].to(dev), use_cache=False)
-                except _Stop:
-                    pass
+        hooked_pass(model, calib_ids, batch_size, blocks[-1], seen.clear)
     finally:
         for h in handles:
             h.remove()
@@ -223,9 +201,8 @@ def output_means(model: nn.Module, names: list[str], calib_ids: Tensor, batch_si
             acc[1] += y.shape[0]
         handles.append(model.get_submodule(n).register_forward_hook(hook))
     path, blocks = find_blocks(model)
-    handles.append(blocks[-1].register_forward_hook(lambda *_: (_ for _ in ()).throw(_Stop())))
     try:
-        _run(model, calib_ids, batch_size)
+        hooked_pass(model, calib_ids, batch_size, blocks[-1])
     finally:
         for h in handles:
             h.remove()
