@@ -32,15 +32,16 @@ ROWS = [
 ]
 
 
+def block_hash(state: dict, prefix: str, i: int) -> str:
+    h = hashlib.sha256()
+    for k in sorted(k for k in state if k.startswith(f"{prefix}.{i}.")):
+        h.update(k.encode())
+        h.update(state[k].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def block_hashes(state: dict, prefix: str, n: int) -> list[str]:
-    out = []
-    for i in range(n):
-        h = hashlib.sha256()
-        for k in sorted(k for k in state if k.startswith(f"{prefix}.{i}.")):
-            h.update(k.encode())
-            h.update(state[k].contiguous().view(torch.uint8).numpy().tobytes())
-        out.append(h.hexdigest()[:16])
-    return out
+    return [block_hash(state, prefix, i) for i in range(n)]
 
 
 def run_one(model: str, mode: str, nsamples: int, seqlen: int, windows: int) -> dict:
@@ -61,7 +62,7 @@ def run_one(model: str, mode: str, nsamples: int, seqlen: int, windows: int) -> 
         ev = prunekit.evaluate(m, tok, prunekit.EvalConfig(seqlen=1024, max_windows=windows))["wikitext2"]
         state, (path, blocks) = m.state_dict(), find_blocks(m)
     else:
-        from prunekit.eval.streamed import perplexity_streamed
+        from prunekit.eval import perplexity
         from prunekit.models.lazy import LazyModel, SafetensorsSource
         from prunekit.streaming import open_lazy, prune_streamed
 
@@ -70,14 +71,24 @@ def run_one(model: str, mode: str, nsamples: int, seqlen: int, windows: int) -> 
         out = Path(tempfile.mkdtemp(prefix="scale-"))
         rep = prune_streamed(lazy, cfg, out, tok, calib=calibration_ids(cfg.calib, tok))
         pruned = LazyModel(SafetensorsSource(out), torch.float32)
-        ev = perplexity_streamed(pruned, tok, "wikitext2", 1024, windows)
-        pruned.load()
-        state, (path, blocks) = pruned.model.state_dict(), find_blocks(pruned.model)
+        ev = perplexity(pruned.model, tok, "wikitext2", 1024, windows)  # streamed: the model is lazy
         row["written_mb"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
+    peak = peak_rss_mb()  # the pipeline's peak, before the checksums below
+    if mode == "memory":
+        hashes = block_hashes(state, path, len(blocks))
+        params = sum(p.numel() for p in m.parameters())
+    else:  # one block in memory at a time, as the pipeline itself
+        path, blocks = find_blocks(pruned.model)
+        hashes = []
+        for i in range(len(blocks)):
+            pruned.load(f"{path}.{i}")
+            hashes.append(block_hash(pruned.model.state_dict(), path, i))
+            pruned.release(f"{path}.{i}")
+        params = sum(p.numel() for p in pruned.model.parameters())  # meta tensors know their shapes
     row.update(prune_s=rep.seconds, sparsity=rep.sparsity, ppl=ev.ppl, eval_s=ev.seconds, eval_tok_s=ev.tokens_per_s,
-               calib_tok_s=nsamples * seqlen / rep.seconds, peak_rss_mb=peak_rss_mb(),
-               prune_peak_rss_mb=max(b.peak_rss_mb for b in rep.blocks), params=sum(v.numel() for v in {t.data_ptr(): t for t in state.values()}.values()),
-               block_sha=block_hashes(state, path, len(blocks)), total_s=time.perf_counter() - t0)
+               calib_tok_s=nsamples * seqlen / rep.seconds, peak_rss_mb=peak,
+               prune_peak_rss_mb=max(b.peak_rss_mb for b in rep.blocks), params=params,
+               block_sha=hashes, total_s=time.perf_counter() - t0)
     return row
 
 

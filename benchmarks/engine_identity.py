@@ -41,12 +41,17 @@ CONFIGS = [
 ]
 
 
-def fingerprint(model) -> str:
+def fingerprint(model, values: bool = False) -> str:
+    """SHA-256 over every decoder tensor's bytes; ``values``: with -0.0 written as +0.0 first (the two are
+    equal numbers, but a pruned negative weight multiplied by a zero mask is -0.0, a filled one +0.0)."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         if ".layers." in name:
+            t = t.detach()
+            if values and t.is_floating_point():
+                t = t + 0.0  # IEEE: -0.0 + 0.0 = +0.0; every other value unchanged
             h.update(name.encode())
-            h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -72,16 +77,20 @@ def main() -> int:
         prunekit.prune(model, PruneConfig(**cfg, calib=calib), tokenizer=tok)
         secs = time.perf_counter() - t0
         ppl = prunekit.evaluate(model, tok, EvalConfig(seqlen=512, max_windows=args.windows))["wikitext2"].ppl
-        rows[key] = {"sha256": fingerprint(model), "ppl": ppl, "seconds": secs}
+        rows[key] = {"sha256": fingerprint(model), "sha256_values": fingerprint(model, values=True), "ppl": ppl,
+                     "seconds": secs}
         print(f"{key}: {rows[key]['sha256'][:16]} ppl {ppl:.4f} ({secs:.1f}s)", flush=True)
         del model
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
     if args.compare:
         old = json.load(open(args.compare))
-        bad = [k for k in rows if k in old and old[k]["sha256"] != rows[k]["sha256"]]
         missing = [k for k in rows if k not in old]
-        print(f"{len(rows) - len(bad) - len(missing)} identical, {len(bad)} differ, {len(missing)} not in {args.compare}")
+        bits = [k for k in rows if k in old and old[k]["sha256"] != rows[k]["sha256"]]
+        key = "sha256_values" if all("sha256_values" in old[k] for k in rows if k in old) else "sha256"
+        bad = [k for k in rows if k in old and old[k][key] != rows[k][key]]
+        print(f"{len(rows) - len(bits) - len(missing)} bit-identical, {len(bits) - len(bad)} equal in value (only "
+              f"the sign of zeros differs), {len(bad)} differ, {len(missing)} not in {args.compare}")
         for k in bad:
             print(f"  DIFFERS: {k}: ppl {old[k]['ppl']:.4f} -> {rows[k]['ppl']:.4f}")
         return 1 if bad else 0
