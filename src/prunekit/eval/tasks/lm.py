@@ -264,10 +264,12 @@ def _score_full(model, prepared, order, out, batch_size, dev, pad, use_pos, coun
     else:
         logits_of = (_forward(model, x["input_ids"].to(dev), x["attention_mask"].to(dev),
                               x["position_ids"].to(dev) if "position_ids" in x else None).logits for _, x in batches)
-    for (chunk, inputs), logits in zip(batches, logits_of):
+    for chunk, inputs in batches:
+        logits = next(logits_of)  # not zip(): it would hold the previous logits through the next forward
         counter.tokens += int(inputs["attention_mask"].sum())
         counter.forwards += 1
         _add_scores(chunk, logits, out)
+        del logits
 
 
 def greedy_generate(
