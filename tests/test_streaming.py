@@ -95,6 +95,7 @@ def test_streamed_perplexity_equals_the_in_memory_perplexity(tmp_path, text, mon
     monkeypatch.setattr(streamed, "BUDGET", 2 * 32 * 64 * 4 * 2)  # two windows' hidden states per walk
     got = evaluate(lazy.model, tok, EvalConfig((str(text),), seqlen=32, max_windows=5, batch_size=2))[str(text)]
     assert got.nll == want.nll and got.windows == 5 and len(walks) == 3
+    assert torch.is_grad_enabled()  # the streamed generator's forward context exited in order
 
 
 def test_only_one_block_is_resident_at_a_time(folder, text, tmp_path, monkeypatch):

@@ -104,6 +104,7 @@ def perplexity_of_ids(
             del logits
             if progress is not None:
                 progress(min((k + 1) * batch_size, n_windows), n_windows)
+        logits_of.close()  # inside this context: a streamed generator's own context must exit first
     secs = time.perf_counter() - t0
     tokens = n_windows * (seqlen - 1)
     mean_nll = total_nll / tokens

@@ -38,9 +38,10 @@ def save_folder(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report:
     """
     if save_format not in SAVE_FORMATS:
         raise ConfigError(f"save format {save_format!r} is not one of: {', '.join(SAVE_FORMATS)}")
+    from ..models.lowrank import lowrank_modules
     from .structured import is_restructured
 
-    if save_format == "compressed" and is_restructured(model):
+    if save_format == "compressed" and not lowrank_modules(model) and is_restructured(model):
         raise ConfigError("save format 'compressed' stores the zeros of a sparse model compactly; this model was "
                           "structurally pruned (its shapes are smaller, nothing to compress): save it with "
                           "save_format='dense'")

@@ -270,6 +270,7 @@ def _score_full(model, prepared, order, out, batch_size, dev, pad, use_pos, coun
         counter.forwards += 1
         _add_scores(chunk, logits, out)
         del logits
+    logits_of.close()  # a streamed generator's forward context exits now, not when it is collected
 
 
 def greedy_generate(
