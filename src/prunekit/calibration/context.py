@@ -22,6 +22,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from ..models import model_device
+
 
 @contextlib.contextmanager
 def calibration_forward_context(model: nn.Module) -> Iterator[None]:
@@ -204,8 +206,6 @@ def hooked_pass(model: nn.Module, ids: Tensor, batch_size: int, stop_after: nn.M
     """Run ``model`` on ``ids`` in batches for what its hooks record (statistics passes on the dense
     model); each forward ends once ``stop_after`` has run (or a hook raises :class:`StopForward`),
     so the layers after it — and the LM head — never run. ``before_batch()`` is called before each batch."""
-    from ..models import model_device
-
     dev = model_device(model)
     handle = stop_after.register_forward_hook(_raise_stop) if stop_after is not None else None
     try:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..calibration.context import calibration_forward_context, capture_batches, logits_from_last_hidden
 from ..models import find_blocks
-from ..models.lazy import LazyModel
+from ..models.lazy import LazyModel, module_name
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ def _walk(lazy: LazyModel, batches: list[dict[str, Tensor]]):
     return inputs.hidden, inputs.returns
 
 
-def _module_name(model, module) -> str:
-    return next(n for n, m in model.named_modules() if m is module)
-
-
 def _chunks(batches: list[dict[str, Tensor]], budget_bytes: int, width: int, device) -> Iterator[list]:
     """Consecutive batches whose hidden states (and the next block's outputs) fit ``budget_bytes``."""
     chunk: list[dict[str, Tensor]] = []
@@ -69,7 +65,7 @@ def streamed_logits(lazy: LazyModel, batches: list[dict[str, Tensor]], budget_by
     model = lazy.model
     path, blocks = find_blocks(model)
     head = lazy.output_head()
-    emb = _module_name(model, model.get_input_embeddings()) if head else None
+    emb = module_name(model, model.get_input_embeddings()) if head else None
     width = model.config.get_text_config().hidden_size
     with calibration_forward_context(model):
         for chunk in _chunks(batches, budget_bytes, width, lazy.device):

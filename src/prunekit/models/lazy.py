@@ -237,7 +237,7 @@ class LazyModel:
         head, emb = self.model.get_output_embeddings(), self.model.get_input_embeddings()
         if head is None or (emb is not None and head.weight is emb.weight):
             return None
-        return next(n for n, m in self.model.named_modules() if m is head)
+        return module_name(self.model, head)
 
     def write_outside(self, writer, blocks_path: str) -> None:
         """Write everything outside the blocks with ``writer`` (a ``ShardWriter``), the untied LM head on
@@ -297,6 +297,11 @@ class LazyModel:
                     mod._parameters[n] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
         self.model.tie_weights()
         _trim()
+
+
+def module_name(root: nn.Module, module: nn.Module) -> str:
+    """The qualified name of ``module`` inside ``root``."""
+    return next(n for n, m in root.named_modules() if m is module)
 
 
 def _trim() -> None:
