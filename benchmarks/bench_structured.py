@@ -96,41 +96,60 @@ def _row(family, pattern, method, allocation, sparsity, options=None) -> dict:
             "allocation": allocation, "sparsity": sparsity, "options": options or {}}
 
 
-@torch.inference_mode()
-def latency(model, vocab: int, prefill: int = 512, prompt: int = 128, new: int = 64, repeats: int = 5) -> dict:
-    """Median prefill time of one ``prefill``-token sequence and per-token decode time (KV cache, batch 1).
+def _prefill_run(model, ids) -> float:
+    t0 = time.perf_counter()
+    model(ids, use_cache=False)
+    return time.perf_counter() - t0
 
-    One untimed prefill and decode run first (allocator and kernel warm-up)."""
+
+def _decode_run(model, ids, prompt: int, new: int) -> float:
+    """Seconds per token of ``new`` greedy steps with a KV cache after a ``prompt``-token prefill."""
+    out = model(ids[:, :prompt], use_cache=True)
+    cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(new):
+        out = model(nxt, cache=cache, use_cache=True)
+        cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - t0) / new
+
+
+@torch.inference_mode()
+def latency(models: dict, vocab: int, prefill: int = 512, prompt: int = 128, new: int = 64,
+            repeats: int = 5) -> dict:
+    """Median prefill time of one ``prefill``-token sequence and per-token decode time (KV cache, batch 1)
+    of each model in ``models`` (name -> model).
+
+    Every model runs one untimed prefill and decode first (allocator and kernel warm-up). With several
+    models the timed repetitions interleave (A B, B A, A B, ...), so a drift of the machine's speed
+    during the measurement reaches every model alike and cancels in their ratio."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, prefill), generator=g)
-
-    def decode_run() -> float:
-        out = model(ids[:, :prompt], use_cache=True)
-        cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(new):
-            out = model(nxt, cache=cache, use_cache=True)
-            cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
-        return (time.perf_counter() - t0) / new
-
-    model(ids, use_cache=False)
-    decode_run()
-    pre = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(ids, use_cache=False)
-        pre.append(time.perf_counter() - t0)
-    dec = [decode_run() for _ in range(repeats)]
-    return {"prefill_ms": 1000 * statistics.median(pre), "decode_ms": 1000 * statistics.median(dec),
-            "prefill_all_ms": [1000 * x for x in pre], "decode_all_ms": [1000 * x for x in dec]}
+    names = list(models)
+    for m in models.values():
+        _prefill_run(m, ids)
+        _decode_run(m, ids, prompt, new)
+    pre = {n: [] for n in names}
+    dec = {n: [] for n in names}
+    for i in range(repeats):
+        for n in (names if i % 2 == 0 else names[::-1]):
+            pre[n].append(_prefill_run(models[n], ids))
+    for i in range(repeats):
+        for n in (names if i % 2 == 0 else names[::-1]):
+            dec[n].append(_decode_run(models[n], ids, prompt, new))
+    return {n: {"prefill_ms": 1000 * statistics.median(pre[n]), "decode_ms": 1000 * statistics.median(dec[n]),
+                "prefill_all_ms": [1000 * x for x in pre[n]], "decode_all_ms": [1000 * x for x in dec[n]]}
+            for n in names}
 
 
-def speeds(model, repeats: int = 5) -> dict:
-    """fp32 then bf16 latency (the model is converted to bf16 in place)."""
+def speeds(model, repeats: int = 5, dense: dict | None = None) -> dict:
+    """fp32 then bf16 latency of ``model`` (converted to bf16 in place). With ``dense`` (dtype name ->
+    dense model) the dense model is timed interleaved with it: ``{"row": ..., "dense": ...}`` per dtype."""
     vocab = model.config.vocab_size
-    out = {"float32": latency(model, vocab, repeats=repeats)}
-    model.to(torch.bfloat16)
-    out["bfloat16"] = latency(model, vocab, repeats=repeats)
+    out = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        model.to(dtype)
+        res = latency({"row": model, **({"dense": dense[name]} if dense else {})}, vocab, repeats=repeats)
+        out[name] = res if dense else res["row"]
     return out
 
 
@@ -186,14 +205,18 @@ def run_row(spec: dict, ctx: dict, args) -> dict:
     key = shape_key(model)
     if spec["family"] == "dense":  # measured at the start of this run
         row["speed"] = ctx["dense_speed"]
-        ctx["speed_by_shape"][key] = (row["speed"], row["label"])
+        ctx["speed_by_shape"][key] = (row["speed"], row["label"], None)
     elif key in ctx["speed_by_shape"]:
-        row["speed"], row["speed_shared_with"] = ctx["speed_by_shape"][key]
+        row["speed"], row["speed_shared_with"], paired = ctx["speed_by_shape"][key]
+        if paired:
+            row["dense_speed_paired"] = paired
     else:
         t1 = time.perf_counter()
-        row["speed"] = speeds(model, ctx["repeats"])
+        paired = speeds(model, ctx["repeats"], ctx["dense_models"])
+        row["speed"] = {d: v["row"] for d, v in paired.items()}
+        row["dense_speed_paired"] = {d: v["dense"] for d, v in paired.items()}
         row["speed_s"] = time.perf_counter() - t1
-        ctx["speed_by_shape"][key] = (row["speed"], row["label"])
+        ctx["speed_by_shape"][key] = (row["speed"], row["label"], row["dense_speed_paired"])
     row["dense_speed"] = ctx["dense_speed"]
     row["wall_s"] = time.perf_counter() - t0
     del model
@@ -238,10 +261,12 @@ def main() -> None:
     run = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": "python " + " ".join(map(shlex.quote, sys.argv)),
            "environment": environment(), "loadavg_start": os.getloadavg()[0]}
     run["dense_speed"] = speeds(model, args.repeats)
+    dense_bf16 = model  # speeds() left it in bf16; the fp32 copy is loaded again
+    dense_fp32, _ = prunekit.load_model("smollm2-135m")
     del model
     ctx = {"calib": calibration_ids(CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen), tok),
            "tasks": prepare_tasks(["piqa", "boolq"]) if args.limit else {}, "speed_by_shape": {}, "repeats": args.repeats,
-           "dense_speed": run["dense_speed"]}
+           "dense_speed": run["dense_speed"], "dense_models": {"float32": dense_fp32, "bfloat16": dense_bf16}}
     data["runs"].append(run)
     data["settings"] = {"calibration": f"austen, {args.nsamples} x {args.seqlen} tokens, seed 0 (shared by all rows)",
                         "ppl": f"WikiText-2 test, seqlen {args.eval_seqlen}, first {args.windows} windows",

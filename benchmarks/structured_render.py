@@ -10,7 +10,7 @@ def _speed(row: dict, dense: dict, dtype: str, what: str) -> str:
     if not sp:
         return "-"
     s = dense[dtype][what] / sp[what]
-    mark = "†" if row.get("speed_shared_with") else ""
+    mark = ("†" if row.get("speed_shared_with") else "") + ("" if "dense_speed_paired" in row else "*")
     return f"{s:.2f}x{mark} ({sp[what]:.0f})" if what == "prefill_ms" else f"{s:.2f}x{mark} ({sp[what]:.1f})"
 
 
@@ -47,12 +47,18 @@ def _format(row: dict) -> str:
     return f[:12]
 
 
+def _dense(row: dict, runs: list[dict]) -> dict:
+    """The dense timing a row is compared with: interleaved with the row's own timing where it was
+    (``dense_speed_paired``), else the run's start-of-run measurement."""
+    return row.get("dense_speed_paired") or runs[row.get("run", -1)]["dense_speed"]
+
+
 def table(rows: list[dict], runs: list[dict]) -> list[str]:
     out = ["| row | target | removed | params (M) | folder MB (loader) | wiki2 ppl | piqa acc | boolq acc | bound | "
            "prefill fp32 (ms) | decode fp32 (ms/tok) | prefill bf16 (ms) | decode bf16 (ms/tok) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        dense = runs[r.get("run", -1)]["dense_speed"]
+        dense = _dense(r, runs)
         target = f"{r['sparsity']:.0%}" if r.get("sparsity") is not None else "-"
         removed = f"{r['removed_of_linear']:.3f}" if r.get("removed_of_linear") is not None else "0"
         out.append(f"| {_what(r)} | {target} | {removed} | {r['params'] / 1e6:.2f} | {r['folder_mb']:.0f} "
@@ -82,7 +88,7 @@ def targets(rows: list[dict], runs: list[dict]) -> list[str]:
     for r in at:
         if r["family"] not in ("structured",) or "speed" not in r:
             continue
-        dense = runs[r.get("run", -1)]["dense_speed"]
+        dense = _dense(r, runs)
         need = 1 + 0.9 * (r["bound"] - 1)
         s = {(d, w): dense[d][w] / r["speed"][d][w] for d in DTYPES for w in ("prefill_ms", "decode_ms")}
         met = s[("float32", "prefill_ms")] >= need and s[("float32", "decode_ms")] >= need
@@ -106,9 +112,11 @@ def render(data: dict) -> str:
     out += ["- removed: fraction of the decoder-linear weights removed (unstructured: set to zero but still stored); "
             "params: every parameter of the model as it runs (tied embeddings once, biases included); bound: dense "
             "params / params, what a smaller model can at most gain",
-            "- speed: dense time / row time, measured in the same process as the row (the dense model is timed at "
-            "the start and end of every run below); milliseconds in brackets; † = identical tensor shapes to an "
-            "earlier row of the same run, whose measurement is reused", ""]
+            "- speed: dense time / row time, measured in the same process as the row, the dense model's repetitions "
+            "interleaved with the row's (A B, B A, ...) so that drift cancels; milliseconds in brackets; † = "
+            "identical tensor shapes to an earlier row of the same run, whose measurement is reused; * = measured "
+            "before interleaving: compared with the dense timing at the start of its run (which drifted by up to "
+            "10 % by the end of a run, see Runs)", ""]
     out += ["## Runs", ""]
     for i, r in enumerate(data.get("runs", [])):
         env = r["environment"]
