@@ -232,6 +232,7 @@ def main() -> None:
     ap.add_argument("--sparsities", nargs="*", type=float, default=[0.1, 0.2, 0.3])
     ap.add_argument("--families", nargs="*", default=["structured", "lowrank", "unstructured"])
     ap.add_argument("--only", nargs="*", default=None, help="run only these labels")
+    ap.add_argument("--redo", nargs="*", default=[], help="measure these labels again (replacing their rows)")
     ap.add_argument("--rows", nargs="*", default=[], help="extra rows by label, e.g. channels/flap/owl/0.2, "
                                                           "lowrank/svd-llm/uniform/0.25")
     ap.add_argument("--save", nargs="*", default=[], help="LABEL=DIR: also save that row's model to DIR")
@@ -247,8 +248,8 @@ def main() -> None:
 
     path = Path(args.out + ".json")
     data = json.loads(path.read_text()) if path.exists() else {"rows": [], "runs": []}
-    done = {r["label"] for r in data["rows"]}
-    specs = [s for s in grid(args) if s["family"] != "dense"] + [parse_row(x) for x in args.rows]
+    done = {r["label"] for r in data["rows"]} - set(args.redo)
+    specs = [s for s in grid(args) if s["family"] != "dense"] + [parse_row(x) for x in args.rows + args.redo]
     specs = list({s["label"]: s for s in specs}.values())
     saves = dict(x.split("=", 1) for x in args.save)
     for s in specs:
