@@ -54,6 +54,7 @@ RECIPES = {
                                                                     galore_update_gap=8)),
     "kd-full-spam": ("distill, full (masked), SPAM", dict(optimizer="spam", spam_reset_interval=8, spam_warmup=3,
                                                           spam_clip_delay=2)),
+    "kd-full-adamw-fast": ("distill, full (masked), AdamW, lr 5e-4, 1 window per step", dict(lr=5e-4, grad_accum=1)),
     "kd-full-adamw-fp32": ("distill, full (masked), AdamW, fp32 student+teacher",
                            dict(bf16=False, teacher_dtype="float32")),
 }
@@ -63,6 +64,7 @@ ROWS = {
     "w50-kd": ("wanda50", "kd-full-adamw", "wt2valid", BUDGET),
     "a70-kd": ("sgpt70a", "kd-full-adamw", "wt2valid", BUDGET),
     "prep:wanda70": ("wanda70", None, None, 0),
+    "w50-kd-fast": ("wanda50", "kd-full-adamw-fast", "wt2valid", BUDGET),
     "w50-ce": ("wanda50", "ce-full-adamw", "wt2valid", BUDGET),
     "w50-lora": ("wanda50", "kd-lora-adamw", "wt2valid", BUDGET),
     "w50-galore": ("wanda50", "kd-full-galore", "wt2valid", BUDGET),
