@@ -65,6 +65,8 @@ ROWS = {
     "a70-kd": ("sgpt70a", "kd-full-adamw", "wt2valid", BUDGET),
     "prep:wanda70": ("wanda70", None, None, 0),
     "w50-kd-fast": ("wanda50", "kd-full-adamw-fast", "wt2valid", BUDGET),
+    "a70-kd-fast": ("sgpt70a", "kd-full-adamw-fast", "wt2valid", BUDGET),
+    "w50-kd-fast-long": ("wanda50", "kd-full-adamw-fast", "wt2valid", LONG),
     "w50-ce": ("wanda50", "ce-full-adamw", "wt2valid", BUDGET),
     "w50-lora": ("wanda50", "kd-lora-adamw", "wt2valid", BUDGET),
     "w50-galore": ("wanda50", "kd-full-galore", "wt2valid", BUDGET),
