@@ -25,6 +25,49 @@ def _ceiling(row: dict, gf: dict) -> tuple[float, float]:
     return ceiling, r["tokens_per_s"] / ceiling
 
 
+def students(res: dict) -> list[str]:
+    """The starting models as pruned (one-shot), the rows' 'before'."""
+    out = ["Starting models, one-shot (pruned once, evaluated once):", "",
+           "| starting model | prune s | WikiText-2 ppl | piqa | boolq |", "|---|---|---|---|---|"]
+    for key, st in res.get("students", {}).items():
+        ev = st["eval"]
+        secs = f"{st['prune_s']:.0f}" if "prune_s" in st else "-"
+        out.append(f"| {st['label']} | {secs} | {_ppl(ev['wikitext2']['ppl'])} | {_acc(ev['tasks'], 'piqa')} | "
+                   f"{_acc(ev['tasks'], 'boolq')} |")
+    return out + [""]
+
+
+def _best(res: dict, pred) -> tuple[str, float] | None:
+    rows = [(n, r["report"]["evaluation"]["after"]["wikitext2"]["ppl"]) for n, r in res.get("rows", {}).items()
+            if pred(r)]
+    return min(rows, key=lambda x: x[1]) if rows else None
+
+
+def targets(res: dict) -> list[str]:
+    """The issue's three targets, each from the rows measured."""
+    st = res.get("students", {})
+    if "dense" not in st:
+        return []
+    dense = st["dense"]["eval"]["wikitext2"]["ppl"]
+    out = ["## Targets", "", "| target | best row | WikiText-2 ppl | bar | met |", "|---|---|---|---|---|"]
+    w50 = _best(res, lambda r: r["student"] == "wanda50")
+    if w50:
+        out.append(f"| Wanda 50 % → ≤ 30 (≤ 1.3× dense {dense:.2f}) | {w50[0]} | {w50[1]:.2f} | 30 | "
+                   f"{'yes' if w50[1] <= 30 else 'NO'} |")
+    if "wanda70" in st:
+        base = st["wanda70"]["eval"]["wikitext2"]["ppl"]
+        b70 = _best(res, lambda r: r["student"] in ("wanda70", "sgpt70a"))
+        if b70:
+            out.append(f"| best 70 % recipe ≥ 10× below uniform Wanda 70 % one-shot ({base:.1f}) | {b70[0]} | "
+                       f"{b70[1]:.2f} ({base / b70[1]:.1f}× below) | {base / 10:.1f} | {'yes' if base / b70[1] >= 10 else 'NO'} |")
+    for n, r in res.get("rows", {}).items():
+        if r["student"].startswith("dir-"):
+            ppl = r["report"]["evaluation"]["after"]["wikitext2"]["ppl"]
+            out.append(f"| {r['label']} → ≤ 1.5× dense | {n} | {ppl:.2f} ({ppl / dense:.2f}× dense) | "
+                       f"{1.5 * dense:.2f} | {'yes' if ppl <= 1.5 * dense else 'NO'} |")
+    return out + [""]
+
+
 def render(res: dict) -> str:
     m = res.get("machine", {})
     gf = m.get("matmul_gflops", {"float32": float("nan"), "bfloat16": float("nan")})
@@ -49,6 +92,7 @@ def render(res: dict) -> str:
         "- sparsity = zeros / weights over the decoder linears, before → after training "
         "(must be identical: pruned positions are held at zero)", "",
     ]
+    lines += students(res) + targets(res)
     if dense:
         lines.append(f"Dense SmolLM2-135M: WikiText-2 ppl {_ppl(dense['wikitext2']['ppl'])}, "
                      f"piqa {_acc(dense['tasks'], 'piqa')}, boolq {_acc(dense['tasks'], 'boolq')}.")
