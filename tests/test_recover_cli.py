@@ -194,3 +194,12 @@ def test_interrupted_recover_resumes_to_the_same_model(tmp_path, folders, capsys
     b, _ = load_model(str(out))
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_recover_option_values_are_typed_like_the_user_wrote_them():
+    """YAML 1.1 reads ``5e-4`` (no dot) as a string; an option value that is a number is a number."""
+    from prunekit.cli.recover import _yaml_values
+
+    got = _yaml_values(["lr=5e-4", "grad_accum=1", "betas=[0.9, 0.95]", "data=austen", "bf16=true"])
+    assert got == {"lr": 5e-4, "grad_accum": 1, "betas": [0.9, 0.95], "data": "austen", "bf16": True}
+    assert isinstance(got["grad_accum"], int)

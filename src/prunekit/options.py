@@ -198,6 +198,21 @@ def coerce_kwargs(fn: Callable, values: Mapping[str, Any], owner: str, skip: tup
     return out
 
 
+def yaml_scalar(text: str):
+    """One option value as YAML reads it, except that a number YAML 1.1 leaves as a string
+    (``5e-4``, ``1e3``: no dot in the mantissa) is a number, as the user meant."""
+    import yaml
+
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value
+
+
 def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
     """``["percdamp=0.1", "skip="]`` → ``{"percdamp": "0.1", "skip": ""}`` (values stay strings;
     the option's declared type converts them)."""

@@ -264,12 +264,12 @@ def _yaml_values(items: list[str] | None) -> dict:
     """``["tokens=65536", "betas=[0.9, 0.95]"]`` → typed values (RecoverConfig checks them)."""
     import yaml
 
-    from ..options import parse_pairs
+    from ..options import parse_pairs, yaml_scalar
 
     out = {}
     for key, value in parse_pairs(items, "recover").items():
         try:
-            out[key] = yaml.safe_load(value) if value else value
+            out[key] = yaml_scalar(value) if value else value
         except yaml.YAMLError:
             raise ConfigError(f"--recover-option {key}={value!r} is not a value (a number, word or [list])") from None
     return out

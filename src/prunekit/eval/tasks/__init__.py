@@ -19,9 +19,8 @@ import inspect
 import logging
 from typing import Callable
 
-import yaml
 
-from ...options import coerce_kwargs
+from ...options import coerce_kwargs, yaml_scalar
 from ...registry import TASKS
 from . import arithmetic, generation, multiple_choice  # noqa: F401  (self-registering)
 from .base import Task, TaskResult, TaskSettings
@@ -39,7 +38,7 @@ def _options(text: str, spec: str) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"task option {item!r} in {spec!r} is not KEY=VALUE, e.g. mmlu:shots=0")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = yaml_scalar(value)
     return out
 
 
