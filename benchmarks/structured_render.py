@@ -127,7 +127,8 @@ def render(data: dict) -> str:
                    f"torch {env.get('torch')}, transformers {env.get('transformers')}, prunekit {env.get('prunekit')}; "
                    f"load {r.get('loadavg_start', 0):.2f}; dense prefill / decode ms: "
                    f"{d0['float32']['prefill_ms']:.0f} / {d0['float32']['decode_ms']:.1f} (fp32), "
-                   f"{d0['bfloat16']['prefill_ms']:.0f} / {d0['bfloat16']['decode_ms']:.1f} (bf16){end}")
+                   f"{d0['bfloat16']['prefill_ms']:.0f} / {d0['bfloat16']['decode_ms']:.1f} (bf16){end}"
+                   + (f". Note: {r['note']}" if r.get("note") else ""))
     out += ["", "## All rows", ""] + table(rows, data.get("runs", [])) + [""]
     out += targets(rows, data.get("runs", []))
     return "\n".join(out) + "\n"
