@@ -203,3 +203,4 @@ def test_recover_option_values_are_typed_like_the_user_wrote_them():
     got = _yaml_values(["lr=5e-4", "grad_accum=1", "betas=[0.9, 0.95]", "data=austen", "bf16=true"])
     assert got == {"lr": 5e-4, "grad_accum": 1, "betas": [0.9, 0.95], "data": "austen", "bf16": True}
     assert isinstance(got["grad_accum"], int)
+    assert _yaml_values(["data=inf", "data2=nan"]) == {"data": "inf", "data2": "nan"}  # words stay words

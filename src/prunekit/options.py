@@ -204,7 +204,7 @@ def yaml_scalar(text: str):
     import yaml
 
     value = yaml.safe_load(text)
-    if isinstance(value, str):
+    if isinstance(value, str) and any(c.isdigit() for c in value):  # "nan"/"inf" stay words
         for kind in (int, float):
             try:
                 return kind(value)

@@ -19,7 +19,6 @@ import inspect
 import logging
 from typing import Callable
 
-
 from ...options import coerce_kwargs, yaml_scalar
 from ...registry import TASKS
 from . import arithmetic, generation, multiple_choice  # noqa: F401  (self-registering)
