@@ -43,7 +43,7 @@ STUDENTS = {
     "sgpt70a": ("SparseGPT 70% + AlphaPruning eps=0.3", dict(method="sparsegpt", sparsity=0.7, allocation="alpha",
                                                              allocation_options={"epsilon": 0.3})),
 }
-BUDGET, LONG = 65_536, 262_144
+BUDGET, LONG, XL = 65_536, 262_144, 393_216
 BASE = dict(seqlen=1024, batch_size=1, grad_accum=4, val_windows=4, lr=2e-4, bf16=True, teacher_dtype="auto",
             warmup_ratio=0.1, min_lr_ratio=0.1, seed=0)
 RECIPES = {
@@ -72,6 +72,11 @@ ROWS = {
     "w50-galore": ("wanda50", "kd-full-galore", "wt2valid", BUDGET),
     "w50-spam": ("wanda50", "kd-full-spam", "wt2valid", BUDGET),
     "w50-kd-long": ("wanda50", "kd-full-adamw", "wt2valid", LONG),
+    "a70-ce": ("sgpt70a", "ce-full-adamw", "wt2valid", BUDGET),
+    "a70-lora": ("sgpt70a", "kd-lora-adamw", "wt2valid", BUDGET),
+    "a70-galore": ("sgpt70a", "kd-full-galore", "wt2valid", BUDGET),
+    "a70-spam": ("sgpt70a", "kd-full-spam", "wt2valid", BUDGET),
+    "w50-kd-fast-xl": ("wanda50", "kd-full-adamw-fast", "wt2valid", XL),
     "w50-kd-austen": ("wanda50", "kd-full-adamw", "austen", BUDGET),
     "w50-kd-fp32": ("wanda50", "kd-full-adamw-fp32", "wt2valid", BUDGET),
     "a70-kd-long": ("sgpt70a", "kd-full-adamw", "wt2valid", LONG),
@@ -315,13 +320,30 @@ def main() -> None:
     wanted = args.rows if args.rows else list(rows)
 
     def prepare(key: str) -> None:  # prune + evaluate a starting model once (its rows' 'before')
-        if key.startswith("dir-") or (key in res["students"] and not args.redo):
-            return  # a saved folder's 'before' is measured inside its row
+        if key.startswith("dir-") or key == "dense" and key in res["students"]:
+            return  # a saved folder's 'before' is measured inside its first row
+        if key in res["students"] and not args.redo:
+            if not (Path(args.cache) / key).is_dir():
+                recreate(key)
+            return
         print(f"preparing {key} ...", flush=True)
         res["students"][key] = {"label": STUDENTS[key][0] if key != "dense" else "dense", **child(args, "--prepare", key)}
         save_results(res)
 
+    def recreate(key: str) -> None:  # the cache was lost: prune again; the seed makes it the same model
+        print(f"re-creating {key} under {args.cache} ...", flush=True)
+        again = child(args, "--prepare", key)
+        was, now = res["students"][key]["eval"]["wikitext2"]["ppl"], again["eval"]["wikitext2"]["ppl"]
+        if now != was:
+            raise SystemExit(f"re-created {key} has perplexity {now!r}, recorded {was!r}: not the same starting model; "
+                             f"rerun with --redo")
+        res["students"][key].setdefault("recreated", []).append(time.strftime("%Y-%m-%d %H:%M"))
+
     prepare("dense")
+    for r in list(res["rows"].values()):  # a saved folder's 'before', measured in its first row, serves the next
+        if r["student"].startswith("dir-") and r["student"] not in res["students"]:
+            res["students"][r["student"]] = {"label": r["label"], "dir": r["student_dir"],
+                                             "eval": r["report"]["evaluation"]["before"]}
     for name in wanted:
         student, recipe, data, tokens = rows[name]
         prepare(student)
