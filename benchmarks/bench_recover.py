@@ -319,15 +319,23 @@ def main() -> None:
         rows = {f"{key}-{args.recipe}": (key, args.recipe, args.data, args.tokens)}
     wanted = args.rows if args.rows else list(rows)
 
+    prepared: set[str] = set()
+
     def prepare(key: str) -> None:  # prune + evaluate a starting model once (its rows' 'before')
-        if key.startswith("dir-") or key == "dense" and key in res["students"]:
+        if key.startswith("dir-") or key in prepared or key == "dense" and key in res["students"]:
             return  # a saved folder's 'before' is measured inside its first row
+        prepared.add(key)
         if key in res["students"] and not args.redo:
             if not (Path(args.cache) / key).is_dir():
                 recreate(key)
             return
         print(f"preparing {key} ...", flush=True)
+        old = res["students"].get(key)
         res["students"][key] = {"label": STUDENTS[key][0] if key != "dense" else "dense", **child(args, "--prepare", key)}
+        if old:  # the rows trained from the replaced model are rerun (--redo); its number stays on record
+            res["students"][key]["replaced_ppl"] = old.get("replaced_ppl", []) + [old["eval"]["wikitext2"]["ppl"]]
+            print(f"  WikiText-2 ppl {res['students'][key]['eval']['wikitext2']['ppl']!r} (was {old['eval']['wikitext2']['ppl']!r})",
+                  flush=True)
         save_results(res)
 
     def recreate(key: str) -> None:  # the cache was lost: prune again; the seed makes it the same model

@@ -69,6 +69,36 @@ def targets(res: dict) -> list[str]:
     return out + [""]
 
 
+ABLATION = ("kd-full-adamw", "ce-full-adamw", "kd-lora-adamw", "kd-full-galore", "kd-full-spam", "kd-full-adamw-fast")
+
+
+def ablations(res: dict) -> list[str]:
+    """Starting model x recipe at the fixed budget on the same text: WikiText-2 ppl after (optimizer
+    state MB, tok/s) -- what each choice buys, read along a row."""
+    budget = res.get("settings", {}).get("budget")
+    cells: dict[str, dict[str, dict]] = {}
+    for row in res.get("rows", {}).values():
+        if row["report"]["tokens"] == budget and row["data"] == "wt2valid" and row["recipe"] in ABLATION:
+            cells.setdefault(row["student"], {})[row["recipe"]] = row
+    if not any(len(v) > 1 for v in cells.values()):
+        return []
+    labels = {r["recipe"]: r["recipe_label"] for v in cells.values() for r in v.values()}
+    recipes = [r for r in ABLATION if r in labels]
+    out = [f"## What each choice buys ({budget:,} tokens of wt2valid each)", "",
+           "WikiText-2 ppl after (optimizer state MB, training tok/s); one-shot ppl in brackets.", "",
+           "| starting model | " + " | ".join(labels[r] for r in recipes) + " |", "|---" * (len(recipes) + 1) + "|"]
+    for key, by in cells.items():
+        first = next(iter(by.values()))
+        before = first["report"]["evaluation"]["before"]["wikitext2"]["ppl"]
+        line = [f"{first['label']} ({_ppl(before)})"]
+        for rec in recipes:
+            r = by.get(rec, {}).get("report")
+            line.append("-" if r is None else f"{_ppl(r['evaluation']['after']['wikitext2']['ppl'])} "
+                        f"({r['optimizer_state_bytes'] / 2**20:.0f}, {r['tokens_per_s']:.0f})")
+        out.append("| " + " | ".join(line) + " |")
+    return out + [""]
+
+
 def render(res: dict) -> str:
     m = res.get("machine", {})
     gf = m.get("matmul_gflops", {"float32": float("nan"), "bfloat16": float("nan")})
@@ -93,7 +123,7 @@ def render(res: dict) -> str:
         "- sparsity = zeros / weights over the decoder linears, before → after training "
         "(must be identical: pruned positions are held at zero)", "",
     ]
-    lines += students(res) + targets(res)
+    lines += students(res) + targets(res) + ablations(res)
     if dense:
         lines.append(f"Dense SmolLM2-135M: WikiText-2 ppl {_ppl(dense['wikitext2']['ppl'])}, "
                      f"piqa {_acc(dense['tasks'], 'piqa')}, boolq {_acc(dense['tasks'], 'boolq')}.")
