@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -299,7 +300,7 @@ def main() -> None:
 
     res = load_results()
     res["commands"] = sorted(set(res.get("commands", [])) | {
-        "OMP_WAIT_POLICY=PASSIVE PRUNEKIT_DATA=../shared/data python benchmarks/bench_recover.py " + " ".join(sys.argv[1:])})
+        "OMP_WAIT_POLICY=PASSIVE PRUNEKIT_DATA=../shared/data python benchmarks/bench_recover.py " + shlex.join(sys.argv[1:])})
     torch.set_num_threads(args.threads)
     with heavy_lock(args.lock):
         res["machine"] = {**environment(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
@@ -309,7 +310,7 @@ def main() -> None:
                        "eval": "WikiText-2 test, seqlen 1024, first 20 windows (core.md protocol)",
                        "calibration": "austen, 32 x 1024 tokens, seed 0", "wt2valid": WT2_VALID}
     if args.speed:
-        res["speed"] = child(args, "--speed-child")
+        res["speed"] = {**child(args, "--speed-child"), "machine": res["machine"]}
         save_results(res)
         return
     rows = dict(ROWS)
@@ -366,6 +367,7 @@ def main() -> None:
         extra = ["--one", json.dumps(spec)] + (["--before", str(before_file)] if before_file else [])
         row = child(args, *extra)
         row["label"] = STUDENTS[student][0]
+        row["machine"] = res["machine"]  # hosts differ from session to session: each row keeps its own
         res["rows"][name] = row
         save_results(res)
         r = row["report"]

@@ -82,33 +82,50 @@ def ablations(res: dict) -> list[str]:
             cells.setdefault(row["student"], {})[row["recipe"]] = row
     if not any(len(v) > 1 for v in cells.values()):
         return []
+    names = machines(res)
     labels = {r["recipe"]: r["recipe_label"] for v in cells.values() for r in v.values()}
     recipes = [r for r in ABLATION if r in labels]
     out = [f"## What each choice buys ({budget:,} tokens of wt2valid each)", "",
-           "WikiText-2 ppl after (optimizer state MB, training tok/s); one-shot ppl in brackets.", "",
+           "WikiText-2 ppl after (optimizer state MB, training tok/s on host); one-shot ppl in brackets.", "",
            "| starting model | " + " | ".join(labels[r] for r in recipes) + " |", "|---" * (len(recipes) + 1) + "|"]
     for key, by in cells.items():
         first = next(iter(by.values()))
         before = first["report"]["evaluation"]["before"]["wikitext2"]["ppl"]
         line = [f"{first['label']} ({_ppl(before)})"]
         for rec in recipes:
-            r = by.get(rec, {}).get("report")
+            row = by.get(rec)
+            r = row and row["report"]
+            host = row and names[_machine_key(row.get("machine", res.get("machine", {})))]
             line.append("-" if r is None else f"{_ppl(r['evaluation']['after']['wikitext2']['ppl'])} "
-                        f"({r['optimizer_state_bytes'] / 2**20:.0f}, {r['tokens_per_s']:.0f})")
+                        f"({r['optimizer_state_bytes'] / 2**20:.0f}, {r['tokens_per_s']:.0f} on {host})")
         out.append("| " + " | ".join(line) + " |")
     return out + [""]
 
 
+def _machine_key(m: dict) -> str:
+    gf = m.get("matmul_gflops", {})
+    return f"{m.get('processor', '?')}, fp32 {gf.get('float32', float('nan')):.0f} / bf16 {gf.get('bfloat16', float('nan')):.0f}"
+
+
+def machines(res: dict) -> dict[str, str]:
+    """Machine description -> short name (M1, M2, ...) in the order rows first used them."""
+    out: dict[str, str] = {}
+    for m in [r.get("machine", res.get("machine", {})) for r in res.get("rows", {}).values()] + [res.get("machine", {})]:
+        out.setdefault(_machine_key(m), f"M{len(out) + 1}")
+    return out
+
+
 def render(res: dict) -> str:
     m = res.get("machine", {})
-    gf = m.get("matmul_gflops", {"float32": float("nan"), "bfloat16": float("nan")})
+    names = machines(res)
     s = res.get("settings", {})
     dense = res.get("students", {}).get("dense", {}).get("eval")
     lines = [
         "# Recovery after pruning: SmolLM2-135M", "",
         f"Machine: {m.get('processor', '?')}, {m.get('threads', '?')} threads, OMP_WAIT_POLICY={m.get('omp_wait_policy')}; "
         f"torch {m.get('torch')}, transformers {m.get('transformers')}, prunekit {m.get('prunekit')}. "
-        f"Measured matmul (2048², this machine): fp32 {gf['float32']:.0f} GFLOP/s, bf16 {gf['bfloat16']:.0f} GFLOP/s.",
+        "The host differs between sessions; each row names the one it ran on, with that host's measured "
+        "2048² matmul rate in GFLOP/s: " + "; ".join(f"**{v}** = {k}" for k, v in names.items()) + ".",
         "",
         "Command(s): " + "; ".join(f"`{c}`" for c in res.get("commands", [])), "",
         f"- starting models: pruned from the dense model with calibration {s.get('calibration')}; "
@@ -131,14 +148,15 @@ def render(res: dict) -> str:
     lines += [
         "| row | starting model | recipe | text | tokens | train s | tok/s | ceiling tok/s (share) | peak RSS MB | "
         "opt. state MB | sparsity before → after | WikiText-2 ppl before → after | piqa before → after | "
-        "boolq before → after | held-out KL before → after | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "boolq before → after | held-out KL before → after | load | host |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in res.get("rows", {}).items():
         r = row["report"]
         ev = r["evaluation"]
         b, a = ev.get("before", {}), ev.get("after", {})
-        ceil, share = _ceiling(row, gf)
+        rm = row.get("machine", m)
+        ceil, share = _ceiling(row, rm["matmul_gflops"])
         sb, sa = r["sparsity_before"]["sparsity"], r["sparsity_after"]["sparsity"]
         same = "identical" if r["sparsity_before"] == r["sparsity_after"] and r["masks_kept"] else "CHANGED"
         lines.append(
@@ -149,11 +167,12 @@ def render(res: dict) -> str:
             f"{_acc(b.get('tasks'), 'piqa')} → {_acc(a.get('tasks'), 'piqa')} | "
             f"{_acc(b.get('tasks'), 'boolq')} → {_acc(a.get('tasks'), 'boolq')} | "
             f"{r['validation_before'].get('kl', float('nan')):.3f} → {r['validation_after'].get('kl', float('nan')):.3f} | "
-            f"{'/'.join(map(str, row.get('loadavg_1min', [])))} |")
+            f"{'/'.join(map(str, row.get('loadavg_1min', [])))} | {names[_machine_key(rm)]} |")
     sp = res.get("speed")
     if sp:
         lines += ["", "Training-step speed by dtype (Wanda 50 % student, one 1024-token window, distillation forward + "
-                  "backward, best of 2 after a warm-up; `--speed`):", "",
+                  f"backward, best of 2 after a warm-up; `--speed`; host "
+                  f"{names.get(_machine_key(sp.get('machine', m)), _machine_key(sp.get('machine', m)))}):", "",
                   "| student compute | teacher | tok/s |", "|---|---|---|"]
         lines += [f"| {r['student']} | {r['teacher']} | {r['tok_s']:.0f} |" for r in sp["rows"]]
     lora = [(n, row) for n, row in res.get("rows", {}).items() if row["report"].get("lora")]
