@@ -332,7 +332,8 @@ def main() -> None:
             return
         print(f"preparing {key} ...", flush=True)
         old = res["students"].get(key)
-        res["students"][key] = {"label": STUDENTS[key][0] if key != "dense" else "dense", **child(args, "--prepare", key)}
+        res["students"][key] = {"label": STUDENTS[key][0] if key != "dense" else "dense", **child(args, "--prepare", key),
+                                "machine": res["machine"]}
         if old:  # the rows trained from the replaced model are rerun (--redo); its number stays on record
             res["students"][key]["replaced_ppl"] = old.get("replaced_ppl", []) + [old["eval"]["wikitext2"]["ppl"]]
             print(f"  WikiText-2 ppl {res['students'][key]['eval']['wikitext2']['ppl']!r} (was {old['eval']['wikitext2']['ppl']!r})",

@@ -28,12 +28,14 @@ def _ceiling(row: dict, gf: dict) -> tuple[float, float]:
 def students(res: dict) -> list[str]:
     """The starting models as pruned (one-shot), the rows' 'before'."""
     out = ["Starting models, one-shot (pruned once, evaluated once):", "",
-           "| starting model | prune s | WikiText-2 ppl | piqa | boolq |", "|---|---|---|---|---|"]
+           "| starting model | prune s | WikiText-2 ppl | piqa | boolq | host |", "|---|---|---|---|---|---|"]
+    names = machines(res)
     for key, st in res.get("students", {}).items():
         ev = st["eval"]
         secs = f"{st['prune_s']:.0f}" if "prune_s" in st else "-"
+        host = names.get(_machine_key(st["machine"]), "?") if "machine" in st else "?"
         out.append(f"| {st['label']} | {secs} | {_ppl(ev['wikitext2']['ppl'])} | {_acc(ev['tasks'], 'piqa')} | "
-                   f"{_acc(ev['tasks'], 'boolq')} |")
+                   f"{_acc(ev['tasks'], 'boolq')} | {host} |")
     return out + [""]
 
 
@@ -57,15 +59,14 @@ def targets(res: dict) -> list[str]:
                    f"{'yes' if w50[1] <= 30 else 'NO'} / {'yes' if w50[1] <= 1.3 * dense else 'NO'} |")
     if "wanda70" in st:
         base = st["wanda70"]["eval"]["wikitext2"]["ppl"]
-        b70 = _best(res, lambda r: r["student"] in ("wanda70", "sgpt70a"))
+        b70 = _best(res, lambda r: r["student"] == "wanda70" or r["student"].startswith("sgpt70a"))
         if b70:
             out.append(f"| best 70 % recipe ≥ 10× below uniform Wanda 70 % one-shot ({base:.1f}) | {b70[0]} | "
                        f"{b70[1]:.2f} ({base / b70[1]:.1f}× below) | {base / 10:.1f} | {'yes' if base / b70[1] >= 10 else 'NO'} |")
-    for n, r in res.get("rows", {}).items():
-        if r["student"].startswith("dir-"):
-            ppl = r["report"]["evaluation"]["after"]["wikitext2"]["ppl"]
-            out.append(f"| {r['label']} → ≤ 1.5× dense | {n} | {ppl:.2f} ({ppl / dense:.2f}× dense) | "
-                       f"{1.5 * dense:.2f} | {'yes' if ppl <= 1.5 * dense else 'NO'} |")
+    for key in sorted({r["student"] for r in res.get("rows", {}).values() if r["student"].startswith("dir-")}):
+        n, ppl = _best(res, lambda r, key=key: r["student"] == key)
+        out.append(f"| {res['rows'][n]['label']} → ≤ 1.5× dense | {n} | {ppl:.2f} ({ppl / dense:.2f}× dense) | "
+                   f"{1.5 * dense:.2f} | {'yes' if ppl <= 1.5 * dense else 'NO'} |")
     return out + [""]
 
 
