@@ -104,16 +104,25 @@ def ablations(res: dict) -> list[str]:
 
 
 def _machine_key(m: dict) -> str:
-    gf = m.get("matmul_gflops", {})
-    return f"{m.get('processor', '?')}, fp32 {gf.get('float32', float('nan')):.0f} / bf16 {gf.get('bfloat16', float('nan')):.0f}"
+    return m.get("processor", "?")
 
 
 def machines(res: dict) -> dict[str, str]:
-    """Machine description -> short name (M1, M2, ...) in the order rows first used them."""
+    """Host (processor) -> short name (M1, M2, ...) in the order rows first used them."""
     out: dict[str, str] = {}
     for m in [r.get("machine", res.get("machine", {})) for r in res.get("rows", {}).values()] + [res.get("machine", {})]:
         out.setdefault(_machine_key(m), f"M{len(out) + 1}")
     return out
+
+
+def _rates(res: dict, host: str) -> str:
+    """The range of 2048^2 matmul GFLOP/s measured on ``host`` by the invocations whose rows are shown."""
+    ms = [r["machine"] for r in res.get("rows", {}).values() if _machine_key(r.get("machine", {})) == host]
+    out = []
+    for dt, short in (("float32", "fp32"), ("bfloat16", "bf16")):
+        v = sorted({round(m["matmul_gflops"][dt]) for m in ms}) or [round(res.get("machine", {}).get("matmul_gflops", {}).get(dt, 0))]
+        out.append(f"{short} {v[0]}" + (f"–{v[-1]}" if v[-1] != v[0] else ""))
+    return " / ".join(out)
 
 
 def render(res: dict) -> str:
@@ -126,7 +135,8 @@ def render(res: dict) -> str:
         f"Machine: {m.get('processor', '?')}, {m.get('threads', '?')} threads, OMP_WAIT_POLICY={m.get('omp_wait_policy')}; "
         f"torch {m.get('torch')}, transformers {m.get('transformers')}, prunekit {m.get('prunekit')}. "
         "The host differs between sessions; each row names the one it ran on, with that host's measured "
-        "2048² matmul rate in GFLOP/s: " + "; ".join(f"**{v}** = {k}" for k, v in names.items()) + ".",
+        "2048² matmul rate in GFLOP/s (as measured by each invocation): "
+        + "; ".join(f"**{v}** = {k}, {_rates(res, k)}" for k, v in names.items()) + ".",
         "",
         "Command(s): " + "; ".join(f"`{c}`" for c in res.get("commands", [])), "",
         f"- starting models: pruned from the dense model with calibration {s.get('calibration')}; "
