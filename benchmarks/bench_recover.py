@@ -256,6 +256,39 @@ def save_results(res: dict) -> None:
     RESULTS.with_suffix(".md").write_text(render(res))
 
 
+def prepare(res: dict, args, key: str, prepared: set[str]) -> None:
+    """Prune + evaluate starting model ``key`` once per invocation (its rows' 'before'); re-create a
+    recorded one whose cached folder is gone."""
+    if key.startswith("dir-") or key in prepared or key == "dense" and key in res["students"]:
+        return  # a saved folder's 'before' is measured inside its first row
+    prepared.add(key)
+    if key in res["students"] and not args.redo:
+        if not (Path(args.cache) / key).is_dir():
+            recreate(res, args, key)
+        return
+    print(f"preparing {key} ...", flush=True)
+    old = res["students"].get(key)
+    res["students"][key] = {"label": STUDENTS[key][0] if key != "dense" else "dense", **child(args, "--prepare", key),
+                            "machine": res["machine"]}
+    if old:  # the rows trained from the replaced model are rerun (--redo); its number stays on record
+        res["students"][key]["replaced_ppl"] = old.get("replaced_ppl", []) + [old["eval"]["wikitext2"]["ppl"]]
+        print(f"  WikiText-2 ppl {res['students'][key]['eval']['wikitext2']['ppl']!r} (was {old['eval']['wikitext2']['ppl']!r})",
+              flush=True)
+    save_results(res)
+
+
+def recreate(res: dict, args, key: str) -> None:
+    """The cache is gone (e.g. a new host): prune again and check it is the recorded model. The seed
+    makes it bit-identical on the same host; another CPU's BLAS may round differently."""
+    print(f"re-creating {key} under {args.cache} ...", flush=True)
+    again = child(args, "--prepare", key)
+    was, now = res["students"][key]["eval"]["wikitext2"]["ppl"], again["eval"]["wikitext2"]["ppl"]
+    if now != was:
+        raise SystemExit(f"re-created {key} has perplexity {now!r}, recorded {was!r}: not the same starting model "
+                         f"(another host?); rerun its rows with --redo to prune it again here")
+    res["students"][key].setdefault("recreated", []).append(time.strftime("%Y-%m-%d %H:%M"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="*", default=None, help=f"rows to run (default all): {', '.join(ROWS)}")
@@ -321,42 +354,14 @@ def main() -> None:
     wanted = args.rows if args.rows else list(rows)
 
     prepared: set[str] = set()
-
-    def prepare(key: str) -> None:  # prune + evaluate a starting model once (its rows' 'before')
-        if key.startswith("dir-") or key in prepared or key == "dense" and key in res["students"]:
-            return  # a saved folder's 'before' is measured inside its first row
-        prepared.add(key)
-        if key in res["students"] and not args.redo:
-            if not (Path(args.cache) / key).is_dir():
-                recreate(key)
-            return
-        print(f"preparing {key} ...", flush=True)
-        old = res["students"].get(key)
-        res["students"][key] = {"label": STUDENTS[key][0] if key != "dense" else "dense", **child(args, "--prepare", key),
-                                "machine": res["machine"]}
-        if old:  # the rows trained from the replaced model are rerun (--redo); its number stays on record
-            res["students"][key]["replaced_ppl"] = old.get("replaced_ppl", []) + [old["eval"]["wikitext2"]["ppl"]]
-            print(f"  WikiText-2 ppl {res['students'][key]['eval']['wikitext2']['ppl']!r} (was {old['eval']['wikitext2']['ppl']!r})",
-                  flush=True)
-        save_results(res)
-
-    def recreate(key: str) -> None:  # the cache was lost: prune again; the seed makes it the same model
-        print(f"re-creating {key} under {args.cache} ...", flush=True)
-        again = child(args, "--prepare", key)
-        was, now = res["students"][key]["eval"]["wikitext2"]["ppl"], again["eval"]["wikitext2"]["ppl"]
-        if now != was:
-            raise SystemExit(f"re-created {key} has perplexity {now!r}, recorded {was!r}: not the same starting model; "
-                             f"rerun with --redo")
-        res["students"][key].setdefault("recreated", []).append(time.strftime("%Y-%m-%d %H:%M"))
-
-    prepare("dense")
+    prepare(res, args, "dense", prepared)
     for r in list(res["rows"].values()):  # a saved folder's 'before', measured in its first row, serves the next
         if r["student"].startswith("dir-") and r["student"] not in res["students"]:
             res["students"][r["student"]] = {"label": r["label"], "dir": r["student_dir"],
                                              "eval": r["report"]["evaluation"]["before"]}
     for name in wanted:
         student, recipe, data, tokens = rows[name]
-        prepare(student)
+        prepare(res, args, student, prepared)
         if name.startswith("prep:") or (name in res["rows"] and not args.redo):
             continue
         before_file = None
