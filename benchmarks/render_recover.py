@@ -94,10 +94,11 @@ def ablations(res: dict) -> list[str]:
         before = first["report"]["evaluation"]["before"]["wikitext2"]["ppl"]
         line = [f"{first['label']} ({_ppl(before)})"]
         for rec in recipes:
-            row = by.get(rec)
-            r = row and row["report"]
-            host = row and names[_machine_key(row.get("machine", res.get("machine", {})))]
-            line.append("-" if r is None else f"{_ppl(r['evaluation']['after']['wikitext2']['ppl'])} "
+            if rec not in by:
+                line.append("-")
+                continue
+            r, host = by[rec]["report"], names[_machine_key(_row_machine(res, by[rec]))]
+            line.append(f"{_ppl(r['evaluation']['after']['wikitext2']['ppl'])} "
                         f"({r['optimizer_state_bytes'] / 2**20:.0f}, {r['tokens_per_s']:.0f} on {host})")
         out.append("| " + " | ".join(line) + " |")
     return out + [""]
@@ -107,20 +108,26 @@ def _machine_key(m: dict) -> str:
     return m.get("processor", "?")
 
 
+def _row_machine(res: dict, row: dict) -> dict:
+    """The host a row ran on (rows from before hosts were recorded: the file's machine)."""
+    return row.get("machine", res.get("machine", {}))
+
+
 def machines(res: dict) -> dict[str, str]:
     """Host (processor) -> short name (M1, M2, ...) in the order rows first used them."""
     out: dict[str, str] = {}
-    for m in [r.get("machine", res.get("machine", {})) for r in res.get("rows", {}).values()] + [res.get("machine", {})]:
+    for m in [_row_machine(res, r) for r in res.get("rows", {}).values()] + [res.get("machine", {})]:
         out.setdefault(_machine_key(m), f"M{len(out) + 1}")
     return out
 
 
 def _rates(res: dict, host: str) -> str:
     """The range of 2048^2 matmul GFLOP/s measured on ``host`` by the invocations whose rows are shown."""
-    ms = [r["machine"] for r in res.get("rows", {}).values() if _machine_key(r.get("machine", {})) == host]
+    ms = [m for m in [_row_machine(res, r) for r in res.get("rows", {}).values()] + [res.get("machine", {})]
+          if _machine_key(m) == host and "matmul_gflops" in m]
     out = []
     for dt, short in (("float32", "fp32"), ("bfloat16", "bf16")):
-        v = sorted({round(m["matmul_gflops"][dt]) for m in ms}) or [round(res.get("machine", {}).get("matmul_gflops", {}).get(dt, 0))]
+        v = sorted({round(m["matmul_gflops"][dt]) for m in ms}) or [0]
         out.append(f"{short} {v[0]}" + (f"–{v[-1]}" if v[-1] != v[0] else ""))
     return " / ".join(out)
 
@@ -166,7 +173,7 @@ def render(res: dict) -> str:
         r = row["report"]
         ev = r["evaluation"]
         b, a = ev.get("before", {}), ev.get("after", {})
-        rm = row.get("machine", m)
+        rm = _row_machine(res, row)
         ceil, share = _ceiling(row, rm["matmul_gflops"])
         sb, sa = r["sparsity_before"]["sparsity"], r["sparsity_after"]["sparsity"]
         same = "identical" if r["sparsity_before"] == r["sparsity_after"] and r["masks_kept"] else "CHANGED"
