@@ -54,14 +54,14 @@ def _dense(row: dict, runs: list[dict]) -> dict:
 
 
 def table(rows: list[dict], runs: list[dict]) -> list[str]:
-    out = ["| row | target | removed | params (M) | folder MB (loader) | wiki2 ppl | piqa acc | boolq acc | bound | "
+    out = ["| row | run | target | removed | params (M) | folder MB (loader) | wiki2 ppl | piqa acc | boolq acc | bound | "
            "prefill fp32 (ms) | decode fp32 (ms/tok) | prefill bf16 (ms) | decode bf16 (ms/tok) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dense = _dense(r, runs)
         target = f"{r['sparsity']:.0%}" if r.get("sparsity") is not None else "-"
         removed = f"{r['removed_of_linear']:.3f}" if r.get("removed_of_linear") is not None else "0"
-        out.append(f"| {_what(r)} | {target} | {removed} | {r['params'] / 1e6:.2f} | {r['folder_mb']:.0f} "
+        out.append(f"| {_what(r)} | {r.get('run', '-')} | {target} | {removed} | {r['params'] / 1e6:.2f} | {r['folder_mb']:.0f} "
                    f"({_format(r)}) | {_fmt_ppl(r.get('ppl'))} | {_task(r, 'piqa')} | {_task(r, 'boolq')} | "
                    f"{r['bound']:.3f}x | {_speed(r, dense, 'float32', 'prefill_ms')} | "
                    f"{_speed(r, dense, 'float32', 'decode_ms')} | {_speed(r, dense, 'bfloat16', 'prefill_ms')} | "
@@ -105,6 +105,35 @@ def targets(rows: list[dict], runs: list[dict]) -> list[str]:
     return out + [""]
 
 
+def _cell(row: dict | None) -> str:
+    return "-" if row is None else _fmt_ppl(row.get("ppl"))
+
+
+def matrix(rows: list[dict]) -> list[str]:
+    """Perplexity per target: every pattern x criterion, uniform beside the best non-uniform allocation,
+    with low rank and unstructured at the same target below, and the structured / low-rank ratio."""
+    out = ["## Criterion x allocation at each target (WikiText-2 perplexity)", ""]
+    for t in sorted({r["sparsity"] for r in rows if r.get("sparsity") is not None}):
+        at = [r for r in rows if r.get("sparsity") == t]
+        out += [f"### {t:.0%} of the decoder-linear weights", "",
+                "| pattern | criterion | uniform | best non-uniform (allocation) |", "|---|---|---|---|"]
+        keys = list(dict.fromkeys((r["pattern"], r["method"], r["family"]) for r in at))
+        for pat, method, fam in keys:
+            same = [r for r in at if (r["pattern"], r["method"], r["family"]) == (pat, method, fam)]
+            uni = next((r for r in same if r["allocation"] == "uniform" and "+" not in r["label"]), None)
+            non = min((r for r in same if r["allocation"] != "uniform"), key=lambda r: r["ppl"], default=None)
+            name = {"lowrank": "low rank", "unstructured": "unstructured (zeros stored)"}.get(fam, pat)
+            non_s = f"{_cell(non)} ({non['allocation']})" if non else "-"
+            out.append(f"| {name} | {method} | {_cell(uni)} | {non_s} |")
+        best = min((r for r in at if r["family"] == "structured"), key=lambda r: r["ppl"], default=None)
+        low = min((r for r in at if r["family"] == "lowrank"), key=lambda r: r["ppl"], default=None)
+        if best and low:
+            out += ["", f"Best structured: {_what(best)} ({_fmt_ppl(best['ppl'])}); best low rank: {_what(low)} "
+                    f"({_fmt_ppl(low['ppl'])}): {low['ppl'] / best['ppl']:.1f}x lower perplexity."]
+        out.append("")
+    return out
+
+
 def render(data: dict) -> str:
     rows = sorted(data["rows"], key=_order)
     out = ["# Structured compression of SmolLM2-135M (measured)", ""]
@@ -131,4 +160,5 @@ def render(data: dict) -> str:
                    + (f". Note: {r['note']}" if r.get("note") else ""))
     out += ["", "## All rows", ""] + table(rows, data.get("runs", [])) + [""]
     out += targets(rows, data.get("runs", []))
+    out += matrix(rows)
     return "\n".join(out) + "\n"
