@@ -39,7 +39,6 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    import torch
 
     import prunekit
     from prunekit import CalibConfig, EvalConfig, PruneConfig

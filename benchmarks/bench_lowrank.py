@@ -31,7 +31,6 @@ from prunekit.data import calibration_ids
 from prunekit.eval import perplexity
 from prunekit.export.lowrank import save_compressed
 from prunekit.models import decoder_linears
-from prunekit.models.lowrank import lowrank_modules
 from prunekit.report import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"

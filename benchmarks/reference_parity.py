@@ -42,7 +42,6 @@ import contextlib
 import hashlib
 import io
 import json
-import math
 import subprocess
 import sys
 import time
