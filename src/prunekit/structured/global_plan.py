@@ -4,10 +4,10 @@ FLAP (An et al., AAAI 2024, Sec. 3.3, "AL-AM") standardises the scores of each l
 ``z = (s - mean) / std`` within one block's heads, and within its channels — so that layers of
 different scale compare, then removes the lowest ``z`` of the whole model, counting each unit by
 the weights it holds, until the target is met. Every block then gets its own number of heads and
-channels. Here any unit criterion can be used (the pattern's default unless ``--method`` names one), on one *dense*
-pass over the calibration set — every block's scores must exist before the first block is
-pruned; the sequential engine then re-selects the units inside each block on the pruned
-upstream activations.
+channels. Here any unit criterion can be used (the pattern's default unless ``--method`` names
+one), on one *dense* pass over the calibration set — every block's scores must exist before the
+first block is pruned; the sequential engine then re-selects the units inside each block on the
+pruned upstream activations.
 
 Units are ranked in the granularity they are removed in: a *level* of heads (one query head of
 every key/value group: the mean ``z`` of each group's next-lowest head, or a whole group) and a
