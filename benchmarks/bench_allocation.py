@@ -39,7 +39,6 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-
     import prunekit
     from prunekit import CalibConfig, EvalConfig, PruneConfig
     from prunekit.data import calibration_ids

@@ -54,15 +54,16 @@ def _dense(row: dict, runs: list[dict]) -> dict:
 
 
 def table(rows: list[dict], runs: list[dict]) -> list[str]:
-    out = ["| row | run | target | removed | params (M) | folder MB (loader) | wiki2 ppl | piqa acc | boolq acc | bound | "
-           "prefill fp32 (ms) | decode fp32 (ms/tok) | prefill bf16 (ms) | decode bf16 (ms/tok) |",
+    out = ["| row | run | target | removed | params (M) | folder MB (loader) | wiki2 ppl | piqa acc | boolq acc | "
+           "bound | prefill fp32 (ms) | decode fp32 (ms/tok) | prefill bf16 (ms) | decode bf16 (ms/tok) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dense = _dense(r, runs)
         target = f"{r['sparsity']:.0%}" if r.get("sparsity") is not None else "-"
         removed = f"{r['removed_of_linear']:.3f}" if r.get("removed_of_linear") is not None else "0"
-        out.append(f"| {_what(r)} | {r.get('run', '-')} | {target} | {removed} | {r['params'] / 1e6:.2f} | {r['folder_mb']:.0f} "
-                   f"({_format(r)}) | {_fmt_ppl(r.get('ppl'))} | {_task(r, 'piqa')} | {_task(r, 'boolq')} | "
+        out.append(f"| {_what(r)} | {r.get('run', '-')} | {target} | {removed} | {r['params'] / 1e6:.2f} | "
+                   f"{r['folder_mb']:.0f} ({_format(r)}) | {_fmt_ppl(r.get('ppl'))} | {_task(r, 'piqa')} | "
+                   f"{_task(r, 'boolq')} | "
                    f"{r['bound']:.3f}x | {_speed(r, dense, 'float32', 'prefill_ms')} | "
                    f"{_speed(r, dense, 'float32', 'decode_ms')} | {_speed(r, dense, 'bfloat16', 'prefill_ms')} | "
                    f"{_speed(r, dense, 'bfloat16', 'decode_ms')} |")
@@ -74,6 +75,11 @@ def _order(r: dict) -> tuple:
     pat = ["channels", "width", "heads", "ffn", "blocks", "unstructured"].index(r.get("pattern", "unstructured")) \
         if r.get("pattern") else 0
     return (r.get("sparsity") or 0.0, fam, pat, r.get("method", ""), r.get("allocation", ""))
+
+
+def _best(rows: list[dict], family: str) -> dict | None:
+    """The lowest-perplexity row of ``family`` (None when there is none)."""
+    return min((r for r in rows if r["family"] == family), key=lambda r: r["ppl"], default=None)
 
 
 def targets(rows: list[dict], runs: list[dict]) -> list[str]:
@@ -95,8 +101,7 @@ def targets(rows: list[dict], runs: list[dict]) -> list[str]:
         out.append(f"| {_what(r)} | {r['bound']:.3f}x | {need:.3f}x | {s[('float32', 'prefill_ms')]:.3f}x | "
                    f"{s[('float32', 'decode_ms')]:.3f}x | {s[('bfloat16', 'prefill_ms')]:.3f}x | "
                    f"{s[('bfloat16', 'decode_ms')]:.3f}x | {'yes' if met else 'NO'} |")
-    best = min((r for r in at if r["family"] == "structured"), key=lambda r: r["ppl"], default=None)
-    low = min((r for r in at if r["family"] == "lowrank"), key=lambda r: r["ppl"], default=None)
+    best, low = _best(at, "structured"), _best(at, "lowrank")
     if best and low:
         ratio = low["ppl"] / best["ppl"]
         out += ["", f"Best structured: {_what(best)}, ppl {best['ppl']:.2f} at {best['params'] / 1e6:.2f}M params; best "
@@ -117,16 +122,16 @@ def matrix(rows: list[dict]) -> list[str]:
         at = [r for r in rows if r.get("sparsity") == t]
         out += [f"### {t:.0%} of the decoder-linear weights", "",
                 "| pattern | criterion | uniform | best non-uniform (allocation) |", "|---|---|---|---|"]
-        keys = list(dict.fromkeys((r["pattern"], r["method"], r["family"]) for r in at))
-        for pat, method, fam in keys:
-            same = [r for r in at if (r["pattern"], r["method"], r["family"]) == (pat, method, fam)]
+        groups: dict[tuple, list[dict]] = {}
+        for r in at:
+            groups.setdefault((r["pattern"], r["method"], r["family"]), []).append(r)
+        for (pat, method, fam), same in groups.items():
             uni = next((r for r in same if r["allocation"] == "uniform" and "+" not in r["label"]), None)
             non = min((r for r in same if r["allocation"] != "uniform"), key=lambda r: r["ppl"], default=None)
             name = {"lowrank": "low rank", "unstructured": "unstructured (zeros stored)"}.get(fam, pat)
             non_s = f"{_cell(non)} ({non['allocation']})" if non else "-"
             out.append(f"| {name} | {method} | {_cell(uni)} | {non_s} |")
-        best = min((r for r in at if r["family"] == "structured"), key=lambda r: r["ppl"], default=None)
-        low = min((r for r in at if r["family"] == "lowrank"), key=lambda r: r["ppl"], default=None)
+        best, low = _best(at, "structured"), _best(at, "lowrank")
         if best and low:
             out += ["", f"Best structured: {_what(best)} ({_fmt_ppl(best['ppl'])}); best low rank: {_what(low)} "
                     f"({_fmt_ppl(low['ppl'])}): {low['ppl'] / best['ppl']:.1f}x lower perplexity."]
