@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 DTYPES = ("float32", "bfloat16")
+LOWRANK_DEFAULTS = {("budget", "params"), ("objective", "params")}  # the benchmark's own low-rank settings
 
 
 def _speed(row: dict, dense: dict, dtype: str, what: str) -> str:
@@ -123,10 +124,12 @@ def matrix(rows: list[dict]) -> list[str]:
         out += [f"### {t:.0%} of the decoder-linear weights", "",
                 "| pattern | criterion | uniform | best non-uniform (allocation) |", "|---|---|---|---|"]
         groups: dict[tuple, list[dict]] = {}
-        for r in at:
-            groups.setdefault((r["pattern"], r["method"], r["family"]), []).append(r)
+        for r in at:  # a criterion with options (slimgpt bias=true) is a criterion of its own
+            opts = "".join(f" {k}={v}" for k, v in (r.get("options") or {}).items()
+                           if (k, v) not in LOWRANK_DEFAULTS)
+            groups.setdefault((r["pattern"], r["method"] + opts, r["family"]), []).append(r)
         for (pat, method, fam), same in groups.items():
-            uni = next((r for r in same if r["allocation"] == "uniform" and "+" not in r["label"]), None)
+            uni = next((r for r in same if r["allocation"] == "uniform"), None)
             non = min((r for r in same if r["allocation"] != "uniform"), key=lambda r: r["ppl"], default=None)
             name = {"lowrank": "low rank", "unstructured": "unstructured (zeros stored)"}.get(fam, pat)
             non_s = f"{_cell(non)} ({non['allocation']})" if non else "-"
