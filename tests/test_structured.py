@@ -306,7 +306,7 @@ def test_bad_combinations_fail_with_one_line(kwargs, match):
 def test_default_criteria():
     assert PruneConfig(pattern="width").method == "slimgpt"
     assert PruneConfig(pattern="heads").method == "slimgpt"
-    assert PruneConfig(pattern="channels").method == "flap"
+    assert PruneConfig(pattern="channels").method == "slimgpt"
     assert PruneConfig(pattern="blocks").method == "shortgpt"
     assert PruneConfig().method == "wanda"
 

@@ -21,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog=options_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--method", default=None, choices=sorted(set(METHODS.names()) | set(STRUCTURED.names())),
-                   help="pruning criterion (default wanda; with a structured pattern: flap for channels, slimgpt for "
-                        "heads/width, shortgpt for blocks/ffn)")
+                   help="pruning criterion (default wanda; with a structured pattern: slimgpt for "
+                        "channels/heads/width, shortgpt for blocks/ffn)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction of weights to remove, in [0, 1) (default 0.5; implied by an N:M pattern); "
                         "structured: fraction of the selected decoder-linear weights removed")
