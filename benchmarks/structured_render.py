@@ -33,8 +33,12 @@ def _what(row: dict) -> str:
         return f"low rank {row['method']}"
     if row["family"] == "unstructured":
         return f"unstructured {row['method']} (zeros stored dense)"
-    opts = "".join(f" {k}={v}" for k, v in (row.get("options") or {}).items())
-    return f"{row['pattern']} {row['method']}{opts} {row['allocation']}"
+    return f"{row['pattern']} {row['method']}{_opts(row)} {row['allocation']}"
+
+
+def _opts(row: dict) -> str:
+    """The row's method options as `` k=v`` (the benchmark's own low-rank budget settings left out)."""
+    return "".join(f" {k}={v}" for k, v in (row.get("options") or {}).items() if (k, v) not in LOWRANK_DEFAULTS)
 
 
 def _format(row: dict) -> str:
@@ -125,9 +129,7 @@ def matrix(rows: list[dict]) -> list[str]:
                 "| pattern | criterion | uniform | best non-uniform (allocation) |", "|---|---|---|---|"]
         groups: dict[tuple, list[dict]] = {}
         for r in at:  # a criterion with options (slimgpt bias=true) is a criterion of its own
-            opts = "".join(f" {k}={v}" for k, v in (r.get("options") or {}).items()
-                           if (k, v) not in LOWRANK_DEFAULTS)
-            groups.setdefault((r["pattern"], r["method"] + opts, r["family"]), []).append(r)
+            groups.setdefault((r["pattern"], r["method"] + _opts(r), r["family"]), []).append(r)
         for (pat, method, fam), same in groups.items():
             uni = next((r for r in same if r["allocation"] == "uniform"), None)
             non = min((r for r in same if r["allocation"] != "uniform"), key=lambda r: r["ppl"], default=None)
