@@ -358,7 +358,7 @@ def main() -> None:
     for r in list(res["rows"].values()):  # a saved folder's 'before', measured in its first row, serves the next
         if r["student"].startswith("dir-") and r["student"] not in res["students"]:
             res["students"][r["student"]] = {"label": r["label"], "dir": r["student_dir"],
-                                             "eval": r["report"]["evaluation"]["before"]}
+                                             "eval": r["report"]["evaluation"]["before"], "machine": r.get("machine")}
     for name in wanted:
         student, recipe, data, tokens = rows[name]
         prepare(res, args, student, prepared)
