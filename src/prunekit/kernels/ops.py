@@ -48,7 +48,7 @@ class BitmaskT:
     """Input-major bitmask format of a weight ``W [out, in]`` (see the module docstring)."""
 
     masks: Tensor  # int16 [in, ceil(out / 16)] (bit b of word c: output 16 c + b)
-    vals: Tensor  # [nnz], W's dtype, row by row of W^T
+    vals: Tensor  # [nnz + 16], W's dtype, row by row of W^T (16 zeros of padding at the end)
     rowptr: Tensor  # int64 [in + 1]
     out: int
 
@@ -96,7 +96,8 @@ def pack_bitmask(wt: Tensor) -> BitmaskT:
     words = (nz.view(n_in, chunks, 16).to(torch.int32) << torch.arange(16, dtype=torch.int32)).sum(-1)
     rowptr = torch.zeros(n_in + 1, dtype=torch.int64)
     rowptr[1:] = nz.sum(1).cumsum(0)
-    return BitmaskT(_u16_as_i16(words), padded[nz].contiguous(), rowptr, out)
+    vals = torch.cat([padded[nz], torch.zeros(16, dtype=wt.dtype)])  # padded like the C++ packer's
+    return BitmaskT(_u16_as_i16(words), vals, rowptr, out)
 
 
 def unpack_bitmask(p: BitmaskT) -> Tensor:
@@ -108,7 +109,7 @@ def unpack_bitmask(p: BitmaskT) -> Tensor:
     bits = ((p.masks.to(torch.int32) & 0xFFFF)[:, :, None] >> torch.arange(16, dtype=torch.int32)) & 1
     nz = bits.reshape(n_in, chunks * 16).bool()
     wt = torch.zeros(n_in, chunks * 16, dtype=p.vals.dtype)
-    wt[nz] = p.vals
+    wt[nz] = p.vals[: int(p.rowptr[-1])]
     return wt[:, : p.out].contiguous()
 
 

@@ -128,6 +128,45 @@ void axpy_rows(const T* wt, int64_t out, const int32_t* idx, const float* xa, in
   }
 }
 
+#if PK_X86
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 widen16(const float* w) { return _mm512_loadu_ps(w); }
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline __m512 widen16(const uint16_t* w) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))), 16));
+}
+
+// acc[0:out) += sum_k xa[k] * wt[idx[k], 0:out), four rows at a time, 16 outputs per vector.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void axpy_rows_avx512(const T* wt, int64_t out, const int32_t* idx, const float* xa, int64_t k0, int64_t k1,
+                      float* acc) {
+  const int64_t full = out / 16 * 16;
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) {
+    const T* w0 = wt + static_cast<int64_t>(idx[k]) * out;
+    const T* w1 = wt + static_cast<int64_t>(idx[k + 1]) * out;
+    const T* w2 = wt + static_cast<int64_t>(idx[k + 2]) * out;
+    const T* w3 = wt + static_cast<int64_t>(idx[k + 3]) * out;
+    const __m512 a0 = _mm512_set1_ps(xa[k]), a1 = _mm512_set1_ps(xa[k + 1]);
+    const __m512 a2 = _mm512_set1_ps(xa[k + 2]), a3 = _mm512_set1_ps(xa[k + 3]);
+    int64_t j = 0;
+    for (; j < full; j += 16) {
+      __m512 s = _mm512_loadu_ps(acc + j);
+      s = _mm512_fmadd_ps(a0, widen16(w0 + j), s);
+      s = _mm512_fmadd_ps(a1, widen16(w1 + j), s);
+      s = _mm512_fmadd_ps(a2, widen16(w2 + j), s);
+      s = _mm512_fmadd_ps(a3, widen16(w3 + j), s);
+      _mm512_storeu_ps(acc + j, s);
+    }
+    for (; j < out; ++j)
+      acc[j] += xa[k] * tof(w0[j]) + xa[k + 1] * tof(w1[j]) + xa[k + 2] * tof(w2[j]) + xa[k + 3] * tof(w3[j]);
+  }
+  if (k < k1) axpy_rows<T>(wt, out, idx, xa, k, k1, acc);
+}
+#endif
+
 template <typename T>
 torch::Tensor gemv_t_impl(const torch::Tensor& x, const torch::Tensor& wt, const torch::Tensor& thr,
                           const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& stats) {
@@ -142,7 +181,14 @@ torch::Tensor gemv_t_impl(const torch::Tensor& x, const torch::Tensor& wt, const
   const int64_t parts = n_parts(nact, 64), stride = (out + 15) / 16 * 16;
   std::vector<float> acc(parts * stride, 0.0f);
   const T* w = ptr<T>(wt);
+  const bool wide = isa() == 1;
   for_parts(nact, parts, [&](int64_t p, int64_t b, int64_t e) {
+#if PK_X86
+    if (wide) {
+      axpy_rows_avx512<T>(w, out, idx.data(), xa.data(), b, e, acc.data() + p * stride);
+      return;
+    }
+#endif
     axpy_rows<T>(w, out, idx.data(), xa.data(), b, e, acc.data() + p * stride);
   });
   return reduce(acc, parts, stride, out, bias);
@@ -170,15 +216,17 @@ void bitmask_rows_portable(const uint16_t* masks, const T* vals, const int64_t* 
 }
 
 #if PK_X86
+// Register-form expands: the memory form (vexpandps zmm{k}, [mem]) is microcoded and slow on AMD
+// Zen 4. The full 16-value load may read up to 15 values past a row: the packed values are padded.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
 inline __m512 expand16(uint16_t mk, const float*& v) {
-  __m512 w = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(mk), v);
+  __m512 w = _mm512_maskz_expand_ps(static_cast<__mmask16>(mk), _mm512_loadu_ps(v));
   v += __builtin_popcount(mk);
   return w;
 }
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
 inline __m512 expand16(uint16_t mk, const uint16_t*& v) {
-  __m256i h = _mm256_maskz_expandloadu_epi16(static_cast<__mmask16>(mk), v);
+  __m256i h = _mm256_maskz_expand_epi16(static_cast<__mmask16>(mk), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
   v += __builtin_popcount(mk);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
@@ -343,6 +391,12 @@ torch::Tensor sparse_ffn_impl(const torch::Tensor& h, const torch::Tensor& x, co
     std::vector<float> c(e - b);
     for (int64_t k = b; k < e; ++k)
       c[k - b] = ha[k] * dot_dense<T>(wu + static_cast<int64_t>(idx[k]) * hidden, xf.data(), hidden);
+#if PK_X86
+    if (isa() == 1) {
+      axpy_rows_avx512<T>(wd, hidden, idx.data() + b, c.data(), 0, e - b, acc.data() + p * stride);
+      return;
+    }
+#endif
     axpy_rows<T>(wd, hidden, idx.data() + b, c.data(), 0, e - b, acc.data() + p * stride);
   });
   return reduce(acc, parts, stride, hidden, c10::nullopt);
@@ -370,7 +424,7 @@ std::vector<torch::Tensor> pack_bitmask_impl(const torch::Tensor& wt) {
     }
   });
   for (int64_t i = 0; i < in; ++i) rp[i + 1] += rp[i];
-  auto vals = torch::empty({rp[in]}, wt.options());
+  auto vals = torch::zeros({rp[in] + 16}, wt.options());  // +16: the expands' full loads stay inside
   T* v = const_cast<T*>(ptr<T>(vals));
   at::parallel_for(0, in, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
@@ -437,6 +491,7 @@ torch::Tensor gemv_bitmask(torch::Tensor x, torch::Tensor masks, torch::Tensor v
   check_vec(x, "x");
   TORCH_CHECK(masks.dim() == 2 && masks.size(0) == x.numel() && masks.size(1) * 16 >= out, "mask shape mismatch");
   TORCH_CHECK(vals.scalar_type() == x.scalar_type() && rowptr.numel() == x.numel() + 1, "values/rowptr mismatch");
+  TORCH_CHECK(vals.numel() >= rowptr[-1].item<int64_t>() + 16, "bitmask values must be padded by 16 entries");
   check_thr(thr, x.numel());
   return PK_DISPATCH(x, gemv_bitmask_impl, x, masks, vals, rowptr, out, thr, bias, stats);
 }
