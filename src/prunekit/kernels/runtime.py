@@ -163,7 +163,8 @@ def _weight_format(lin: nn.Linear, weights: str) -> str:
     return "bitmask" if zeros >= AUTO_BITMASK_FROM else "dense"
 
 
-def prepare_decode(model: nn.Module, weights: str = "auto", sparse_prefill: bool = False) -> DecodeHandle:
+def prepare_decode(model: nn.Module, weights: str = "auto", sparse_prefill: bool = False,
+                   convert_all: bool = False) -> DecodeHandle:
     """Swap the modules with something to skip for kernel-backed ones (in place); see the module docstring.
 
     Args:
@@ -171,6 +172,7 @@ def prepare_decode(model: nn.Module, weights: str = "auto", sparse_prefill: bool
         weights: ``dense`` (W^T as is), ``bitmask`` (every converted linear stored sparse), or
             ``auto`` (bitmask where a linear is at least 25 % zeros).
         sparse_prefill: also mask the prompt's activations (dense matmul all the same).
+        convert_all: convert linears with nothing to skip too (measures the input-major layout alone).
     """
     if weights not in WEIGHT_FORMATS:
         raise ConfigError(f"weight format {weights!r} is not one of: {', '.join(WEIGHT_FORMATS)}")
@@ -191,7 +193,7 @@ def prepare_decode(model: nn.Module, weights: str = "auto", sparse_prefill: bool
             continue
         thr = state.thresholds[name] if name in sites and sites[name].kind == INPUT else None
         fmt = _weight_format(lin, weights)
-        if thr is None and fmt == "dense":
+        if thr is None and fmt == "dense" and not convert_all:
             continue  # nothing to skip: the stock module is as fast
         handle.linears[name] = DecodeLinear(lin, fmt, thr, sparse_prefill)
     for name, mod in {**handle.linears, **handle.ffns}.items():
