@@ -131,11 +131,13 @@ class DecodeHandle:
     ffns: dict[str, SparseFFN] = field(default_factory=dict)
 
     def restore(self) -> nn.Module:
-        for name, mod in self.linears.items():
+        while self.linears:  # one at a time, as converted: never two copies of every weight
+            name, mod = self.linears.popitem()
             set_module(self.model, name, mod.to_linear())
-        for name, mod in self.ffns.items():
+            del mod
+        while self.ffns:
+            name, mod = self.ffns.popitem()
             set_module(self.model, name, mod.restore())
-        self.linears, self.ffns = {}, {}
         state = state_of(self.model)
         if state is not None:
             state.install(self.model)
@@ -188,16 +190,19 @@ def prepare_decode(model: nn.Module, weights: str = "auto", sparse_prefill: bool
     for name, site in sites.items():
         if site.kind == GATE:
             handle.ffns[name] = SparseFFN(gated_mlp(model, name), state.thresholds[name], sparse_prefill)
-    for name, lin in decoder_linears(model).items():
-        if not isinstance(lin, nn.Linear) or any(name.startswith(f + ".") for f in handle.ffns):
+            set_module(model, name, handle.ffns[name])
+    names = [n for n, m in decoder_linears(model).items() if isinstance(m, nn.Linear)]
+    for name in names:  # one at a time: the old weight is freed before the next is converted
+        if any(name.startswith(f + ".") for f in handle.ffns):
             continue
+        lin = model.get_submodule(name)
         thr = state.thresholds[name] if name in sites and sites[name].kind == INPUT else None
         fmt = _weight_format(lin, weights)
         if thr is None and fmt == "dense" and not convert_all:
             continue  # nothing to skip: the stock module is as fast
         handle.linears[name] = DecodeLinear(lin, fmt, thr, sparse_prefill)
-    for name, mod in {**handle.linears, **handle.ffns}.items():
-        set_module(model, name, mod)
+        set_module(model, name, handle.linears[name])
+        del lin
     log.info("decode kernels: %d linears (%d bitmask), %d sparse FFNs; C++ kernels %s", len(handle.linears),
              sum(m.fmt == "bitmask" for m in handle.linears.values()), len(handle.ffns),
              "on" if ops.extension() is not None else "off (PyTorch fallback)")
