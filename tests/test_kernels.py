@@ -158,3 +158,18 @@ def test_fallback_says_why(monkeypatch):
         assert not build.available() and "PRUNEKIT_KERNELS=off" in build.why_unavailable()
     finally:
         build.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 53), (300, 1000), (16, 17)])
+def test_bitmask_prefill_matmul_in_tiles(path, dtype, shape, monkeypatch):
+    monkeypatch.setattr(ops, "TILE_BYTES", 4096)  # many tiles, a partial last one
+    n_in, out = shape
+    w = _weight(out, n_in, 0.5, dtype)
+    x = torch.randn(3, 5, n_in).to(dtype)
+    bias = torch.randn(out).to(dtype)
+    p = ops.pack_bitmask(w.t().contiguous())
+    y = ops.bitmask_matmul(x, p, bias)
+    ref = torch.nn.functional.linear(x, w, bias)
+    assert y.shape == ref.shape
+    assert torch.allclose(y.float(), ref.float(), rtol=TOL[dtype] * 2, atol=TOL[dtype] * 2 * (n_in ** 0.5))

@@ -51,6 +51,8 @@ class BitmaskT:
     vals: Tensor  # [nnz + 16], W's dtype, row by row of W^T (16 zeros of padding at the end)
     rowptr: Tensor  # int64 [in + 1]
     out: int
+    tile_chunks: int = 0  # prefill tiles: 16-column chunks per tile (set at the first prefill)
+    tile_offsets: Tensor | None = None  # int32 [in, tiles]: values of each row before each tile
 
     @property
     def nbytes(self) -> int:
@@ -135,6 +137,35 @@ def _finish(y: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
     if bias is not None:
         y = y + bias.float()
     return y.to(dtype)
+
+
+#: bytes of one unpacked prefill tile (it stays in the caches between unpacking and the matmul)
+TILE_BYTES = 4 * 2**20
+
+
+def bitmask_matmul(x: Tensor, p: BitmaskT, bias: Tensor | None = None) -> Tensor:
+    """``x @ W^T`` for many tokens (``x [..., in]``): a dense matmul on ``W^T`` unpacked one tile of
+    output columns at a time into a cache-sized buffer (the fallback unpacks the whole matrix)."""
+    n_in = p.masks.shape[0]
+    ext = extension()
+    if ext is None:
+        y = torch.matmul(x, unpack_bitmask(p))
+        return y if bias is None else y + bias
+    if p.tile_offsets is None:
+        chunks = p.masks.shape[1]
+        p.tile_chunks = max(1, min(chunks, TILE_BYTES // (n_in * 16 * p.vals.element_size())))
+        p.tile_offsets = ext.tile_offsets(p.masks, p.tile_chunks)
+    x2 = x.reshape(-1, n_in)
+    y = torch.empty(x2.shape[0], p.out, dtype=x.dtype)
+    width = 16 * p.tile_chunks
+    buf = torch.empty(n_in, width, dtype=p.vals.dtype)
+    for t in range(p.tile_offsets.shape[1]):
+        c0, c1 = t * width, min(p.out, (t + 1) * width)
+        ext.unpack_tile(p.masks, p.vals, p.rowptr, p.tile_offsets, t, p.tile_chunks, buf)
+        y[:, c0:c1] = torch.matmul(x2, buf[:, : c1 - c0])
+    if bias is not None:
+        y += bias
+    return y.reshape(*x.shape[:-1], p.out)
 
 
 def gemv_t(x: Tensor, wt: Tensor, threshold: Tensor | float | None = None, bias: Tensor | None = None,

@@ -66,8 +66,9 @@ class DecodeLinear(nn.Module):
             return y.reshape(*lead, self.out_features)
         if self.threshold is not None and self.sparse_prefill:
             x = apply_threshold(x, self.threshold)
-        wt = self.wt if self.fmt == "dense" else ops.unpack_bitmask(self.packed)
-        y = torch.matmul(x, wt)
+        if self.fmt == "bitmask":
+            return ops.bitmask_matmul(x, self.packed, self.bias)
+        y = torch.matmul(x, self.wt)
         return y if self.bias is None else y + self.bias
 
     def weight_bytes(self) -> int:

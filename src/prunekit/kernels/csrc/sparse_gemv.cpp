@@ -473,6 +473,96 @@ void check_thr(const torch::Tensor& thr, int64_t n) {
               "threshold must be a float32 tensor of 1 or ", n, " entries");
 }
 
+// ---------------------------------------------------------------- tiles of W^T for prefill
+// Prefill multiplies many tokens by the weight: a dense matmul, on the weight unpacked one tile of
+// `tw` output columns at a time into a small buffer that stays in cache (so unpacking never costs a
+// trip to memory). tile_offsets[i, t] = values of row i before tile t.
+torch::Tensor tile_offsets(const torch::Tensor& masks, int64_t tile_chunks) {
+  const int64_t in = masks.size(0), chunks = masks.size(1), tiles = (chunks + tile_chunks - 1) / tile_chunks;
+  auto off = torch::empty({in, tiles}, torch::kInt32);
+  int32_t* o = off.data_ptr<int32_t>();
+  const uint16_t* m = reinterpret_cast<const uint16_t*>(masks.data_ptr<int16_t>());
+  at::parallel_for(0, in, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      int32_t n = 0;
+      for (int64_t c = 0; c < chunks; ++c) {
+        if (c % tile_chunks == 0) o[i * tiles + c / tile_chunks] = n;
+        n += __builtin_popcount(m[i * chunks + c]);
+      }
+    }
+  });
+  return off;
+}
+
+template <typename T>
+void unpack_tile_portable(const uint16_t* m, const T* src, int64_t c0, int64_t c1, T* dst) {
+  for (int64_t c = c0; c < c1; ++c) {
+    uint32_t mk = m[c];
+    T* d = dst + 16 * (c - c0);
+    for (int b = 0; b < 16; ++b) d[b] = T(0);
+    while (mk) {
+      const int b = __builtin_ctz(mk);
+      d[b] = *src++;
+      mk &= mk - 1;
+    }
+  }
+}
+
+#if PK_X86
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
+void unpack_tile_avx512(const uint16_t* m, const float* src, int64_t c0, int64_t c1, float* dst) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const __mmask16 mk = static_cast<__mmask16>(m[c]);
+    _mm512_storeu_ps(dst + 16 * (c - c0), _mm512_maskz_expand_ps(mk, _mm512_loadu_ps(src)));
+    src += __builtin_popcount(m[c]);
+  }
+}
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
+void unpack_tile_avx512(const uint16_t* m, const uint16_t* src, int64_t c0, int64_t c1, uint16_t* dst) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const __mmask16 mk = static_cast<__mmask16>(m[c]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * (c - c0)),
+                        _mm256_maskz_expand_epi16(mk, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))));
+    src += __builtin_popcount(m[c]);
+  }
+}
+#endif
+
+template <typename T>
+void unpack_tile_impl(const torch::Tensor& masks, const torch::Tensor& vals, const torch::Tensor& rowptr,
+                      const torch::Tensor& offsets, int64_t tile, int64_t tile_chunks, torch::Tensor& buf) {
+  const int64_t in = masks.size(0), chunks = masks.size(1), tiles = offsets.size(1);
+  const int64_t c0 = tile * tile_chunks, c1 = std::min(chunks, c0 + tile_chunks), width = buf.size(1);
+  const uint16_t* m = reinterpret_cast<const uint16_t*>(masks.data_ptr<int16_t>());
+  const T* v = ptr<T>(vals);
+  const int64_t* rp = rowptr.data_ptr<int64_t>();
+  const int32_t* off = offsets.data_ptr<int32_t>();
+  T* dst = const_cast<T*>(ptr<T>(buf));
+  const bool wide = isa() == 1;
+  at::parallel_for(0, in, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const T* src = v + rp[i] + off[i * tiles + tile];
+#if PK_X86
+      if (wide) {
+        unpack_tile_avx512(m + i * chunks, src, c0, c1, dst + i * width);
+        continue;
+      }
+#endif
+      unpack_tile_portable<T>(m + i * chunks, src, c0, c1, dst + i * width);
+    }
+  });
+}
+
+void unpack_tile(torch::Tensor masks, torch::Tensor vals, torch::Tensor rowptr, torch::Tensor offsets, int64_t tile,
+                 int64_t tile_chunks, torch::Tensor buf) {
+  check_vec(vals, "vals");
+  TORCH_CHECK(buf.scalar_type() == vals.scalar_type() && buf.is_contiguous() && buf.size(0) == masks.size(0) &&
+              buf.size(1) == 16 * tile_chunks && offsets.scalar_type() == torch::kInt32, "tile buffer mismatch");
+  TORCH_CHECK(tile >= 0 && tile < offsets.size(1), "tile out of range");
+  if (vals.scalar_type() == torch::kFloat32) unpack_tile_impl<float>(masks, vals, rowptr, offsets, tile, tile_chunks, buf);
+  else unpack_tile_impl<uint16_t>(masks, vals, rowptr, offsets, tile, tile_chunks, buf);
+}
+
 #define PK_DISPATCH(x, fn, ...) \
   ((x).scalar_type() == torch::kFloat32 ? fn<float>(__VA_ARGS__) : fn<uint16_t>(__VA_ARGS__))
 
@@ -542,6 +632,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_ffn", &sparse_ffn, "gated MLP with a thresholded activation");
   m.def("pack_bitmask", &pack_bitmask, "pack input-major weights into masks, values, row pointers");
   m.def("unpack_bitmask", &unpack_bitmask, "dense input-major weights from the bitmask format");
+  m.def("tile_offsets", &tile_offsets, "values before each tile of each row of a bitmask");
+  m.def("unpack_tile", &unpack_tile, "one tile of output columns of a bitmask W^T, dense, into a buffer");
   m.def("get_isa", &get_isa, "0: portable path, 1: AVX-512 path");
   m.def("set_isa", &set_isa, "-1: detect, 0: force the portable path, 1: AVX-512 path");
 }
