@@ -151,7 +151,7 @@ def test_decode_kernels_equal_the_masked_model(kernel_path, method, dtype):
     model, ids = tiny_model("qwen2"), _ids()
     prunekit.sparsify_activations(model, _cfg(method=method), calib=ids)
     model.to(dtype)
-    seq = ids[:1, :12]
+    seq = _ids(1, 12, seed=7)  # not calibration tokens: none of its values sits exactly on a threshold
     with torch.inference_mode():
         ref = model(seq).logits[0].float()  # every token masked: what the kernels compute token by token
         handle = prepare_decode(model)
@@ -197,3 +197,27 @@ def test_prepare_decode_rejects_what_it_cannot_run():
         prepare_decode(model)
     with pytest.raises(ConfigError, match="weight format"):
         prepare_decode(tiny_model("llama"), "csr")
+
+
+@pytest.mark.integration
+def test_smollm2_teal_decode_matches_masked_model(smollm2):
+    import copy
+
+    model, tok = smollm2
+    model = copy.deepcopy(model)  # the session's model must stay dense
+    ids = tok("It is a truth universally acknowledged, that a single man in possession of a good fortune",
+              return_tensors="pt").input_ids
+    other = tok("Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition",
+                return_tensors="pt").input_ids
+    calib = torch.cat([other[:, :16], other.flip(1)[:, :16]])  # not the tokens scored below: a threshold equal
+    st = prunekit.sparsify_activations(model, _cfg(sparsity=0.4, max_tokens=64), calib=calib)  # to a value flips
+    assert st.report["mean_sparsity"] == pytest.approx(0.4, abs=0.05)
+    seq = ids[:, :10]
+    with torch.inference_mode():
+        ref = model(seq).logits[0, -1]
+        handle = prepare_decode(model)
+        out = model(seq[:, :1], use_cache=True)
+        for i in range(1, seq.shape[1]):
+            out = model(seq[:, i:i + 1], cache=out.cache, use_cache=True)
+        handle.restore()
+    assert torch.allclose(out.logits[0, -1], ref, atol=1e-3, rtol=1e-4)
