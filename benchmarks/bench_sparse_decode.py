@@ -169,6 +169,9 @@ if __name__ == "__main__":
     a = p.parse_args()
     torch.set_num_threads(2)
     d = load()
+    if a.stage == "render":  # re-render the Markdown only
+        save(d)
+        sys.exit(0)
     d["runs"].append({"command": "python benchmarks/bench_sparse_decode.py " + shlex.join(sys.argv[1:]),
                       "started": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment(),
                       "load": os.getloadavg()[0], "note": a.note})

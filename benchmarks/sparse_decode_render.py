@@ -54,8 +54,9 @@ def _quality(q: dict) -> list[str]:
             continue
         out += [f"## Quality: {model} ({dense['dtype']}), the masked model (every token thresholded)", "",
                 f"WikiText-2 test and GSM8K test (questions + answers) perplexity, seqlen 1024, first "
-                f"{dense['wikitext2']['windows']} windows; PIQA accuracy ± stderr on the first "
-                f"{dense.get('piqa', {}).get('n', 0)} examples, '(tie)' = within 2 stderr of dense. Calibration: "
+                f"{dense['wikitext2']['windows']} windows; "
+                + (f"PIQA accuracy ± stderr on the first {dense['piqa']['n']} examples, '(tie)' = within 2 stderr of "
+                   "dense. " if dense.get("piqa") else "no task run for this model (time). ") + "Calibration: "
                 "Austen, 16 x 1024 tokens, seed 0 (thresholds: 4096 sampled tokens per site). act. sparsity = "
                 "zeros on the calibration data at the thresholded sites; reads skipped = fraction of the "
                 "decoder-linear weights a kernel need not read.", "",
@@ -81,8 +82,10 @@ def _speed(sp: dict, bw: float | None) -> list[str]:
     out = []
     for model, by_dtype in sp.items():
         for dtype, rows in by_dtype.items():
+            first = next(iter(rows.values()))
             out += [f"## End to end: {model}, {dtype}, 2 threads", "",
-                    "Batch 1, KV cache: prefill of one 512-token sequence; decode = 64 forced steps after a 128-token "
+                    f"Batch 1, KV cache: prefill of one {first.get('prefill_tokens', 512)}-token sequence; decode = "
+                    f"{first.get('new_tokens', 64)} forced steps after a {first.get('prompt_tokens', 128)}-token "
                     "prompt (random ids, seeded). Every row times its own dense model (stock modules, same weights, "
                     "no thresholds) interleaved with it in one process: median of 5 after a warm-up, [min-max]. "
                     "Bound = bytes of the weights a decode step reads (all parameters, tied once, minus what the "
