@@ -2,12 +2,12 @@
 
 __version__ = "0.1.0"
 
-from .api import evaluate, prune  # noqa: E402
-from .config import CalibConfig, EvalConfig, PruneConfig  # noqa: E402
+from .api import evaluate, prune, sparsify_activations  # noqa: E402
+from .config import ActivationSparsityConfig, CalibConfig, EvalConfig, PruneConfig  # noqa: E402
 from .masks import Pattern  # noqa: E402
 from .models import load_model  # noqa: E402
 from .recover import RecoverConfig, RecoverReport, recover  # noqa: E402
 from .report import Report  # noqa: E402
 
-__all__ = ["CalibConfig", "EvalConfig", "Pattern", "PruneConfig", "RecoverConfig", "RecoverReport", "Report", "evaluate",
-           "load_model", "prune", "recover", "__version__"]
+__all__ = ["ActivationSparsityConfig", "CalibConfig", "EvalConfig", "Pattern", "PruneConfig", "RecoverConfig", "RecoverReport", "Report", "evaluate",
+           "load_model", "prune", "recover", "sparsify_activations", "__version__"]

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .activation import sparsify_activations  # noqa: F401  (re-exported: prunekit.sparsify_activations)
 from .allocation import allocation_summary, build_allocator, make_targets
 from .allocation.base import Allocator
 from .calibration import BlockEvent, run_sequential

@@ -60,7 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "block + activations); auto (default): only when the model would not fit in memory")
     add_eval_args(p)
     add_task_args(p)
+    from ._activation import add_activation_args
     from .recover import add_chain_args
+
+    add_activation_args(p)
 
     add_chain_args(p)
     p.set_defaults(func=run)
@@ -100,16 +103,27 @@ def _check_inputs(args: argparse.Namespace):
     from ..data import get_dataset
     from ..export import check_output_dir
 
+    from ._activation import activation_config, weight_pruning_requested
+
     setup_threads(args)
     config = build_config(args)
-    build_components(config)  # names, options and method/pattern compatibility
-    for name in [config.calib.dataset, *args.eval_datasets]:
-        get_dataset(name, args.data_dir, text_field=config.calib.text_field)
+    args.act_config = activation_config(args, config.calib)  # None without --activation-sparsity
+    if not weight_pruning_requested(args):
+        config = None  # --activation-sparsity alone: the weights stay dense
+    else:
+        build_components(config)  # names, options and method/pattern compatibility
+    calib = config.calib if config is not None else args.act_config.calib
+    for name in [calib.dataset, *args.eval_datasets]:
+        get_dataset(name, args.data_dir, text_field=calib.text_field)
     if args.out:
         check_output_dir(args.out, args.overwrite)
     check_json_path(args.json)
     if args.max_windows is not None and args.max_windows < 1:
         raise ConfigError(f"--max-windows={args.max_windows} must be >= 1")
+    if args.act_config is not None and args.offload == "disk":
+        raise ConfigError("--activation-sparsity calibrates the whole model in memory: drop --offload disk")
+    if config is None:
+        return None
     if config.pattern_obj.is_structured and args.save_format == "compressed":
         raise ConfigError(f"--save-format compressed stores the zeros of a sparse model compactly; --pattern "
                           f"{config.pattern} removes them outright (the saved model is already smaller): drop "
@@ -136,13 +150,17 @@ def _run(args: argparse.Namespace, config) -> int:
     from ..models import check_finite
     from ._streamed import run_streamed, wants_streaming
 
-    eval_seqlen = args.eval_seqlen or config.calib.seqlen
+    act = getattr(args, "act_config", None)
+    eval_seqlen = args.eval_seqlen or (config.calib if config is not None else act.calib).seqlen
     settings = task_settings(args, eval_seqlen, args.max_windows, args.eval_batch_size)
     tasks = prepare(args)  # bad task names / files fail before the model loads
     from .recover import chain_after_prune, chain_config, dense_teacher
 
     recover_cfg = chain_config(args)  # --recover settings fail before the model loads too
     if wants_streaming(args):
+        if act is not None:
+            raise ConfigError(f"{args.model} does not fit in memory ({args.dtype}), and --activation-sparsity "
+                              "calibrates the whole model in memory: use --dtype bfloat16 or a machine with more memory")
         if config.pattern_obj.is_structured:
             raise ConfigError(f"{args.model} does not fit in memory ({args.dtype}), and --pattern {config.pattern} "
                               "needs the whole model in memory: use an unstructured / N:M pattern, which streams, "
@@ -158,7 +176,12 @@ def _run(args: argparse.Namespace, config) -> int:
     check_finite(model)  # a NaN anywhere makes every number below meaningless
     from ..api import check_model
 
-    check_model(model, config)  # architecture x pattern, include/exclude: before the dense baseline
+    if config is not None:
+        check_model(model, config)  # architecture x pattern, include/exclude: before the dense baseline
+    if act is not None:
+        from ..activation import check_activation
+
+        check_activation(model, act)  # cats/chess need a gated MLP: before the dense baseline
     if args.eval_datasets:
         check_seqlen(model, eval_seqlen, "--eval-seqlen")
     tokens: dict = {}
@@ -167,7 +190,18 @@ def _run(args: argparse.Namespace, config) -> int:
     dense = {} if args.no_dense_eval else evaluate("dense")
     dense_tasks = {} if args.no_dense_eval else run_with_progress(model, tok, tasks, settings, "dense")
     teacher = dense_teacher(model, recover_cfg)
-    report = _progress_bar(config)(lambda cb: prune(model, config, tokenizer=tok, callback=cb, data_dir=args.data_dir))
+    report = None
+    if config is not None:
+        report = _progress_bar(config)(lambda cb: prune(model, config, tokenizer=tok, callback=cb,
+                                                        data_dir=args.data_dir))
+    if act is not None:
+        from ._activation import activation_only_report, run_activation
+
+        state = run_activation(model, tok, act, args)
+        if report is None:
+            report = activation_only_report(state, args.model, args.dtype)
+        else:
+            report.extra["activation"] = state.report
     pruned = evaluate("pruned")
     pruned_tasks = run_with_progress(model, tok, tasks, settings, "pruned")
     report.evaluation = {"dense": {k: v.to_dict() for k, v in dense.items()},
@@ -180,10 +214,10 @@ def _run(args: argparse.Namespace, config) -> int:
     if recover_cfg is not None:
         chain_after_prune(args, recover_cfg, model, teacher, tok, report, tasks, settings)
     if args.out:  # the model first: a finished prune must not be lost to a bad report path
-        from ..export import save_folder
+        from ..activation import save_with_thresholds  # the plain save when there are no thresholds
 
-        out, how = save_folder(model, tok, args.out, report.to_dict(), args.overwrite, args.merge_lowrank,
-                               args.save_format)
+        out, how = save_with_thresholds(model, tok, args.out, report.to_dict(), args.overwrite, args.merge_lowrank,
+                                        args.save_format)
         args.saved = out
         print(f"saved to {out} ({how})")
     if args.json:
@@ -228,8 +262,14 @@ def print_summary(report, dense: dict, pruned: dict, dense_tasks: dict | None = 
             ppl = res.family == "perplexity"
             rows.append([f"{spec} {m} (n={res.n})", fmt_metric(d.metrics[m], d.stderr.get(m), ppl) if d else "-",
                          fmt_metric(v, res.stderr.get(m), ppl)])
-    rows.append(["sparsity of pruned linears", "0.0000", f"{report.sparsity:.4f}"])
-    rows.append([f"target ({report.method}, {report.pattern}, {report.allocation})", "", f"{report.target_sparsity:.4f}"])
+    if report.method != "none":  # "none": activation sparsity alone, the weights are dense
+        rows.append(["sparsity of pruned linears", "0.0000", f"{report.sparsity:.4f}"])
+        rows.append([f"target ({report.method}, {report.pattern}, {report.allocation})", "",
+                     f"{report.target_sparsity:.4f}"])
+    if report.extra.get("activation"):
+        from ._activation import summary_rows
+
+        rows += summary_rows(report.extra["activation"])
     st = report.extra.get("structure")
     if st:  # structured: the model is physically smaller
         rows.append(["parameters (M)", f"{st['params_dense'] / 1e6:.3f}", f"{st['params'] / 1e6:.3f}"])
@@ -238,7 +278,7 @@ def print_summary(report, dense: dict, pruned: dict, dense_tasks: dict | None = 
         if save.get("zero_bias_params"):
             rows.append(["parameters in a plain folder (M, incl. zero biases)", "", f"{save['params_saved'] / 1e6:.3f}"])
         rows.append(["loads with", "", save.get("loader", "-")])
-    rows.append(["prune time (s)", "", f"{report.seconds:.1f}"])
+    rows.append(["prune time (s)" if report.method != "none" else "calibration time (s)", "", f"{report.seconds:.1f}"])
     for ds, res in pruned.items():
         d = dense.get(ds)
         rows.append([f"{ds} eval speed (tok/s)", f"{d.tokens_per_s:.0f}" if d else "-", f"{res.tokens_per_s:.0f}"])

@@ -28,6 +28,10 @@ from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+#: called as ``hook(model, folder)`` after :func:`load_model` read a local folder (prunekit.activation
+#: registers the one that installs saved activation thresholds)
+LOAD_HOOKS: list = []
+
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -295,6 +299,9 @@ def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, t
             ) from e
         raise
     model.to(dev).eval()
+    if not src.hub:
+        for hook in LOAD_HOOKS:
+            hook(model, Path(src.path))
     return model, _pad_with_eos(tok)
 
 

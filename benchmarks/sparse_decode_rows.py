@@ -1,0 +1,176 @@
+"""The quality and speed stages of ``bench_sparse_decode.py`` (one row per setting, resumable)."""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+
+import prunekit
+from prunekit import ActivationSparsityConfig, CalibConfig, PruneConfig
+from prunekit.activation import read_side_files, write_side_files
+from prunekit.data import calibration_ids
+from prunekit.eval import perplexity
+from prunekit.eval.tasks import TaskSettings, prepare_tasks, run_tasks
+from prunekit.export import save_model
+from prunekit.kernels.bench import bench_decode
+from prunekit.kernels.generate import decode_seconds, interleaved, prefill_seconds
+from prunekit.report import environment
+
+from bench_sparse_decode import CACHE, save
+
+QUALITY = {
+    "smollm2-135m": ["dense", *[f"act/{m}/uniform/{s}" for m in ("teal", "cats", "chess") for s in (0.25, 0.4, 0.5)],
+                     "act/teal/greedy/0.4", "weight/wanda/0.5", "both/wanda0.5+teal0.4", "blocks/shortgpt/7",
+                     "blocks/shortgpt/8", "blocks/shortgpt/9"],
+    "qwen2.5-coder-1.5b": ["dense", "act/teal/uniform/0.4", "weight/wanda/0.5", "both/wanda0.5+teal0.4",
+                           "act/teal/uniform/0.25", "act/teal/uniform/0.5", "blocks/shortgpt/8"],
+}
+SPEED = {
+    "smollm2-135m": ["layout/W^T", "act/teal/uniform/0.4", "act/teal/uniform/0.5", "act/teal/greedy/0.4",
+                     "act/cats/uniform/0.4", "act/chess/uniform/0.4", "weight/wanda/0.5", "both/wanda0.5+teal0.4",
+                     "blocks/shortgpt/8", "blocks/shortgpt/9"],
+    "qwen2.5-coder-1.5b": ["layout/W^T", "act/teal/uniform/0.4", "weight/wanda/0.5", "both/wanda0.5+teal0.4",
+                           "blocks/shortgpt/8"],
+}
+#: quality runs in bf16 (2x the matmul speed here; core.md: SmolLM2 dense 23.47 bf16 vs 23.48 fp32)
+QUALITY_DTYPE = {"smollm2-135m": "bfloat16", "qwen2.5-coder-1.5b": "bfloat16"}
+
+
+def _calib(args, tok) -> torch.Tensor:
+    return calibration_ids(CalibConfig("austen", args.nsamples, 1024, 0), tok)
+
+
+def _dir(model: str, what: str):
+    return CACHE / model / what.replace("/", "_").replace("^", "")
+
+
+def _act_cfg(label: str, args) -> ActivationSparsityConfig:
+    _, method, alloc, s = label.split("/")
+    return ActivationSparsityConfig(sparsity=float(s), method=method, allocation=alloc,
+                                    calib=CalibConfig("austen", args.nsamples, 1024, 0))
+
+
+def _wanda(model, tok, ids, args, name: str):
+    cfg = PruneConfig(method="wanda", sparsity=0.5, calib=CalibConfig("austen", args.nsamples, 1024, 0, batch_size=4))
+    prunekit.prune(model, cfg, calib=ids)
+    folder = _dir(name, "wanda0.5")
+    if not folder.exists():
+        save_model(model, tok, folder)
+
+
+def build(label: str, name: str, dtype: str, args, tok=None, ids=None):
+    """The model of a row, compressed as the label says (thresholds / weights cached for the speed stage)."""
+    kind = label.split("/")[0]
+    if kind in ("weight", "both") and _dir(name, "wanda0.5").exists():
+        model, tok = prunekit.load_model(str(_dir(name, "wanda0.5")), dtype)
+    else:
+        model, tok = prunekit.load_model(name, dtype)
+        if kind in ("weight", "both"):
+            _wanda(model, tok, ids if ids is not None else _calib(args, tok), args, name)
+    act = {"act": label, "both": "act/teal/uniform/0.4"}.get(kind)
+    if act is not None:
+        folder = _dir(name, label)
+        if (folder / "activation_sparsity.json").is_file() and not args.redo:
+            read_side_files(folder).install(model)
+        else:
+            st = prunekit.sparsify_activations(model, _act_cfg(act, args), calib=ids if ids is not None else _calib(args, tok))
+            folder.mkdir(parents=True, exist_ok=True)
+            write_side_files(st, folder)
+    if kind == "blocks":
+        folder = _dir(name, label)
+        if folder.exists():
+            del model
+            model, tok = prunekit.load_model(str(folder), dtype)
+        else:
+            k = int(label.split("/")[-1])
+            n = model.config.num_hidden_layers
+            prunekit.prune(model, PruneConfig(method="shortgpt", pattern="blocks", sparsity=k / n,
+                                              calib=CalibConfig("austen", args.nsamples, 1024, 0, batch_size=4)),
+                           calib=ids if ids is not None else _calib(args, tok))
+            from prunekit.export import save_folder
+
+            save_folder(model, tok, folder)
+    return model, tok
+
+
+def quality_row(label: str, name: str, args, ids) -> dict:
+    dtype = QUALITY_DTYPE[name]
+    t0 = time.perf_counter()
+    model, tok = build(label, name, dtype, args, ids=ids)
+    built = time.perf_counter() - t0
+    row = {"label": label, "model": name, "dtype": dtype, "build_s": built, "blocks": model.config.num_hidden_layers}
+    st = getattr(model, "prunekit_activation", None)
+    if st is not None:
+        row["activation"] = {k: st.report.get(k) for k in ("mean_target", "mean_sparsity", "skipped_fraction")}
+    for ds in ("wikitext2", "gsm8k"):
+        r = perplexity(model, tok, ds, 1024, args.windows, 1)
+        row[ds] = {"ppl": r.ppl, "windows": r.windows, "tokens": r.tokens}
+    if args.piqa:
+        res = run_tasks(model, tok, prepare_tasks(["piqa"]), TaskSettings(limit=args.piqa, batch_size=16))["piqa"]
+        row["piqa"] = {"acc": res.metrics["acc"], "stderr": res.stderr.get("acc"), "n": res.n}
+    row["seconds"] = time.perf_counter() - t0
+    print(f"{name} {label}: wiki {row['wikitext2']['ppl']:.2f} gsm8k {row['gsm8k']['ppl']:.2f} "
+          f"piqa {row.get('piqa', {}).get('acc', float('nan')):.3f} ({row['seconds']:.0f}s)", flush=True)
+    del model
+    gc.collect()
+    return row
+
+
+def stage_quality(args, data: dict) -> None:
+    name = args.model
+    tab = data["quality"].setdefault(name, {})
+    tok = prunekit.models.loading.load_tokenizer(name)
+    ids = _calib(args, tok)
+    for label in args.rows or QUALITY[name]:
+        if label in tab and not args.redo:
+            continue
+        tab[label] = quality_row(label, name, args, ids)
+        tab[label]["environment"] = environment()
+        save(data)
+
+
+def _blocks_speed(name: str, label: str, dtype: str, args) -> dict:
+    dense, _ = prunekit.load_model(name, dtype)
+    small, _ = build(label, name, dtype, args)
+    vocab = dense.config.vocab_size
+    ids = torch.randint(0, vocab, (1, max(args.prefill_tokens, 128)), generator=torch.Generator().manual_seed(0))
+    models = {"dense": dense, "sparse": small}
+
+    def measure(n):
+        m = models[n]
+        return prefill_seconds(m, ids[:, :args.prefill_tokens]), decode_seconds(m, ids[:, :128], args.new_tokens)
+
+    t = interleaved({"dense": lambda: None, "sparse": lambda: None}, measure, args.repeats)
+    d, s = t["dense"].summary(), t["sparse"].summary()
+    return {"dense": d, "sparse": s, "decode_speedup": d["decode_s_per_token"]["median"] / s["decode_s_per_token"]["median"],
+            "prefill_speedup": d["prefill_s"]["median"] / s["prefill_s"]["median"], "repeats": args.repeats,
+            "params": sum(p.numel() for p in small.parameters()), "params_dense": sum(p.numel() for p in dense.parameters())}
+
+
+def speed_row(label: str, name: str, dtype: str, args) -> dict:
+    if label.startswith("blocks/"):
+        return _blocks_speed(name, label, dtype, args)
+    if label.startswith("layout/"):
+        model, _ = prunekit.load_model(name, dtype)
+        return bench_decode(model, 128, args.new_tokens, args.prefill_tokens, args.repeats, "dense", convert_all=True)
+    model, _ = build(label, name, dtype, args)
+    return bench_decode(model, 128, args.new_tokens, args.prefill_tokens, args.repeats, "auto")
+
+
+def stage_speed(args, data: dict) -> None:
+    name = args.model
+    for dtype in args.dtypes:
+        tab = data["speed"].setdefault(name, {}).setdefault(dtype, {})
+        for label in args.rows or SPEED[name]:
+            if label in tab and not args.redo:
+                continue
+            t0 = time.perf_counter()
+            row = speed_row(label, name, dtype, args)
+            row.update(label=label, seconds=time.perf_counter() - t0, environment=environment())
+            tab[label] = row
+            print(f"{name} {dtype} {label}: decode {row['decode_speedup']:.2f}x, prefill "
+                  f"{row.get('prefill_speedup', float('nan')):.2f}x", flush=True)
+            save(data)
+            gc.collect()

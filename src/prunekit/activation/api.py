@@ -1,0 +1,106 @@
+"""``sparsify_activations``: calibrate activation thresholds and install them on a model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ActivationSparsityConfig, to_dict
+from ..errors import ConfigError
+from ..models import decoder_linears, weight_view
+from .base import ACTIVATION_METHODS, ActivationState, state_of
+from .calibrate import BlockDone, calibrate, model_sites
+
+log = logging.getLogger(__name__)
+
+
+def check_activation(model: nn.Module, config: ActivationSparsityConfig) -> int:
+    """Everything about ``model`` that can fail before calibration; returns the number of sites."""
+    method = ACTIVATION_METHODS.get(config.method)()
+    sites = [s for block in model_sites(model, method, config.include, config.exclude) for s in block]
+    if not sites:
+        raise ConfigError(f"activation include={list(config.include)} exclude={list(config.exclude)} select no site of "
+                          f"method {config.method!r}; loosen the regexes (names like model.layers.0.mlp.up_proj)")
+    return len(sites)
+
+
+def _calib_ids(model: nn.Module, config: ActivationSparsityConfig, calib: Tensor | None, tokenizer, data_dir) -> Tensor:
+    from ..data import calibration_ids
+    from ..eval import check_seqlen
+
+    if calib is None:
+        if tokenizer is None:
+            raise ConfigError("activation sparsity needs calibration: pass calib token ids or a tokenizer")
+        check_seqlen(model, config.calib.seqlen, "calibration seqlen")
+        calib = calibration_ids(config.calib, tokenizer, data_dir)
+    if not isinstance(calib, Tensor) or calib.dtype != torch.long or calib.dim() != 2 or calib.shape[0] == 0:
+        raise ConfigError("calibration must be a LongTensor of token ids shaped [nsamples, seqlen]; got "
+                          f"{type(calib).__name__} {tuple(getattr(calib, 'shape', ()))}")
+    return calib
+
+
+def _greedy_ids(calib: Tensor, tokens: int) -> Tensor:
+    """The first ``tokens`` calibration tokens, as whole sequences cut to at most ``tokens`` long."""
+    seqlen = calib.shape[1]
+    if tokens <= seqlen:
+        return calib[:1, :tokens]
+    return calib[: -(-tokens // seqlen)]
+
+
+def sparsify_activations(model: nn.Module, config: ActivationSparsityConfig, calib: Tensor | None = None,
+                         tokenizer=None, data_dir=None,
+                         callback: Callable[[BlockDone], None] | None = None) -> ActivationState:
+    """Calibrate activation thresholds for ``model`` and install them (the masked model).
+
+    Args:
+        model: a Hugging Face causal LM (dense, or already weight-pruned: the thresholds are
+            calibrated on the weights it has now).
+        config: method, target sparsity, allocation and calibration settings.
+        calib: calibration token ids ``[n, seqlen]``; ``None``: drawn from ``config.calib`` with ``tokenizer``.
+        tokenizer: needed only when ``calib`` is ``None``.
+        data_dir: local dataset copies (``None``: ``$PRUNEKIT_DATA``).
+        callback: called after every block (progress bars).
+
+    Returns:
+        The installed :class:`ActivationState` (also ``model.prunekit_activation``); its
+        ``report`` holds the per-site thresholds and the sparsity each reached on the calibration data.
+    """
+    t0 = time.perf_counter()
+    method = ACTIVATION_METHODS.get(config.method)()
+    old = state_of(model)
+    if old is not None:  # re-calibrating replaces the thresholds
+        old.remove()
+    sites = model_sites(model, method, config.include, config.exclude)
+    check_activation(model, config)
+    ids = _calib_ids(model, config, calib, tokenizer, data_dir)
+    greedy = _greedy_ids(ids, config.greedy_tokens) if config.allocation == "greedy" else None
+    state = ActivationState(method.name, to_dict(config), {}, {})
+    model.prunekit_activation = state
+    records = calibrate(model, method, config, state, sites, ids, greedy, callback)
+    total = sum(weight_view(m).numel() for m in decoder_linears(model).values())
+    reached = {n: r["sparsity"] for n, r in records.items()}
+    targets = {n: r["target"] for n, r in records.items()}
+    weights = {n: s.skipped_params for n, s in state.sites.items()}
+    state.report = {
+        "method": method.name, "target": config.sparsity, "allocation": config.allocation,
+        "sites": records, "seconds": time.perf_counter() - t0,
+        "calibration": {"source": config.calib.dataset if calib is None else "given", "nsamples": ids.shape[0],
+                        "seqlen": ids.shape[1], "seed": config.calib.seed, "max_tokens": config.max_tokens},
+        "mean_target": _weighted(targets, weights), "mean_sparsity": _weighted(reached, weights),
+        "skipped_fraction": state.skipped_fraction(total, reached),
+        "skipped_fraction_target": state.skipped_fraction(total, targets),
+        "decoder_linear_params": total,
+    }
+    log.info("%s activation sparsity: %d sites, calibration sparsity %.4f (target %.4f), %.1f%% of decoder-linear "
+             "weight reads skippable, %.1fs", method.name, len(state.sites), state.report["mean_sparsity"],
+             config.sparsity, 100 * state.report["skipped_fraction"], state.report["seconds"])
+    return state
+
+
+def _weighted(values: dict[str, float | None], weights: dict[str, int]) -> float:
+    tot = sum(weights[n] for n in values if values[n] is not None)
+    return sum(values[n] * weights[n] for n in values if values[n] is not None) / tot if tot else 0.0

@@ -1,0 +1,100 @@
+"""``prunekit prune --activation-sparsity``: the flags, their checks, and the calibration step.
+
+``--activation-sparsity S`` alone (no ``--method``, ``--sparsity``, ``--pattern`` or ``--config``)
+leaves the weights dense; with weight pruning, the thresholds are calibrated on the pruned weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import ConfigError
+
+
+def add_activation_args(p: argparse.ArgumentParser) -> None:
+    from ..activation import ACTIVATION_METHODS
+
+    g = p.add_argument_group("activation sparsity (training-free; alone, or after weight pruning)")
+    g.add_argument("--activation-sparsity", type=float, default=None, metavar="S",
+                   help="zero this fraction of activations at inference (thresholds calibrated on --calib); alone "
+                        "it leaves the weights dense")
+    g.add_argument("--act-method", default=None, choices=ACTIVATION_METHODS.names(),
+                   help="teal: every linear's input (default); cats: the MLP's gate activation; chess: channel-wise "
+                        "gate thresholds + q/o inputs")
+    g.add_argument("--act-allocation", default=None, choices=["uniform", "greedy"],
+                   help="per-linear sparsities: uniform (default) or TEAL's block-wise greedy search (teal only)")
+    g.add_argument("--act-max-tokens", type=int, default=None,
+                   help="calibration tokens sampled per site for the thresholds (default 4096)")
+    g.add_argument("--act-greedy-tokens", type=int, default=None,
+                   help="tokens the greedy search scores each block on (default 512)")
+
+
+def weight_pruning_requested(args: argparse.Namespace) -> bool:
+    """Whether the command line asks for weight pruning (``--activation-sparsity`` alone does not)."""
+    if getattr(args, "activation_sparsity", None) is None:
+        return True
+    return any(getattr(args, k, None) is not None for k in ("method", "sparsity", "pattern", "config"))
+
+
+def activation_config(args: argparse.Namespace, calib):
+    """The :class:`ActivationSparsityConfig` the flags ask for (``None`` without ``--activation-sparsity``).
+
+    Raises:
+        ConfigError: an ``--act-*`` flag without ``--activation-sparsity``, or a bad value.
+    """
+    from ..config import ActivationSparsityConfig
+
+    extra = [f"--{k.replace('_', '-')}" for k in ("act_method", "act_allocation", "act_max_tokens", "act_greedy_tokens")
+             if getattr(args, k, None) is not None]
+    if args.activation_sparsity is None:
+        if extra:
+            raise ConfigError(f"{extra[0]} given without --activation-sparsity: add e.g. --activation-sparsity 0.4")
+        return None
+    if args.recover:
+        raise ConfigError("--activation-sparsity with --recover: recovery changes the weights the thresholds are "
+                          "calibrated on; recover first (prunekit recover), then prunekit prune DIR "
+                          "--activation-sparsity S")
+    kw = {"sparsity": args.activation_sparsity, "calib": calib}
+    for key, flag in (("method", "act_method"), ("allocation", "act_allocation"), ("max_tokens", "act_max_tokens"),
+                      ("greedy_tokens", "act_greedy_tokens")):
+        if getattr(args, flag) is not None:
+            kw[key] = getattr(args, flag)
+    return ActivationSparsityConfig(**kw)
+
+
+def run_activation(model, tok, cfg, args):
+    """Calibrate and install the thresholds with a per-block progress bar; returns the state."""
+    from tqdm import tqdm
+
+    from ..activation import sparsify_activations
+
+    bar = tqdm(total=None, desc=f"{cfg.method} activations {cfg.sparsity:g}", unit="block")
+
+    def on_block(ev) -> None:
+        bar.total = ev.total
+        err = "" if ev.rel_error is None else f"err {ev.rel_error:.3f} "
+        bar.set_postfix_str(f"{err}{ev.seconds:.1f}s {ev.peak_rss_mb:.0f}MB")
+        bar.update(1)
+
+    try:
+        return sparsify_activations(model, cfg, tokenizer=tok, data_dir=args.data_dir, callback=on_block)
+    finally:
+        bar.close()
+
+
+def summary_rows(r: dict) -> list[list[str]]:
+    """Rows for the prune summary table: what the thresholds reach on the calibration data (``state.report``)."""
+    return [[f"activation sparsity ({r['method']}, {r['allocation']}; calibration)", "0.0000",
+             f"{r['mean_sparsity']:.4f}"],
+            ["activation target", "", f"{r['target']:.4f}"],
+            ["decoder-linear weight reads a kernel skips", "0.0000", f"{r['skipped_fraction']:.4f}"]]
+
+
+def activation_only_report(state, model_name: str, dtype: str):
+    """A :class:`~prunekit.report.Report` for a run that pruned no weights (activation sparsity alone)."""
+    from ..report import Report
+
+    report = Report(method="none", target_sparsity=0.0, pattern="unstructured", seconds=state.report["seconds"],
+                    calibration=state.report["calibration"])
+    report.extra.update(model=model_name, dtype=dtype, activation=state.report)
+    return report
