@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..formats import checksum
 from ..models import clear_quantizer
 from ..models.structured import MANIFEST, WEIGHTS, manifest
 from ..models.structure import block_parts
@@ -147,8 +148,9 @@ def save_structured(model: nn.Module, tokenizer, out_dir: str | os.PathLike, rep
 
     def write_prunekit(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
-        save_file(_unique_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / MANIFEST).write_text(json.dumps(manifest(model), indent=2))
+        state = _unique_state(model)
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / MANIFEST).write_text(json.dumps(checksum.seal(manifest(model), checksum.checksums(state)), indent=2))
         write_common(tmp)
 
     out = atomic_folder(out_dir, write_prunekit, overwrite, needed_bytes=model_bytes(model))
