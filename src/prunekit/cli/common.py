@@ -82,9 +82,22 @@ def options_epilog() -> str:
     return "\n".join(lines)
 
 
+class DatasetList(argparse.Action):
+    """``--eval none`` (or ``--eval`` alone) is the empty list: no perplexity, as the help says."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        values = list(values or [])
+        if any(v.lower() == "none" for v in values):
+            if len(values) > 1:
+                raise argparse.ArgumentError(self, f"'none' skips perplexity; it cannot go with datasets ({' '.join(values)})")
+            values = []
+        setattr(namespace, self.dest, values)
+
+
 def add_eval_args(p: argparse.ArgumentParser, flag: str = "--eval", default: list[str] | None = None) -> None:
     p.add_argument(flag, dest="eval_datasets", nargs="*", default=default if default is not None else ["wikitext2"],
-                   metavar="DATASET", help="perplexity datasets (registered names or text files); none to skip")
+                   action=DatasetList, metavar="DATASET",
+                   help="perplexity datasets (registered names or text files); none (or nothing) to skip")
     p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window length (default: --seqlen)")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (default: all)")
     p.add_argument("--eval-batch-size", type=int, default=1, help="windows per forward pass (default 1)")

@@ -156,11 +156,14 @@ def _run(args: argparse.Namespace, config) -> int:
     print(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.dtype}, "
           f"{args.device}) in {time.perf_counter() - t0:.1f}s")
     check_finite(model)  # a NaN anywhere makes every number below meaningless
-    from ..api import check_model
+    from ..api import build_components, check_model
 
     check_model(model, config)  # architecture x pattern, include/exclude: before the dense baseline
+    method, allocator = build_components(config)
+    if method.needs_calibration or allocator.needs_calibration:  # named by the flag the user gave
+        check_seqlen(model, config.calib.seqlen, "--seqlen")
     if args.eval_datasets:
-        check_seqlen(model, eval_seqlen, "--eval-seqlen")
+        check_seqlen(model, eval_seqlen, "--eval-seqlen" if args.eval_seqlen else "--seqlen")
     tokens: dict = {}
     evaluate = (lambda label: run_perplexity(model, tok, args.eval_datasets, eval_seqlen, args.max_windows,
                                              args.eval_batch_size, label, args.data_dir, tokens))
