@@ -129,7 +129,7 @@ def structured(tmp_path):
     prune(model, PruneConfig(method="flap", pattern="width", sparsity=0.25, allocation="owl",
                              method_options={"multiple": 8}), calib=_ids())
     out, how = save_compressed(model, tiny_tokenizer(128), tmp_path / "s")
-    assert how == PRUNEKIT
+    assert how.startswith(PRUNEKIT)
     return out
 
 

@@ -93,7 +93,7 @@ def test_nonuniform_saves_prunekit_format_and_reloads_as_smaller_linears(arch, p
     x = _ids(2)
     ref = _logits(model, x)
     out, how = save_compressed(model, tiny_tokenizer(128), tmp_path / "m")
-    assert how == PRUNEKIT and (out / MANIFEST).is_file() and not (out / "model.safetensors").exists()
+    assert how.startswith(PRUNEKIT) and (out / MANIFEST).is_file() and not (out / "model.safetensors").exists()
     back, _ = load_model(str(out))
     torch.testing.assert_close(_logits(back, x), ref, atol=1e-6, rtol=1e-6)
     sizes = {n: tuple(p.shape) for n, p in back.named_parameters()}

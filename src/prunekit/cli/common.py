@@ -53,6 +53,21 @@ def check_out_folder(path, what: str = "--out") -> None:
         raise ConfigError(f"{what} {str(out)!r} cannot be created under {str(parent)!r}; choose another folder")
 
 
+def check_save_space(out, model, spec: str, save_format: str = "dense", sparsity: float = 0.0,
+                     structured: bool = False, linears: dict | None = None) -> None:
+    """Before the work: fail in one line if the disk under ``out`` cannot hold what the save will write."""
+    from ..export.atomic import check_free_space
+    from ..export.space import estimate_output_bytes, tokenizer_bytes
+    from ..models.loading import model_folder
+
+    try:
+        folder = model_folder(spec)
+    except (OSError, ConfigError):
+        folder = None
+    check_free_space(out, estimate_output_bytes(model, save_format, sparsity, structured, linears),
+                     tokenizer_bytes(folder))
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="HF folder, .gguf file, hub id (org/name) or alias (see `prunekit ls`)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],

@@ -10,8 +10,8 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..registry import ALLOCATORS, METHODS, REFINERS, STRUCTURED
 from ._tasks import add_task_args, prepare, run_with_progress, task_settings
-from .common import (add_eval_args, add_model_args, check_json_path, fmt_ppl, load_from_args, options_epilog,
-                     run_perplexity, setup_threads, table)
+from .common import (add_eval_args, add_model_args, check_json_path, check_save_space, fmt_ppl, load_from_args,
+                     options_epilog, run_perplexity, setup_threads, table)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -158,7 +158,10 @@ def _run(args: argparse.Namespace, config) -> int:
     check_finite(model)  # a NaN anywhere makes every number below meaningless
     from ..api import build_components, check_model
 
-    check_model(model, config)  # architecture x pattern, include/exclude: before the dense baseline
+    linears = check_model(model, config)  # architecture x pattern, include/exclude: before the dense baseline
+    if args.out:  # a disk too small for the result is found now, not after the prune
+        check_save_space(args.out, model, args.model, args.save_format, config.sparsity,
+                         config.pattern_obj.is_structured, linears)
     method, allocator = build_components(config)
     if method.needs_calibration or allocator.needs_calibration:  # named by the flag the user gave
         check_seqlen(model, config.calib.seqlen, "--seqlen")
