@@ -118,9 +118,9 @@ def test_a_save_time_refusal_falls_back_to_prunekits_format(tmp_path, monkeypatc
 # ------------------------------------------------------------------------------ 4: nothing removed
 
 @pytest.mark.parametrize("pattern, words", [
-    ("blocks", ["--sparsity 0.05 removes no block", "use --sparsity >= 0.250", "blocks can reach 0.500"]),
-    ("ffn", ["--sparsity 0.05 removes no FFN", "use --sparsity >= 0.167", "ffn can reach 0.333, 0.667"]),
-    ("channels", ["--sparsity 0.05 removes nothing", "32 FFN channels", "use --sparsity >= 0.083"]),
+    ("blocks", ["--sparsity 0.05 removes no block", "use a --sparsity above 0.250", "blocks can reach 0.500"]),
+    ("ffn", ["--sparsity 0.05 removes no FFN", "use a --sparsity above 0.167", "ffn can reach 0.333, 0.667"]),
+    ("channels", ["--sparsity 0.05 removes nothing", "32 FFN channels", "use a --sparsity above 0.083"]),
 ])
 def test_a_structured_target_that_rounds_to_nothing_is_refused_before_the_work(tmp_path, capsys, tiny_folder,
                                                                                monkeypatch, pattern, words):

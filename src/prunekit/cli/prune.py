@@ -132,8 +132,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, config) -> int:
     from ..api import prune
-    from ..eval import check_seqlen
-    from ..models import check_finite
     from ._streamed import run_streamed, wants_streaming
 
     eval_seqlen = args.eval_seqlen or config.calib.seqlen
@@ -155,18 +153,7 @@ def _run(args: argparse.Namespace, config) -> int:
     model, tok = load_from_args(args)
     print(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.dtype}, "
           f"{args.device}) in {time.perf_counter() - t0:.1f}s")
-    check_finite(model)  # a NaN anywhere makes every number below meaningless
-    from ..api import build_components, check_model
-
-    linears = check_model(model, config)  # architecture x pattern, include/exclude: before the dense baseline
-    if args.out:  # a disk too small for the result is found now, not after the prune
-        check_save_space(args.out, model, args.model, args.save_format, config.sparsity,
-                         config.pattern_obj.is_structured, linears)
-    method, allocator = build_components(config)
-    if method.needs_calibration or allocator.needs_calibration:  # named by the flag the user gave
-        check_seqlen(model, config.calib.seqlen, "--seqlen")
-    if args.eval_datasets:
-        check_seqlen(model, eval_seqlen, "--eval-seqlen" if args.eval_seqlen else "--seqlen")
+    _check_loaded(args, model, config, eval_seqlen)
     tokens: dict = {}
     evaluate = (lambda label: run_perplexity(model, tok, args.eval_datasets, eval_seqlen, args.max_windows,
                                              args.eval_batch_size, label, args.data_dir, tokens))
@@ -195,6 +182,24 @@ def _run(args: argparse.Namespace, config) -> int:
     if args.json:
         Path(args.json).expanduser().write_text(report.to_json())
     return 0
+
+
+def _check_loaded(args: argparse.Namespace, model, config, eval_seqlen: int) -> None:
+    """Everything about the loaded model that can fail, before the dense baseline and the prune."""
+    from ..api import build_components, check_model
+    from ..eval import check_seqlen
+    from ..models import check_finite
+
+    check_finite(model)  # a NaN anywhere makes every number below meaningless
+    linears = check_model(model, config)  # architecture x pattern, include/exclude, structured rounding
+    if args.out:  # a disk too small for the result is found now, not after the prune
+        check_save_space(args.out, model, args.model, args.save_format, config.sparsity,
+                         config.pattern_obj.is_structured, linears)
+    method, allocator = build_components(config)
+    if method.needs_calibration or allocator.needs_calibration:  # named by the flag the user gave
+        check_seqlen(model, config.calib.seqlen, "--seqlen")
+    if args.eval_datasets:
+        check_seqlen(model, eval_seqlen, "--eval-seqlen" if args.eval_seqlen else "--seqlen")
 
 
 def _progress_bar(config):

@@ -268,9 +268,9 @@ def check_remote_code(folder: Path, trust_remote_code: bool) -> None:
         return
     refs = [v for v in auto.values() for v in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(v, str)]
     files = sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs if "." in r})
-    raise ConfigError(f"model folder {str(folder)!r} ships its own code ({', '.join(files) or 'auto_map'}), which "
-                      f"prunekit runs only when asked: read it, then pass --trust-remote-code (model_type "
-                      f"{cfg.get('model_type')!r} is not one transformers builds by itself)")
+    raise ConfigError(f"model folder {str(folder)!r} ships its own code ({', '.join(files) or 'auto_map'}, for "
+                      f"model_type {cfg.get('model_type')!r}), which prunekit runs only when asked: read it, then pass "
+                      "--trust-remote-code")
 
 
 def _pickle_files(folder: Path) -> list[str]:

@@ -82,7 +82,7 @@ def _check_removes_blocks(model: nn.Module, parts: list[BlockParts], selected: d
     most = len(cands) - 1 if kind == "blocks" else len(cands)
     reach = ", ".join(f"{k * one:.3f}" for k in range(1, min(most, 4) + 1))
     raise ConfigError(f"--sparsity {target} removes no {unit} (one {unit} is {one:.1%} of the selected weights; a "
-                      f"count rounds to the nearest): use --sparsity >= {one / 2:.3f}; {kind} can reach "
+                      f"count rounds to the nearest, half to even): use a --sparsity above {one / 2:.3f}; {kind} can reach "
                       f"{reach}{', ...' if most > 4 else ''}")
 
 
@@ -100,7 +100,7 @@ def _check_removes_units(costs: list[UnitCosts], plans: dict[int, BlockPlan], ta
     n_blocks = sum(1 for c in costs if c.attn is not None or c.ffn is not None)
     frac = size * n_blocks / total
     raise ConfigError(f"--sparsity {target} removes nothing: the smallest step, {what} in every block, is "
-                      f"{frac:.1%} of the selected weights; use --sparsity >= {frac / 2:.3f} (achievable: "
+                      f"{frac:.1%} of the selected weights; use a --sparsity above {frac / 2:.3f} (achievable: "
                       f"{frac:.3f}, {2 * frac:.3f}, ...)")
 
 
