@@ -75,10 +75,14 @@ def test_manifest_names_a_tensor_the_shard_lacks(folder):
     _one_line(e, block_file(0), gone)
 
 
-def _edit_manifest(out, edit) -> None:
+def _edit_manifest(out, edit, sums: dict | None = None) -> None:
+    """Edit the manifest and re-seal it (with ``sums`` updated): the checks behind the checksums, which
+    a hand edit meets first (tests/test_integrity.py), still hold for a writer that got it wrong."""
+    from prunekit.formats import checksum
+
     man = json.loads((out / MANIFEST).read_text())
     edit(man)
-    (out / MANIFEST).write_text(json.dumps(man))
+    (out / MANIFEST).write_text(json.dumps(checksum.seal(man, {**man["integrity"]["tensors"], **(sums or {})})))
 
 
 @pytest.mark.parametrize("how", ["encoded", "dense", "config"])
@@ -92,14 +96,18 @@ def test_bad_shapes(folder, how):
         assert (e["encoding"] == "dense") == (how != "encoded")
         e["shape"] = [e["shape"][0], e["shape"][1] * 2] if len(e["shape"]) == 2 else [e["shape"][0] + 1]
 
-    _edit_manifest(out, edit)
+    sums = {}
     if how == "config":  # a consistent manifest and shard that do not fit config.json
         from safetensors.torch import load_file, save_file
+
+        from prunekit.formats.checksum import tensor_checksum
 
         shard = out / "prunekit-compressed-rest.safetensors"
         parts = load_file(shard)
         parts[name] = torch.cat([parts[name], parts[name][:1]])
         save_file(parts, shard)
+        sums[name] = tensor_checksum(parts[name])
+    _edit_manifest(out, edit, sums)
     with pytest.raises(CorruptCheckpointError) as e:
         load_model(str(out), dtype="bfloat16")
     _one_line(e, "prunekit-compressed-rest" if how == "config" else block_file(int(name.split(".")[2])), name)

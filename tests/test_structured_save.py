@@ -52,7 +52,8 @@ def _plain_diff(folder, x, ref, tmp_path) -> float:
 ])
 def test_uniform_saves_plain_and_stock_transformers_gives_the_same_logits(arch, pattern, method, tmp_path):
     model = arch_model(arch)
-    prune(model, PruneConfig(method=method, pattern=pattern, sparsity=0.1 if pattern == "heads" else 0.25,
+    sparsity = {"heads": 0.1, "blocks": 0.5 if arch == "gpt2" else 0.25}.get(pattern, 0.25)  # gpt2: 2 blocks
+    prune(model, PruneConfig(method=method, pattern=pattern, sparsity=sparsity,
                              method_options={} if pattern == "blocks" else {"multiple": 8}), calib=_ids())
     x = _ids(2)
     ref = _logits(model, x)
@@ -62,7 +63,7 @@ def test_uniform_saves_plain_and_stock_transformers_gives_the_same_logits(arch, 
     cfg = json.loads((out / "config.json").read_text())
     if pattern == "blocks":
         n = len(find_blocks(model)[1])
-        assert cfg.get("num_hidden_layers", cfg.get("n_layer")) == n
+        assert cfg.get("num_hidden_layers", cfg.get("n_layer")) == n < arch_model(arch).config.num_hidden_layers
         if arch == "gemma2":
             assert cfg["layer_types"] == model.config.layer_types and n == 3
 
@@ -93,7 +94,7 @@ def test_nonuniform_saves_prunekit_format_and_reloads_as_smaller_linears(arch, p
     x = _ids(2)
     ref = _logits(model, x)
     out, how = save_compressed(model, tiny_tokenizer(128), tmp_path / "m")
-    assert how == PRUNEKIT and (out / MANIFEST).is_file() and not (out / "model.safetensors").exists()
+    assert how.startswith(PRUNEKIT) and (out / MANIFEST).is_file() and not (out / "model.safetensors").exists()
     back, _ = load_model(str(out))
     torch.testing.assert_close(_logits(back, x), ref, atol=1e-6, rtol=1e-6)
     sizes = {n: tuple(p.shape) for n, p in back.named_parameters()}

@@ -81,7 +81,8 @@ def check_model(model: nn.Module, config: PruneConfig) -> dict[str, nn.Module]:
     linears = select_linears(model, config)
     if config.pattern_obj.is_structured:
         criterion, _ = build_components(config)
-        check_structured(model, config.pattern_obj, criterion, linears)
+        check_structured(model, config.pattern_obj, criterion, linears, config.sparsity,
+                         uniform=config.allocation == "uniform")
     return linears
 
 

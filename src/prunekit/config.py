@@ -120,6 +120,7 @@ class PruneConfig:
         """Names checked and option values converted by each component's declared ``Options``."""
         from .registry import ALLOCATORS, METHODS, REFINERS, STRUCTURED
 
+        _check_family(self.method, self.pattern_obj)
         methods = STRUCTURED if self.pattern_obj.is_structured else METHODS
         for reg, name, key in ((methods, self.method, "method_options"), (ALLOCATORS, self.allocation,
                                "allocation_options"), (REFINERS, self.refine, "refine_options")):
@@ -234,3 +235,18 @@ def save_yaml(cfg: PruneConfig, path: str | Path) -> None:
     import yaml
 
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _check_family(method: str, pattern: Pattern) -> None:
+    """A weight-pruning method with a structured pattern, or a structured criterion without one: name what fits."""
+    from .registry import METHODS, STRUCTURED
+
+    if pattern.is_structured and method not in STRUCTURED and method in METHODS:
+        serving = [n for n in STRUCTURED.names() if pattern.kind in STRUCTURED.get(n).patterns]
+        raise ConfigError(f"method {method!r} prunes single weights (unstructured or N:M); --pattern {pattern} removes "
+                          f"whole units: use one of {', '.join(serving)} as --method, or drop --pattern")
+    if not pattern.is_structured and method in STRUCTURED and method not in METHODS:
+        kinds = STRUCTURED.get(method).patterns
+        units = "whole blocks or FFNs" if set(kinds) <= {"blocks", "ffn"} else "whole heads/channels"
+        raise ConfigError(f"{method!r} removes {units}: use it with --pattern {' / '.join(kinds)}; for --pattern "
+                          f"{pattern} choose a --method from: {', '.join(METHODS.names())}")

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         saved = getattr(args, "saved", None)
         what = f"the model was saved to {saved} before" if saved else "nothing was saved"
+        what = getattr(args, "interrupted_note", None) or what  # e.g. what a recovery checkpoint kept
         print(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}; {what}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except Exception as e:  # noqa: BLE001 - user mistakes and I/O faults become one clear line

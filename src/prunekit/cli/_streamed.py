@@ -58,6 +58,7 @@ def run_streamed(args: argparse.Namespace, config, tasks: dict, settings, prune_
     """The streamed pipeline; ``prune_progress`` wraps the prune in a progress bar."""
     from ..eval import check_seqlen
     from ..export import atomic_folder
+    from ..export.atomic import check_free_space
     from ..export.formats import describe
     from ..export.save import dense_weights_bytes, storage, write_report
     from ..models.lowrank import lowrank_modules
@@ -69,7 +70,9 @@ def run_streamed(args: argparse.Namespace, config, tasks: dict, settings, prune_
     lazy, tok = open_lazy(args.model, args.dtype, args.device)
     print(f"streaming {args.model} one block at a time ({args.dtype}, {args.device}): its weights stay on disk")
     if args.eval_datasets:
-        check_seqlen(lazy.model, eval_seqlen, "--eval-seqlen")
+        check_seqlen(lazy.model, eval_seqlen, "--eval-seqlen" if args.eval_seqlen else "--seqlen")
+    needed = model_bytes_on_disk(args.model, args.dtype) or 0
+    check_free_space(args.out, needed)  # before the dense baseline; the save checks again before it writes
     tokens: dict = {}
     dense = {} if args.no_dense_eval else _evaluate(lazy, tok, args, eval_seqlen, "dense", tokens)
     dense_tasks = {} if args.no_dense_eval else run_with_progress(lazy.model, tok, tasks, settings, "dense")
@@ -93,7 +96,7 @@ def run_streamed(args: argparse.Namespace, config, tasks: dict, settings, prune_
         write_report(tmp, report.to_dict(), dense_bytes, fmt)
         result.update(report=report, pruned=pruned, tasks=pruned_tasks, storage=(dense_bytes, fmt))
 
-    out = atomic_folder(args.out, write, args.overwrite, needed_bytes=model_bytes_on_disk(args.model, args.dtype) or 0)
+    out = atomic_folder(args.out, write, args.overwrite, needed_bytes=needed)
     args.saved = out
     print_summary(result["report"], dense, result["pruned"], dense_tasks, result["tasks"])
     what = {"compressed": "prunekit compressed format", "lowrank": "prunekit low-rank format",

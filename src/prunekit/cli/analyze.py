@@ -65,6 +65,9 @@ def _analyze(spec: str, args: argparse.Namespace, label: str):
 
     t0 = time.perf_counter()
     model, tok = load_model(spec, args.dtype, args.device, args.trust_remote_code, args.allow_pickle)
+    from ..models import check_finite
+
+    check_finite(model)  # NaN/Inf weights have no spectrum: named here, not a linalg traceback
     bar = tqdm(total=None, desc=f"ESD {label}", unit="matrix")
 
     def progress(done: int, total: int) -> None:

@@ -53,6 +53,21 @@ def check_out_folder(path, what: str = "--out") -> None:
         raise ConfigError(f"{what} {str(out)!r} cannot be created under {str(parent)!r}; choose another folder")
 
 
+def check_save_space(out, model, spec: str, save_format: str = "dense", sparsity: float = 0.0,
+                     structured: bool = False, linears: dict | None = None) -> None:
+    """Before the work: fail in one line if the disk under ``out`` cannot hold what the save will write."""
+    from ..export.atomic import check_free_space
+    from ..export.space import estimate_output_bytes, tokenizer_bytes
+    from ..models.loading import model_folder
+
+    try:
+        folder = model_folder(spec)
+    except (OSError, ConfigError):
+        folder = None
+    check_free_space(out, estimate_output_bytes(model, save_format, sparsity, structured, linears),
+                     tokenizer_bytes(folder))
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="HF folder, .gguf file, hub id (org/name) or alias (see `prunekit ls`)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
@@ -82,9 +97,22 @@ def options_epilog() -> str:
     return "\n".join(lines)
 
 
+class DatasetList(argparse.Action):
+    """``--eval none`` (or ``--eval`` alone) is the empty list: no perplexity, as the help says."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        values = list(values or [])
+        if any(v.lower() == "none" for v in values):
+            if len(values) > 1:
+                raise argparse.ArgumentError(self, f"'none' skips perplexity; it cannot go with datasets ({' '.join(values)})")
+            values = []
+        setattr(namespace, self.dest, values)
+
+
 def add_eval_args(p: argparse.ArgumentParser, flag: str = "--eval", default: list[str] | None = None) -> None:
     p.add_argument(flag, dest="eval_datasets", nargs="*", default=default if default is not None else ["wikitext2"],
-                   metavar="DATASET", help="perplexity datasets (registered names or text files); none to skip")
+                   action=DatasetList, metavar="DATASET",
+                   help="perplexity datasets (registered names or text files); none (or nothing) to skip")
     p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window length (default: --seqlen)")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (default: all)")
     p.add_argument("--eval-batch-size", type=int, default=1, help="windows per forward pass (default 1)")

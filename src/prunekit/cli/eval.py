@@ -53,6 +53,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         model, tok = load_from_args(args)
         print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s")
+        from ..models import check_finite
+
+        check_finite(model)  # a NaN in any tensor (a norm too) is named here, not found as a NaN perplexity
+    if args.eval_datasets:
+        from ..eval import check_seqlen
+
+        check_seqlen(model, seqlen, "--eval-seqlen" if args.eval_seqlen else "--seqlen")
     res = run_perplexity(model, tok, args.eval_datasets, seqlen, args.max_windows, args.eval_batch_size, "eval",
                          args.data_dir)
     if res:

@@ -45,6 +45,17 @@ def stored_dtype(spec: str) -> str:
     return "float32"
 
 
+def prior_report(spec: str) -> dict | None:
+    """The prunekit report of the folder being exported (what was pruned, how it measured), carried over."""
+    from ..export import REPORT_FILE
+
+    f = Path(spec).expanduser() / REPORT_FILE
+    try:
+        return json.loads(f.read_text()) if f.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..export import reserve_output
 
@@ -63,6 +74,7 @@ def _export(args: argparse.Namespace) -> int:
     n_lr = len(lowrank_modules(model))
     print(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.dtype}, "
           f"{n_lr} low-rank modules) in {time.perf_counter() - t0:.1f}s")
-    out, how = save_folder(model, tok, args.out, None, args.overwrite, args.merge_lowrank, args.save_format)
+    report = prior_report(args.model)  # read before the save: an in-place --overwrite replaces the source folder
+    out, how = save_folder(model, tok, args.out, report, args.overwrite, args.merge_lowrank, args.save_format)
     print(f"saved to {out} ({how})")
     return 0

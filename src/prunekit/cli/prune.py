@@ -10,8 +10,8 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..registry import ALLOCATORS, METHODS, REFINERS, STRUCTURED
 from ._tasks import add_task_args, prepare, run_with_progress, task_settings
-from .common import (add_eval_args, add_model_args, check_json_path, fmt_ppl, load_from_args, options_epilog,
-                     run_perplexity, setup_threads, table)
+from .common import (add_eval_args, add_model_args, check_json_path, check_save_space, fmt_ppl, load_from_args,
+                     options_epilog, run_perplexity, setup_threads, table)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -146,8 +146,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, config) -> int:
     from ..api import prune
-    from ..eval import check_seqlen
-    from ..models import check_finite
     from ._streamed import run_streamed, wants_streaming
 
     act = getattr(args, "act_config", None)
@@ -173,17 +171,7 @@ def _run(args: argparse.Namespace, config) -> int:
     model, tok = load_from_args(args)
     print(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.dtype}, "
           f"{args.device}) in {time.perf_counter() - t0:.1f}s")
-    check_finite(model)  # a NaN anywhere makes every number below meaningless
-    from ..api import check_model
-
-    if config is not None:
-        check_model(model, config)  # architecture x pattern, include/exclude: before the dense baseline
-    if act is not None:
-        from ..activation import check_activation
-
-        check_activation(model, act)  # cats/chess need a gated MLP: before the dense baseline
-    if args.eval_datasets:
-        check_seqlen(model, eval_seqlen, "--eval-seqlen")
+    _check_loaded(args, model, config, act, eval_seqlen)
     tokens: dict = {}
     evaluate = (lambda label: run_perplexity(model, tok, args.eval_datasets, eval_seqlen, args.max_windows,
                                              args.eval_batch_size, label, args.data_dir, tokens))
@@ -223,6 +211,35 @@ def _run(args: argparse.Namespace, config) -> int:
     if args.json:
         Path(args.json).expanduser().write_text(report.to_json())
     return 0
+
+
+def _check_loaded(args: argparse.Namespace, model, config, act, eval_seqlen: int) -> None:
+    """Everything about the loaded model that can fail, before the dense baseline and the prune.
+
+    ``config`` is ``None`` when only activations are sparsified (``act``), the weights staying dense.
+    """
+    from ..api import build_components, check_model
+    from ..eval import check_seqlen
+    from ..models import check_finite
+
+    check_finite(model)  # a NaN anywhere makes every number below meaningless
+    if config is not None:
+        linears = check_model(model, config)  # architecture x pattern, include/exclude, structured rounding
+        if args.out:  # a disk too small for the result is found now, not after the prune
+            check_save_space(args.out, model, args.model, args.save_format, config.sparsity,
+                             config.pattern_obj.is_structured, linears)
+        method, allocator = build_components(config)
+        if method.needs_calibration or allocator.needs_calibration:  # named by the flag the user gave
+            check_seqlen(model, config.calib.seqlen, "--seqlen")
+    elif args.out:  # activation sparsity alone: the weights are saved as they are
+        check_save_space(args.out, model, args.model, args.save_format, 0.0, False, {})
+    if act is not None:
+        from ..activation import check_activation
+
+        check_activation(model, act)  # cats/chess need a gated MLP: before the dense baseline
+        check_seqlen(model, act.calib.seqlen, "--seqlen")
+    if args.eval_datasets:
+        check_seqlen(model, eval_seqlen, "--eval-seqlen" if args.eval_seqlen else "--seqlen")
 
 
 def _progress_bar(config):

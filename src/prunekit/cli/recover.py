@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ._tasks import add_task_args, prepare, run_with_progress, task_settings
 from ..errors import ConfigError
-from .common import add_eval_args, add_model_args, check_json_path, fmt_ppl, run_perplexity, setup_threads, table
+from .common import (add_eval_args, add_model_args, check_json_path, check_save_space, fmt_ppl, run_perplexity,
+                     setup_threads, table)
 
 # flag -> RecoverConfig field, for the flags that map one to one (None: not given, keep the default)
 _FIELDS = ("data", "text_field", "tokens", "seqlen", "batch_size", "grad_accum", "val_windows", "val_every",
@@ -181,11 +182,16 @@ def _run(args: argparse.Namespace, cfg) -> int:
     if args.restart and ckpt.exists():
         shutil.rmtree(ckpt)
 
+    if cfg.needs_teacher:  # the same vocabulary size is not the same tokenizer: compared before any weights load
+        from ..models.tokenizer_match import check_same_tokenizer
+
+        check_same_tokenizer(args.model, args.teacher, args.trust_remote_code)
     t0 = time.perf_counter()
     student, tok = load_model(args.model, args.dtype, args.device, args.trust_remote_code, args.allow_pickle)
     teacher = None
     if cfg.needs_teacher:
         teacher, _ = load_model(args.teacher, "float32", args.device, args.trust_remote_code, args.allow_pickle)
+    check_save_space(args.out, student, args.model)  # a disk too small for the result: found before training
     print(f"loaded {args.model}" + (f" and teacher {args.teacher}" if teacher is not None else "")
           + f" in {time.perf_counter() - t0:.1f}s; {cfg.steps} steps x {cfg.tokens_per_step} tokens")
     return train_and_save(args, cfg, student, teacher, tok, tasks, settings, ckpt, prior_report(args.model))
@@ -202,9 +208,7 @@ def train_and_save(args, cfg, student, teacher, tok, tasks, settings, ckpt: Path
         report = recover(student, teacher, tok, cfg, checkpoint_dir=ckpt if cfg.checkpoint_every else None,
                          callback=on_step, evaluate=evaluator)
     except KeyboardInterrupt:
-        bar.close()
-        if (ckpt / "state.pt").is_file():
-            print(f"interrupted; checkpoint kept in {ckpt} — rerun the same command to resume", file=sys.stderr)
+        args.interrupted_note = interrupted_note(ckpt if cfg.checkpoint_every else None, "rerun the same command")
         raise
     finally:
         bar.close()
@@ -218,6 +222,14 @@ def train_and_save(args, cfg, student, teacher, tok, tasks, settings, ckpt: Path
         shutil.rmtree(ckpt, ignore_errors=True)
     print(f"saved to {out} ({how})")
     return 0 if report.masks_kept else 1
+
+
+def interrupted_note(ckpt: Path | None, how: str) -> str:
+    """What an interrupted recovery leaves: the model is not saved; say whether a checkpoint resumes it."""
+    if ckpt is not None and (ckpt / "state.pt").is_file():
+        return f"the model was not saved; the training checkpoint in {ckpt} is kept: {how} to resume from it"
+    hint = "" if ckpt is not None else " (--checkpoint-every N makes training resumable)"
+    return f"nothing was saved and no training checkpoint was written yet{hint}"
 
 
 def print_summary(report) -> None:
@@ -313,6 +325,9 @@ def chain_after_prune(args, cfg, model, teacher, tok, report, tasks, settings) -
     ckpt = checkpoint_dir(args.out) if args.out and cfg.checkpoint_every else None
     try:
         rep = recover(model, teacher, tok, cfg, checkpoint_dir=ckpt, callback=on_step)
+    except KeyboardInterrupt:
+        args.interrupted_note = interrupted_note(ckpt, "rerun the same command (the prune is redone, the same)")
+        raise
     finally:
         bar.close()
     eval_seqlen = args.eval_seqlen or report.calibration.get("seqlen") or cfg.seqlen

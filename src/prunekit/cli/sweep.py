@@ -11,7 +11,7 @@ from pathlib import Path
 from ..registry import ALLOCATORS, METHODS
 from ._tasks import add_task_args, prepare, task_settings
 from ..errors import ConfigError
-from .common import add_model_args, check_out_folder, load_from_args, setup_threads
+from .common import DatasetList, add_model_args, check_out_folder, load_from_args, setup_threads
 
 
 def parse_sparsities(items: list[str]) -> list[float]:
@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--option", action="append", metavar="METHOD.K=V", help="method option, e.g. sparsegpt.percdamp=0.1")
     p.add_argument("--alloc-option", action="append", metavar="ALLOC.K=V", help="allocation option, e.g. owl.lam=0.08")
     p.add_argument("--eval", dest="eval_datasets", nargs="*", default=["wikitext2"], metavar="DATASET",
-                   help="perplexity datasets (become ppl:DATASET tasks; default wikitext2)")
+                   action=DatasetList, help="perplexity datasets (become ppl:DATASET tasks; default wikitext2; none "
+                                            "to skip)")
     p.add_argument("--eval-seqlen", type=int, default=1024, help="perplexity window (default 1024)")
     p.add_argument("--max-windows", type=int, default=10, help="perplexity windows (default 10)")
     add_task_args(p)
@@ -143,11 +144,23 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         model, tok = load_from_args(args)
         print(f"loaded {args.model} ({args.dtype}) in {time.perf_counter() - t0:.1f}s")
+        _check_windows(model, args, config)
         data = _reporting_progress(
             lambda on_cell: run_sweep(model, tok, config, tasks, settings, out, args.model, extra, on_cell), out)
     print(f"results: {out / 'results.json'}, {out / 'results.csv'}")
     print(f"report: {write_report(out, data, args.title)}")
     return 0
+
+
+def _check_windows(model, args: argparse.Namespace, config) -> None:
+    """Windows longer than the model's context, named by their flag, before the first cell."""
+    from ..eval import check_seqlen
+    from ..sweep.run import needs_calibration
+
+    if any(needs_calibration({"method": m, "allocation": a}) for m in config.methods for a in config.allocations):
+        check_seqlen(model, args.seqlen, "--seqlen")
+    if args.eval_datasets:
+        check_seqlen(model, args.eval_seqlen, "--eval-seqlen")
 
 
 def _ray_runner(args: argparse.Namespace, config, settings):

@@ -52,6 +52,25 @@ def shifted_nll(logits: Tensor, ids: Tensor, chunk: int = 256) -> float:
     return total
 
 
+_MAX_NLL = 709.0  # exp(709.78) is the largest float64: a perplexity above it is inf, not a measurement
+
+
+def _check_window(nll: float, name: str, first: int, count: int, seqlen: int) -> None:
+    """One line naming the window(s) whose log-loss is NaN/Inf (or too large for a perplexity) and a likely cause.
+
+    A perplexity of ``inf`` or ``nan`` is not a result: it means the logits overflowed or the
+    weights hold NaN/Inf, so every number of the run would be meaningless.
+    """
+    mean = nll / max(1, count * (seqlen - 1))
+    if mean < _MAX_NLL:
+        return
+    which = f"window {first}" if count == 1 else f"windows {first}-{first + count - 1}"
+    raise ConfigError(f"{name}: {which} (tokens {first * seqlen}-{(first + count) * seqlen - 1}) have a mean log-loss "
+                      f"of {mean:.4g} nats/token, so the perplexity would be {'nan' if mean != mean else 'inf'} and "
+                      "means nothing; likely causes: NaN/Inf weights (a damaged model: reload it) or float16/bfloat16 "
+                      "overflow (try --dtype float32)")
+
+
 def check_seqlen(model: nn.Module, seqlen: int, what: str = "seqlen") -> None:
     limit = context_length(model)
     if limit is not None and seqlen > limit:
@@ -100,18 +119,17 @@ def perplexity_of_ids(
             # next() after the last logits are gone: zip/enumerate would keep them alive during the
             # next forward (two vocabulary-wide logits tensors at once: +201 MB for SmolLM2 at 1024)
             logits = next(logits_of)
-            total_nll += shifted_nll(logits, batch)
+            nll = shifted_nll(logits, batch)
             del logits
+            _check_window(nll, name, k * batch_size, batch.shape[0], seqlen)
+            total_nll += nll
             if progress is not None:
                 progress(min((k + 1) * batch_size, n_windows), n_windows)
         logits_of.close()  # inside this context: a streamed generator's own context must exit first
     secs = time.perf_counter() - t0
     tokens = n_windows * (seqlen - 1)
     mean_nll = total_nll / tokens
-    if not math.isfinite(mean_nll):
-        raise ConfigError(f"{name}: the model's log-likelihood is {mean_nll} (NaN/Inf logits), so perplexity means "
-                          "nothing; the weights or the dtype overflow are broken: try --dtype float32 or reload the model")
-    ppl = math.exp(mean_nll) if mean_nll < 700 else float("inf")
+    ppl = math.exp(mean_nll)  # finite: every window was checked (_check_window)
     return PerplexityResult(name, ppl, mean_nll, seqlen, n_windows, tokens, secs, n_windows * seqlen / secs)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .. import codec
+from ..formats import checksum
 from ..models import UnsupportedModelError, block_linears, clear_quantizer, find_blocks
 from ..models.compressed import FORMAT, MANIFEST, REST_FILE, VERSION, block_file, part_key
 from ..models.lowrank import LowRankLinear
@@ -80,6 +81,7 @@ class CompressedWriter:
         self.dense_bytes = 0
         self.blocks_written: set[int] = set()
         self.rest_files = 0
+        self.sums: dict[str, str] = {}  # CRC-32 of every stored part (prunekit.formats.checksum)
 
     def _write(self, block: int | None, tensors: dict[str, Tensor], candidates: dict[str, bool],
                file: str | None = None) -> None:
@@ -92,6 +94,7 @@ class CompressedWriter:
             parts.update({part_key(name, p): v for p, v in enc.parts.items()})
             self.tensors[name] = {"file": file, "block": block, **entry}
             self.dense_bytes += t.numel() * t.element_size()
+        self.sums.update(checksum.checksums(parts))
         save_file(parts, str(self.folder / file), metadata={"format": "pt", "prunekit": FORMAT})
 
     def write_tensors(self, tensors: dict[str, Tensor]) -> None:
@@ -128,6 +131,7 @@ class CompressedWriter:
             "sizes": {"stored_bytes": sum(e["bytes"] for e in self.tensors.values()), "dense_bytes": self.dense_bytes,
                       "encodings": encodings},
         }
+        manifest = checksum.seal(manifest, self.sums)
         (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
         model.config.architectures = [type(model).__name__]  # as save_pretrained records it
         model.config.save_pretrained(self.folder)

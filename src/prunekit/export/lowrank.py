@@ -24,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from ..formats import checksum
 from ..models import clear_quantizer
 from ..models.lowrank import FORMAT, MANIFEST, WEIGHTS, lowrank_modules, merge_lowrank
 from .atomic import atomic_folder
@@ -71,8 +72,9 @@ def save_lowrank(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
-        save_file(_unique_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / MANIFEST).write_text(json.dumps(info, indent=2))
+        state = _unique_state(model)
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / MANIFEST).write_text(json.dumps(checksum.seal(info, checksum.checksums(state)), indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_report(tmp, report, dense, "lowrank")

@@ -8,9 +8,13 @@ the architecture is built from it on the meta device and every tensor name and s
 the model's (biases the switch adds elsewhere are saved as zeros, which is exact). Block removal
 is already in the config (``num_hidden_layers``, ``layer_types``). If the check passes the folder
 is plain safetensors that ``AutoModelForCausalLM.from_pretrained`` loads with no prunekit
-installed; otherwise (per-block widths, or shapes the architecture's config cannot express) it is
+installed; otherwise (per-block widths, shapes the architecture's config cannot express, or a
+config transformers would refuse — Llama wants ``hidden_size`` divisible by the head count even
+with an explicit ``head_dim``, so 8 heads pruned to 6 on a 64-wide model cannot be plain) it is
 prunekit's format (:mod:`prunekit.models.structured`), which ``prunekit.load_model`` rebuilds as
-real smaller linears.
+real smaller linears, and the returned sentence says why. Should transformers still refuse the
+plain folder while it is written, the prunekit format is written instead: a finished prune is
+never lost to a save-time refusal.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..formats import checksum
 from ..models import clear_quantizer
 from ..models.structured import MANIFEST, WEIGHTS, manifest
 from ..models.structure import block_parts
+from ..errors import ConfigError
+from .atomic import is_disk_full
 from .save import REPORT_FILE, atomic_folder, model_bytes
 
 log = logging.getLogger(__name__)
@@ -35,8 +42,8 @@ _FFN_WIDTH = ("intermediate_size", "ffn_dim", "n_inner")
 _BIAS_FLAGS = ("attention_bias", "mlp_bias")
 
 PLAIN = "plain Hugging Face folder with a smaller config: transformers.AutoModelForCausalLM.from_pretrained loads it"
-PRUNEKIT = ("prunekit structured format (per-block widths, or shapes this architecture's config cannot express): "
-            "reload with prunekit.load_model, which rebuilds the smaller linears; plain transformers cannot load it")
+PRUNEKIT = ("prunekit structured format: reload with prunekit.load_model, which rebuilds the smaller linears; plain "
+            "transformers cannot load it")
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple]:
@@ -66,15 +73,40 @@ def _compare(ours: dict, theirs: dict | None) -> tuple[bool, list[str], list[str
     return ok, extra, lacking + bad
 
 
+def config_refusal(cfg) -> str | None:
+    """Why stock transformers would refuse ``cfg`` (its checks at save and at load), or ``None``.
+
+    ``from_config`` builds a model from a config that ``save_pretrained`` then rejects (e.g. Llama:
+    ``hidden_size`` must be a multiple of ``num_attention_heads`` even with an explicit ``head_dim``),
+    so the config is validated and rebuilt from its own JSON, as a save and a reload would.
+    """
+    try:
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+        again = type(cfg).from_dict(cfg.to_dict())
+        if hasattr(again, "validate"):
+            again.validate()
+    except Exception as e:  # noqa: BLE001 - any refusal means: not a plain folder
+        text = " ".join(str(e).split())
+        return text.split("ValueError: ")[-1][:200] or type(e).__name__
+    return None
+
+
 def plain_config(model: nn.Module):
     """``(config, zero_biases)`` that rebuild exactly this model with plain transformers, or ``(None, [])``."""
+    cfg, zeros, _ = plain_config_why(model)
+    return cfg, zeros
+
+
+def plain_config_why(model: nn.Module):
+    """:func:`plain_config` and, when it is ``None``, one phrase saying why a stock config cannot say it."""
     parts = block_parts(model)
     cfg = copy.deepcopy(model.config)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     ffn = {bp.ffn.width for bp in parts if bp.ffn is not None}
     heads = {(bp.attn.heads, bp.attn.kv_heads, bp.attn.head_dim) for bp in parts if bp.attn is not None}
     if len(ffn) > 1 or len(heads) > 1:
-        return None, []
+        return None, [], "the blocks have different widths, which one config field cannot say"
     if ffn:
         width = ffn.pop()
         for attr in _FFN_WIDTH:
@@ -96,7 +128,12 @@ def plain_config(model: nn.Module):
             if hasattr(text, flag):
                 setattr(text, flag, True)
         ok, extra, lacking = _compare(ours, _meta_shapes(cfg))
-    return (cfg, extra) if ok else (None, [])
+    if not ok:
+        return None, [], f"this architecture's config cannot express these shapes (e.g. {lacking[0] if lacking else '?'})"
+    refusal = config_refusal(cfg)
+    if refusal is not None:
+        return None, [], f"transformers refuses the smaller config: {refusal}"
+    return cfg, extra, ""
 
 
 def is_restructured(model: nn.Module) -> bool:
@@ -112,7 +149,7 @@ def save_structured(model: nn.Module, tokenizer, out_dir: str | os.PathLike, rep
     Returns the folder and a sentence saying which loader reads it.
     """
     clear_quantizer(model)
-    cfg, zeros = plain_config(model)
+    cfg, zeros, why = plain_config_why(model)
 
     def write_common(tmp: Path) -> None:
         gen = getattr(model, "generation_config", None)
@@ -137,9 +174,16 @@ def save_structured(model: nn.Module, tokenizer, out_dir: str | os.PathLike, rep
                 model.config = original
             write_common(tmp)
 
-        out = atomic_folder(out_dir, write, overwrite, needed_bytes=model_bytes(model))
-        log.info("saved a plain folder (%d zero biases added) to %s", len(zeros), out)
-        return out, PLAIN
+        try:
+            out = atomic_folder(out_dir, write, overwrite, needed_bytes=model_bytes(model))
+        except Exception as e:  # noqa: BLE001 - a refusal must not lose a finished prune: save prunekit's format
+            if isinstance(e, (OSError, ConfigError)) or is_disk_full(e):
+                raise
+            why = f"transformers refused the plain folder at save time: {' '.join(str(e).split())[:200]}"
+            log.warning("%s; saving prunekit's structured format instead", why)
+        else:
+            log.info("saved a plain folder (%d zero biases added) to %s", len(zeros), out)
+            return out, PLAIN
 
     from safetensors.torch import save_file
 
@@ -147,10 +191,11 @@ def save_structured(model: nn.Module, tokenizer, out_dir: str | os.PathLike, rep
 
     def write_prunekit(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
-        save_file(_unique_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / MANIFEST).write_text(json.dumps(manifest(model), indent=2))
+        state = _unique_state(model)
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / MANIFEST).write_text(json.dumps(checksum.seal(manifest(model), checksum.checksums(state)), indent=2))
         write_common(tmp)
 
     out = atomic_folder(out_dir, write_prunekit, overwrite, needed_bytes=model_bytes(model))
-    log.info("saved in prunekit's structured format to %s", out)
-    return out, PRUNEKIT
+    log.info("saved in prunekit's structured format to %s (%s)", out, why)
+    return out, f"{PRUNEKIT} ({why})"

@@ -14,12 +14,18 @@ Manifest (JSON)::
                         "shape": [...], "dtype": "bfloat16", "bytes": STORED_BYTES,
                         "transposed": BOOL, "signs": BOOL, "nnz": INT, "n": N, "m": M, "index_bits": B}},
      "tied": {ALIAS: NAME}, "lowrank": {MODULE: {"rank", "in_features", "out_features", "bias"}},
-     "sizes": {"stored_bytes": ..., "dense_bytes": ...}}
+     "sizes": {"stored_bytes": ..., "dense_bytes": ...},
+     "integrity": {"algorithm": "crc32", "tensors": {KEY: CRC}, "manifest": CRC}}
 
 Inside a shard a ``dense`` tensor is stored under ``NAME``; an encoded one as ``NAME:values``,
 ``NAME:mask`` (bitmask) or ``NAME:indices`` (nm) and ``NAME:signs`` when ``signs`` is true (byte
 layouts: :mod:`prunekit.codec`). ``transposed`` marks GPT-2 ``Conv1D`` weights (stored ``[in,
 out]``), which are encoded as their ``[out, in]`` view so N:M groups run along the inputs.
+
+``integrity`` (:mod:`prunekit.formats.checksum`) holds the CRC-32 of every stored part, by its
+safetensors key, and of the manifest itself; the reader checks each part as it reads it and the
+manifest when it opens the folder, so a flipped byte or an edited entry fails in one line naming
+the tensor and the file instead of loading wrong weights.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from torch import Tensor, nn
 
 from .. import codec
 from ..errors import ConfigError
+from ..formats import checksum
 from .blocks import set_module
 from .lazy import _ST_DTYPES, TensorSource, safetensors_header
 from .lowrank import LowRankLinear
@@ -49,8 +56,8 @@ _PARTS = {"dense": (), "bitmask": ("values", "mask"), "nm": ("values", "indices"
 _FIX = "re-save it (prunekit prune ... --save-format compressed, or prunekit export)"
 
 
-class CorruptCheckpointError(ConfigError):
-    """A compressed folder whose files do not match its manifest."""
+#: a folder whose files do not match its manifest (or its checksums): one line naming the file and tensor
+CorruptCheckpointError = checksum.IntegrityError
 
 
 def block_file(index: int) -> str:
@@ -104,6 +111,7 @@ class CompressedReader:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.tensors: dict[str, dict] = self.manifest["tensors"]
+        self.sums = checksum.verify_manifest(self.manifest, self.path / MANIFEST)  # None: saved before checksums
         self._headers: dict[str, tuple[dict, int]] = {}
         for file in sorted({e["file"] for e in self.tensors.values()}):
             if not (self.path / file).is_file():
@@ -178,6 +186,7 @@ class CompressedReader:
         dtype = _ST_DTYPES.get(spec.get("dtype"))
         if got != len(buf) or dtype is None:
             raise CorruptCheckpointError(f"{f}: cannot read {key!r}; the file is damaged: {_FIX}")
+        checksum.check_tensor(self.sums, key, buf, f)
         t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
         return t.reshape([int(d) for d in spec["shape"]])
 

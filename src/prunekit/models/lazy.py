@@ -91,6 +91,7 @@ class SafetensorsSource(TensorSource):
             lowrank_index = self.folder / "prunekit_lowrank.safetensors.index.json"
             if lowrank_index.is_file():
                 files = sorted(set(json.loads(lowrank_index.read_text())["weight_map"].values()))
+        self._sums = self._checksums()
         if not files:
             raise ConfigError(f"{self.folder} has no safetensors weights to stream from")
         self._where: dict[str, tuple[Path, int, dict]] = {}
@@ -98,6 +99,15 @@ class SafetensorsSource(TensorSource):
             header, base = safetensors_header(self.folder / f)
             for k, spec in header.items():
                 self._where[k] = (self.folder / f, base, spec)
+
+    def _checksums(self) -> dict[str, str] | None:
+        """A prunekit low-rank folder's recorded checksums (checked per tensor in :meth:`get`); else None."""
+        from ..formats import checksum
+        from .lowrank import MANIFEST, is_lowrank_folder, read_manifest
+
+        if not is_lowrank_folder(self.folder):
+            return None
+        return checksum.verify_manifest(read_manifest(self.folder), self.folder / MANIFEST)
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -124,6 +134,10 @@ class SafetensorsSource(TensorSource):
                 got += k
         finally:
             os.close(fd)
+        if self._sums is not None:
+            from ..formats.checksum import check_tensor
+
+            check_tensor(self._sums, name, buf, path)
         dtype = _ST_DTYPES[spec["dtype"]]
         t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
         return t.reshape(spec["shape"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -257,6 +258,46 @@ def check_weight_files(folder: Path, allow_pickle: bool = False) -> None:
             raise ConfigError(f"{f} is empty; re-download the model or save it again")
 
 
+def check_remote_code(folder: Path, trust_remote_code: bool) -> None:
+    """Refuse, before anything loads, a folder whose config asks to run its own code (``auto_map``) without
+    ``trust_remote_code``, naming the files that would run."""
+    if trust_remote_code:
+        return
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # no readable config: the loader names that itself
+    auto = cfg.get("auto_map") if isinstance(cfg, dict) else None
+    if not isinstance(auto, dict) or not auto:
+        return
+    refs = [v for v in auto.values() for v in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(v, str)]
+    files = sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs if "." in r})
+    raise ConfigError(f"model folder {str(folder)!r} ships its own code ({', '.join(files) or 'auto_map'}, for "
+                      f"model_type {cfg.get('model_type')!r}), which prunekit runs only when asked: read it, then pass "
+                      "--trust-remote-code")
+
+
+def _pickle_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+
+
+def _load_tokenizer(path: str, spec: str, trust_remote_code: bool):
+    """The tokenizer of ``path``, or one line naming what is missing (never a converter's traceback)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "tokenizer" not in str(e).lower() and "sentencepiece" not in str(e).lower():
+            raise
+        folder = Path(path)
+        has = sorted(p.name for p in folder.glob("tokenizer*")) if folder.is_dir() else []
+        raise ConfigError(f"model {spec!r} has no usable tokenizer in {path!r} (tokenizer.json is "
+                          f"{'present but unreadable' if 'tokenizer.json' in has else 'missing'}; found "
+                          f"{', '.join(has) or 'no tokenizer files'}): copy tokenizer.json and tokenizer_config.json "
+                          "from the model it was made from into that folder") from None
+
+
 def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, trust_remote_code: bool = False,
                allow_pickle: bool = False):
     """Load ``(model, tokenizer)``; the model is in eval mode on ``device``.
@@ -268,17 +309,22 @@ def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, t
         device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``/``None`` (best available).
         trust_remote_code: run the repository's own modelling code (off unless asked).
         allow_pickle: also accept pickled ``.bin`` weights (off: safetensors only, since
-            unpickling runs arbitrary code).
+            unpickling runs arbitrary code); even then only torch's tensors-only unpickler runs.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import pickle
+
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     src = _materialized(resolve_source(spec))
-    if not src.hub and not is_compressed_folder(src.path):  # the compressed reader checks its shards itself
-        check_weight_files(Path(src.path), allow_pickle)
+    if not src.hub:  # everything that can be refused is refused before a weight is read
+        check_remote_code(Path(src.path), trust_remote_code)
+        if not is_compressed_folder(src.path):  # the compressed reader checks its shards itself
+            check_weight_files(Path(src.path), allow_pickle)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
     try:
+        tok = _load_tokenizer(src.path, spec, trust_remote_code)
         if not src.hub and is_compressed_folder(src.path):  # prunekit's sparse format, decoded block by block
             model = load_compressed_model(src.path, torch_dtype, trust_remote_code)
         elif not src.hub and is_lowrank_folder(src.path):  # factorized modules saved by prunekit
@@ -287,12 +333,17 @@ def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, t
             model = load_structured_model(src.path, torch_dtype, trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-        tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code)
     except OSError as e:
         where = "the Hugging Face hub (are you online? set HF_HUB_OFFLINE=0)" if src.hub else src.path
         raise FileNotFoundError(f"could not load model {spec!r} from {where}: {e}") from e
+    except pickle.UnpicklingError:  # torch's weights-only unpickler met something other than tensors
+        files = [] if src.hub else _pickle_files(Path(src.path))
+        raise ConfigError(f"model {spec!r}: {', '.join(files) or 'the pickled weights'} holds objects other than "
+                          "tensors, which unpickling would run as code; prunekit only reads tensors from a pickle, "
+                          "even with --allow-pickle: get safetensors weights for this model") from None
     except ValueError as e:
-        if "does not recognize this architecture" in str(e) or "Unrecognized configuration" in str(e):
+        if "does not recognize this architecture" in str(e) or "Unrecognized configuration" in str(e) \
+                or "trust_remote_code" in str(e):
             raise ConfigError(
                 f"model {spec!r} has an architecture this transformers version cannot build; upgrade "
                 "transformers, or pass --trust-remote-code if the repository ships its own code"
@@ -329,11 +380,11 @@ def model_folder(spec: str) -> str:
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     """The tokenizer :func:`load_model` would return, without loading the weights (for a driver that
     draws calibration ids while workers load the model)."""
-    from transformers import AutoTokenizer
-
-    path = model_folder(spec)
+    src = _materialized(resolve_source(spec))
+    if not src.hub:
+        check_remote_code(Path(src.path), trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = _load_tokenizer(src.path, spec, trust_remote_code)
     except OSError as e:
-        raise FileNotFoundError(f"could not load the tokenizer of model {spec!r} from {path}: {e}") from e
+        raise FileNotFoundError(f"could not load the tokenizer of model {spec!r} from {src.path}: {e}") from e
     return _pad_with_eos(tok)

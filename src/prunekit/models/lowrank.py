@@ -7,7 +7,9 @@ and ``B = U_k sqrt(S_k)`` (``[out, k]``): two ordinary matmuls whose parameter c
 Saved prunekit low-rank folders (see :mod:`prunekit.export.lowrank`) hold ``config.json``, the
 tokenizer, a manifest :data:`MANIFEST` naming every factorized module and its rank, and the
 state dict in :data:`WEIGHTS` (not ``model.safetensors``, so plain transformers refuses the
-folder loudly instead of silently re-initialising the missing dense weights).
+folder loudly instead of silently re-initialising the missing dense weights). The manifest's
+``integrity`` entry (:mod:`prunekit.formats.checksum`) holds the CRC-32 of every tensor and of
+the manifest; the loader checks them while it reads.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 
 from .blocks import set_module
 from ..errors import ConfigError
+from ..formats import checksum
 
 log = logging.getLogger(__name__)
 
@@ -108,24 +111,26 @@ def is_lowrank_folder(path: str | Path) -> bool:
 
 def read_manifest(path: str | Path) -> dict:
     f = Path(path) / MANIFEST
-    data = json.loads(f.read_text())
-    if data.get("format") != FORMAT or not isinstance(data.get("modules"), dict):
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise checksum.IntegrityError(f"{f}: unreadable manifest ({e}); save the folder again") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("modules"), dict):
         raise ConfigError(f"{f} is not a prunekit low-rank manifest (format {data.get('format')!r}); "
                          "was the folder written by another tool?")
     return data
 
 
-def _read_weights(path: Path) -> dict:
-    """The state dict of a low-rank folder: one file, or shards written block by block (streamed)."""
-    from safetensors.torch import load_file
-
+def _read_weights(path: Path, sums: dict[str, str] | None) -> dict:
+    """The state dict of a low-rank folder: one file, or shards written block by block (streamed);
+    every tensor checked against its recorded checksum as it is read (``sums=None``: an old folder)."""
     index = path / "prunekit_lowrank.safetensors.index.json"
     if (path / WEIGHTS).is_file():
-        return load_file(str(path / WEIGHTS))
+        return checksum.read_verified(path / WEIGHTS, sums)
     if index.is_file():
         state = {}
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(str(path / shard)))
+            state.update(checksum.read_verified(path / shard, sums))
         return state
     raise ConfigError(f"low-rank folder {str(path)!r} has a manifest but no {WEIGHTS} (nor shards with an index); "
                       "the save was incomplete: save it again")
@@ -142,12 +147,13 @@ def load_lowrank_model(path: str | Path, dtype: torch.dtype, trust_remote_code: 
 
     path = Path(path)
     manifest = read_manifest(path)
+    sums = checksum.verify_manifest(manifest, path / MANIFEST)  # before anything is built from it
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for name, spec in manifest["modules"].items():
         set_module(model, name, LowRankLinear(int(spec["in_features"]), int(spec["out_features"]), int(spec["rank"]),
                                               bool(spec.get("bias", False)), dtype=dtype))
-    state = _read_weights(path)
+    state = _read_weights(path, sums)
     missing, unexpected = model.load_state_dict(state, strict=False)
     ptrs = {p.data_ptr() for k, p in model.state_dict().items() if k in state}
     params = model.state_dict()

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..formats import checksum
+
 log = logging.getLogger(__name__)
 
 
@@ -29,11 +31,13 @@ class ShardWriter:
         self.total = 0
         self.lowrank: dict[str, dict] = {}
         self.shards: list[str] = []
+        self.sums: dict[str, str] = {}  # CRC-32 per tensor, recorded in a low-rank manifest
 
     def write_tensors(self, tensors: dict) -> None:
         """Write ``tensors`` (full names → tensors) as one shard, now."""
         name = f"part-{len(self.shards):05d}.safetensors"  # renamed in finish(), when the count is known
         write_safetensors(self.folder / name, tensors, {"format": "pt"})
+        self.sums.update(checksum.checksums(tensors))
         for n, t in tensors.items():
             self.weight_map[n] = name
             self.total += t.numel() * t.element_size()
@@ -67,8 +71,8 @@ class ShardWriter:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(self.folder)
         if self.lowrank:
-            (self.folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "version": 1, "modules": self.lowrank,
-                                                            "sharded": True}, indent=2))
+            info = {"format": FORMAT, "version": 1, "modules": self.lowrank, "sharded": True}
+            (self.folder / MANIFEST).write_text(json.dumps(checksum.seal(info, self.sums), indent=2))
         log.info("wrote %d shards (%.0f MB) to %s", len(self.shards), self.total / 2**20, self.folder)
 
 

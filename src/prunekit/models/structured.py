@@ -9,7 +9,9 @@ is saved as:
 * :data:`MANIFEST` — every decoder linear's class, shape and bias, and the attention/FFN
   attributes the forward reads (``num_key_value_groups``, ``num_heads``, ``split_size`` …);
 * :data:`WEIGHTS` — the state dict (not ``model.safetensors``: plain transformers refuses the
-  folder instead of silently re-initialising mismatched weights).
+  folder instead of silently re-initialising mismatched weights);
+* the manifest's ``integrity`` entry (:mod:`prunekit.formats.checksum`): the CRC-32 of every
+  tensor and of the manifest, checked while the weights are read.
 
 :func:`load_structured_model` builds the architecture from the config, replaces every linear whose
 recorded shape differs by a new, smaller one (no padding, no masks), sets the attributes and loads
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..formats import checksum
 from .blocks import decoder_linears, set_module
 from .linear import _is_conv1d, weight_view
 from .shrink import HEAD_ATTRS, new_linear_like, plain_linear, set_attributes
@@ -73,8 +76,11 @@ def is_structured_folder(path: str | Path) -> bool:
 
 def read_manifest(path: str | Path) -> dict:
     f = Path(path) / MANIFEST
-    data = json.loads(f.read_text())
-    if data.get("format") != FORMAT or not isinstance(data.get("linears"), dict):
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise checksum.IntegrityError(f"{f}: unreadable manifest ({e}); save the folder again") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("linears"), dict):
         raise ConfigError(f"{f} is not a prunekit structured manifest (format {data.get('format')!r}); "
                           "was the folder written by another tool?")
     return data
@@ -105,18 +111,18 @@ def rebuild(model: nn.Module, data: dict, dtype: torch.dtype | None = None) -> i
 
 def load_structured_model(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """Rebuild a model saved by :func:`prunekit.export.structured.save_structured` (prunekit format)."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     data = read_manifest(path)
+    sums = checksum.verify_manifest(data, path / MANIFEST)  # before anything is built from it
     weights = path / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"structured folder {str(path)!r} has a manifest but no {WEIGHTS}; the save was incomplete")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     n = rebuild(model, data, dtype)
-    state = load_file(str(weights))
+    state = checksum.read_verified(weights, sums)
     missing, unexpected = model.load_state_dict(state, strict=False)
     params = model.state_dict()
     ptrs = {params[k].data_ptr() for k in params if k in state}

@@ -32,23 +32,27 @@ from ..models.shrink import remove_channels, remove_heads
 from ..models.structure import BlockParts, block_parts, require_parts
 from ..report import Report, RunInfo
 from .base import BlockCriterion, StructuredCriterion, UnitCriterion
-from .drop import drop_ranked
+from .drop import candidates, drop_ranked, how_many
 from .global_plan import global_plan
 from .method import UnitPruner
 from .plan import BlockPlan, UnitCosts, plan_blocks, unit_costs
-from ..export.structured import plain_config
+from ..export.structured import plain_config_why
 from .summary import param_count, structure_summary
 
 log = logging.getLogger(__name__)
 
 
 def check_structured(model: nn.Module, pattern: Pattern, criterion: StructuredCriterion,
-                     selected: dict[str, nn.Module]) -> list[BlockParts]:
+                     selected: dict[str, nn.Module], target: float | None = None,
+                     uniform: bool = True) -> list[BlockParts]:
     """Everything about the model that can fail before any work; the blocks' layout.
 
+    With ``target`` (and ``uniform`` allocation for heads/channels/width) it also checks that the
+    rounding to whole units removes something.
+
     Raises:
-        ConfigError: the architecture has no recognisable attention/FFN for the pattern, or the
-            selection cuts a unit across linears.
+        ConfigError: the architecture has no recognisable attention/FFN for the pattern, the
+            selection cuts a unit across linears, or ``target`` rounds to nothing removed.
     """
     parts = block_parts(model)
     if pattern.kind in ("heads", "width"):
@@ -56,8 +60,48 @@ def check_structured(model: nn.Module, pattern: Pattern, criterion: StructuredCr
     if pattern.kind in ("channels", "width", "ffn"):
         require_parts(model, "ffn", parts)
     if isinstance(criterion, UnitCriterion):
-        unit_costs(model, parts, selected, pattern.kind, criterion.opts.gqa)
+        costs = unit_costs(model, parts, selected, pattern.kind, criterion.opts.gqa)
+        if target and uniform:
+            plans = plan_blocks(costs, target, None, criterion.opts.multiple)
+            _check_removes_units(costs, plans, target, pattern.kind, criterion.opts.multiple)
+    elif target:
+        _check_removes_blocks(model, parts, selected, pattern.kind, target)
     return parts
+
+
+def _check_removes_blocks(model: nn.Module, parts: list[BlockParts], selected: dict[str, nn.Module], kind: str,
+                          target: float) -> None:
+    """``blocks``/``ffn``: the target must round to at least one removed; name the fractions that can be reached."""
+    cands = candidates(parts, selected, kind, model)
+    cost = {i: sum(weight_view(selected[n]).numel() for n in names) for i, names in cands.items()}
+    total = sum(weight_view(m).numel() for m in selected.values())
+    if how_many(cost, target * total) > 0:
+        return
+    one = sum(cost.values()) / len(cost) / total
+    unit = "block" if kind == "blocks" else "FFN"
+    most = len(cands) - 1 if kind == "blocks" else len(cands)
+    reach = ", ".join(f"{k * one:.3f}" for k in range(1, min(most, 4) + 1))
+    raise ConfigError(f"--sparsity {target} removes no {unit} (one {unit} is {one:.1%} of the selected weights; a "
+                      f"count rounds to the nearest, half to even): use a --sparsity above {one / 2:.3f}; {kind} can reach "
+                      f"{reach}{', ...' if most > 4 else ''}")
+
+
+def _check_removes_units(costs: list[UnitCosts], plans: dict[int, BlockPlan], target: float, kind: str,
+                         multiple: int) -> None:
+    """Heads/channels/width: the plan must remove something; name the smallest step that would."""
+    if any(c.removed(plans[c.index]) for c in costs):
+        return
+    steps = [(c.level_cost, "one head level") for c in costs if c.attn is not None and c.max_level > 0]
+    steps += [(c.channel * multiple, f"{multiple} FFN channels") for c in costs if c.ffn is not None]
+    total = sum(c.selected for c in costs)
+    if not steps:
+        raise ConfigError(f"pattern {kind}: no block has a head level or FFN channels left to remove")
+    size, what = min(steps)
+    n_blocks = sum(1 for c in costs if c.attn is not None or c.ffn is not None)
+    frac = size * n_blocks / total
+    raise ConfigError(f"--sparsity {target} removes nothing: the smallest step, {what} in every block, is "
+                      f"{frac:.1%} of the selected weights; use a --sparsity above {frac / 2:.3f} (achievable: "
+                      f"{frac:.3f}, {2 * frac:.3f}, ...)")
 
 
 def _rates(model: nn.Module, allocator: Allocator, selected: dict[str, nn.Module], target: float, pattern: Pattern,
@@ -99,7 +143,7 @@ def prune_structured(model: nn.Module, pattern: Pattern, target: float, criterio
                      batch_size: int = 8, device=None, callback: Callable | None = None) -> Report:
     """Remove ``target`` of the ``selected`` decoder-linear weights as whole units; the model shrinks in place."""
     dense_params = param_count(model)
-    parts = check_structured(model, pattern, criterion, selected)
+    parts = check_structured(model, pattern, criterion, selected, target, uniform=allocator.name == "uniform")
     if isinstance(criterion, BlockCriterion):
         if allocator.name != "uniform":
             raise ConfigError(f"allocation {allocator.name!r} gives per-layer rates; pattern {pattern} removes whole "
@@ -118,6 +162,9 @@ def prune_structured(model: nn.Module, pattern: Pattern, target: float, criterio
     else:
         rates = _rates(model, allocator, selected, target, pattern, calib)
         plans = plan_blocks(costs, target, rates, multiple)
+    if target:
+        _check_removes_units(costs, plans, target, pattern.kind, multiple)  # per-block rates: known only now
+    plan_info.update(_predict_save(model, costs, plans))  # before any weight is touched
     pruner = UnitPruner(model, criterion, parts, costs, plans)
     targets = _targets(costs, plans, pattern)
     report = run_sequential(model, calib if pruner.needs_calibration else None, pruner, targets, batch_size, device,
@@ -136,15 +183,51 @@ def prune_structured(model: nn.Module, pattern: Pattern, target: float, criterio
     return report
 
 
+def _predict_save(model: nn.Module, costs: list[UnitCosts], plans: dict[int, BlockPlan]) -> dict:
+    """The head counts the plan leaves, checked before pruning: GQA groups whole, and whether a stock config
+    can say them (else the result is saved in prunekit's format, and the user is told now, not at the save)."""
+    import copy
+
+    from ..export.structured import config_refusal
+
+    left = set()
+    for c in costs:
+        if c.attn is None:
+            continue
+        p = plans[c.index]
+        heads = c.attn.heads - p.heads_per_group * c.attn.kv_heads - p.groups * c.attn.group_size
+        kv = c.attn.kv_heads - p.groups
+        if kv < 1 or heads < kv or heads % kv:
+            raise RuntimeError(f"plan for block {c.index} leaves {heads} heads over {kv} key/value groups (a bug)")
+        left.add((heads, kv, c.attn.head_dim))
+    if len(left) != 1:
+        return {}
+    heads, kv, d = left.pop()
+    cfg = copy.deepcopy(model.config)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if heads == text.num_attention_heads:
+        return {}
+    text.num_attention_heads, text.head_dim = heads, d
+    if hasattr(text, "num_key_value_heads"):
+        text.num_key_value_heads = kv
+    why = config_refusal(cfg)
+    if why is None:
+        return {}
+    log.warning("the plan leaves %d query heads / %d key-value heads per block, which transformers refuses in a "
+                "config (%s): the result will be saved in prunekit's structured format (prunekit.load_model)",
+                heads, kv, why)
+    return {"save_note": f"{heads} heads / {kv} key-value heads: {why}"}
+
+
 def _save_format(model: nn.Module) -> dict:
     """How the model will be saved, and the parameters the saved folder holds (exact).
 
     A plain folder may hold a few more: when bias compensation added biases to the output
     projections, the config's bias switch also gives q/k/v (or gate/up) biases, saved as zeros.
     """
-    cfg, zeros = plain_config(model)
+    cfg, zeros, why = plain_config_why(model)
     if cfg is None:
-        return {"format": "prunekit-structured", "loader": "prunekit.load_model"}
+        return {"format": "prunekit-structured", "loader": "prunekit.load_model", "why": why}
     extra = 0
     if zeros:
         from ..export.structured import _meta_shapes

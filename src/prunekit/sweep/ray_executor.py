@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import resource
 import signal
 import socket
@@ -56,6 +57,30 @@ def require_ray():
     except ImportError:
         raise ConfigError(f"--ray needs the ray package, which is not installed: {INSTALL_HINT}") from None
     return ray
+
+
+_ADDRESS = re.compile(r"^(auto|(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):\d{1,5}|ray://[A-Za-z0-9_.\-]+)$")
+
+
+def ray_client_missing() -> str | None:
+    """Why a ``ray://`` (Ray Client) address cannot work here — its gRPC dependency is missing — or ``None``."""
+    try:
+        import grpc  # noqa: F401 - what ray[client] adds to core ray
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+def check_address(address: str) -> None:
+    """A ``--ray`` address Ray can use: ``auto``, ``HOST:PORT`` or ``ray://HOST[:PORT]`` (with ray[client])."""
+    if not _ADDRESS.match(address):
+        raise ConfigError(f"--ray {address!r} is not a Ray address: give auto, HOST:PORT (e.g. 10.0.0.5:6379) or "
+                          "ray://HOST:PORT, or --ray alone for a local Ray instance")
+    if address.startswith("ray://"):
+        why = ray_client_missing()
+        if why is not None:
+            raise ConfigError(f"--ray {address}: a ray:// address needs Ray Client, which is not installed ({why}): "
+                              "pip install 'ray[client]', or give the cluster's HOST:PORT (GCS) address instead")
 
 
 @dataclass(frozen=True)
@@ -111,6 +136,8 @@ class RayResources:
     object_store_mb: int = 500
 
     def __post_init__(self) -> None:
+        if self.address is not None:
+            check_address(self.address)
         for name in ("workers", "cpus_per_cell", "threads"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -185,7 +212,7 @@ def _connect(ray, resources: RayResources) -> bool:
     if resources.address is not None:
         try:
             ray_init(ray, address=resources.address, log_to_driver=True)
-        except ConnectionError as e:
+        except (ConnectionError, ValueError) as e:  # ValueError: an address Ray itself cannot parse
             raise ConfigError(f"no Ray cluster answers at --ray {resources.address} ({e}); give the head node's "
                               "address as `ray status` on it prints it, or --ray alone for a local Ray") from None
         return True

@@ -1,0 +1,1 @@
+"""On-disk formats: what every saved folder shares (checksums), one file per format as they move here."""
