@@ -427,7 +427,7 @@ def main() -> None:
         res["speed"] = {**child(args, "--speed-child"), "machine": res["machine"]}
         save_results(res)
         return
-    rows = dict(ROWS)
+    rows = {**{f"prep:{k}": (k, None, None, 0) for k in ["dense", *STUDENTS]}, **ROWS}  # prep:KEY prunes + evaluates
     if args.student_dir:
         key = "dir-" + hashlib.sha1(str(Path(args.student_dir).resolve()).encode()).hexdigest()[:8]
         STUDENTS[key] = (args.label or Path(args.student_dir).name, {"dir": args.student_dir})

