@@ -96,10 +96,14 @@ ROWS = {
     # the honest set: held-out domains, tasks on 500 examples, and a dense control per (recipe, text, tokens)
     "h-w50": ("wanda50", "kd-full-adamw-fast", "wt2valid", BUDGET),
     "ctrl-kd-fast": ("dense", "kd-full-adamw-fast", "wt2valid", BUDGET),
-    "h-blocks25": ("blocks25", "kd-full-adamw-fast", "wt2valid", LONG),
-    "ctrl-kd-fast-long": ("dense", "kd-full-adamw-fast", "wt2valid", LONG),
-    "h-channels25": ("channels25", "kd-full-adamw-fast", "wt2valid", LONG),
     "h-a70": ("sgpt70a", "kd-full-adamw-fast", "wt2valid", BUDGET),
+    # the structured 25 % models on the same 65,536 tokens, so ctrl-kd-fast is their control too
+    "h-blocks25": ("blocks25", "kd-full-adamw-fast", "wt2valid", BUDGET),
+    "h-channels25": ("channels25", "kd-full-adamw-fast", "wt2valid", BUDGET),
+    # the longer recipe (4x the tokens) and its own control, for a machine with ~2 h more
+    "h-blocks25-long": ("blocks25", "kd-full-adamw-fast", "wt2valid", LONG),
+    "h-channels25-long": ("channels25", "kd-full-adamw-fast", "wt2valid", LONG),
+    "ctrl-kd-fast-long": ("dense", "kd-full-adamw-fast", "wt2valid", LONG),
     "h-w50-long": ("wanda50", "kd-full-adamw-fast", "wt2valid", LONG),
     "ctrl-ce": ("dense", "ce-full-adamw", "wt2valid", BUDGET),
 }

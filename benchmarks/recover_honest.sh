@@ -14,8 +14,9 @@ export PRUNEKIT_DATA="${PRUNEKIT_DATA:-$(cd .. && pwd)/shared/data}"
 SAVE_DIR="${SAVE_DIR:-/work/artifacts/recovered}"
 HEAVY="${HEAVY:-/work/bin/heavy --tag ${TAG:-honest}}"
 ROWS=("$@")
-[ ${#ROWS[@]} -eq 0 ] && ROWS=(prep:dense prep:wanda50 h-w50 ctrl-kd-fast prep:blocks25 h-blocks25 ctrl-kd-fast-long
-                           prep:channels25 h-channels25 prep:sgpt70a h-a70 h-w50-long ctrl-ce)
+[ ${#ROWS[@]} -eq 0 ] && ROWS=(prep:dense prep:wanda50 h-w50 ctrl-kd-fast prep:sgpt70a h-a70 prep:blocks25 h-blocks25
+                           prep:channels25 h-channels25)
+# longer runs (about 2 h more): h-w50-long h-blocks25-long h-channels25-long ctrl-kd-fast-long ctrl-ce
 mkdir -p "$SAVE_DIR"
 for row in "${ROWS[@]}"; do
   while true; do
