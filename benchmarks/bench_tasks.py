@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+from prunekit.eval.ties import verdict
+
 # sized for ~5 minutes on one contended CPU core (fp32 ~280 tok/s); raise them on a real machine
 DEFAULT_LIMITS = {"boolq": 200, "piqa": 100, "rte": 50, "mmlu": 30, "qa_wikidata": 100, "gsm8k": 6,
                   "general_knowledge": 70, "social_iqa": 50}
@@ -97,17 +99,22 @@ def render(d: dict) -> str:
              "- the machine's 2 cores are shared with other jobs, so throughput is a lower bound",
              "- subsets: the first n examples of each task in its documented order (docs/evaluation.md); "
              "MMLU takes questions round-robin over the 57 subjects",
-             "- metrics: lm-evaluation-harness definitions; ± is one standard error (sample std / sqrt(n))", "",
-             "| task | family | shots | n / available | metric | value ± stderr | chance | majority | s | examples/s | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "- metrics: lm-evaluation-harness definitions; ± is one standard error (sample std / sqrt(n)); vs chance: "
+             "a tie when the value is within two standard errors of chance (prunekit.eval.ties), else above / below", "",
+             "| task | family | shots | n / available | metric | value ± stderr | chance | vs chance | majority | s | examples/s "
+             "| tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for spec, r in d["results"].items():
         st = r["settings"]
         for m, v in r["metrics"].items():
             se = r["stderr"].get(m)
             chance = st.get("chance")
+            vs = "-"
+            if chance is not None and m.startswith("acc"):  # chance is exact: its stderr is 0
+                vs = {"better": "above", "worse": "below"}.get(verdict(v, se, chance, 0.0), "tie")
             lines.append(f"| {spec} | {r['family']} | {st.get('shots', 0)} | {r['n']} / {st.get('examples_available', '?')} "
                          f"| {m} | {v:.4f}" + (f" ± {se:.4f}" if se is not None else "") + " | "
-                         + (f"{chance:.3f}" if chance is not None and m.startswith("acc") else "-") + " | "
+                         + (f"{chance:.3f}" if chance is not None and m.startswith("acc") else "-") + f" | {vs} | "
                          + (f"{st['majority']:.3f}" if st.get("majority") is not None and m.startswith("acc") else "-")
                          + f" | {r['seconds']:.0f} | {r['examples_per_s']:.2f} | {r['tokens_per_s']:.0f} |")
     reuse = d.get("prefix_reuse")

@@ -1,17 +1,33 @@
-"""Markdown for ``benchmarks/results/recover.json`` (used by bench_recover.py)."""
+"""Markdown for ``benchmarks/results/recover.json`` (used by bench_recover.py).
+
+Task accuracies carry a mark against their reference (:mod:`prunekit.eval.ties`): ``≈`` a tie
+(inside two standard errors of the difference), ``↑`` / ``↓`` clearly better / worse.
+"""
 
 from __future__ import annotations
+
+from prunekit.eval.ties import mark, verdict
+
+HELDOUT_NAMES = {"wikitext2": "WikiText-2 test", "kjv": "King James Bible", "gsm8k": "GSM8K test"}
 
 
 def _ppl(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}" if x < 1e4 else f"{x:.3e}"
 
 
-def _acc(t: dict | None, task: str) -> str:
+def _task(t: dict | None, task: str) -> tuple[float, float | None] | None:
     if not t or task not in t:
+        return None
+    return t[task]["metrics"]["acc"], t[task]["stderr"]["acc"]
+
+
+def _acc(t: dict | None, task: str, ref: dict | None = None) -> str:
+    """``acc±stderr`` of ``task``, marked against the same task in ``ref`` when given."""
+    a = _task(t, task)
+    if a is None:
         return "-"
-    r = t[task]
-    return f"{r['metrics']['acc']:.3f}±{r['stderr']['acc']:.3f}"
+    b = _task(ref, task)
+    return mark(a[0], a[1], *(b if b else (None, None)))
 
 
 def _ceiling(row: dict, gf: dict) -> tuple[float, float]:
@@ -27,15 +43,21 @@ def _ceiling(row: dict, gf: dict) -> tuple[float, float]:
 
 def students(res: dict) -> list[str]:
     """The starting models as pruned (one-shot), the rows' 'before'."""
-    out = ["Starting models, one-shot (pruned once, evaluated once):", "",
-           "| starting model | prune s | WikiText-2 ppl | piqa | boolq | host |", "|---|---|---|---|---|---|"]
+    out = ["Starting models, one-shot (pruned once, evaluated once; tasks marked against dense):", "",
+           "| starting model | prune s | WikiText-2 ppl | KJV ppl | GSM8K ppl | piqa | boolq | task n | host |",
+           "|---|---|---|---|---|---|---|---|---|"]
     names = machines(res)
+    dense = res.get("students", {}).get("dense", {}).get("eval", {}).get("tasks")
     for key, st in res.get("students", {}).items():
         ev = st["eval"]
         secs = f"{st['prune_s']:.0f}" if "prune_s" in st else "-"
         host = names.get(_machine_key(st["machine"]), "?") if "machine" in st else "?"
-        out.append(f"| {st['label']} | {secs} | {_ppl(ev['wikitext2']['ppl'])} | {_acc(ev['tasks'], 'piqa')} | "
-                   f"{_acc(ev['tasks'], 'boolq')} | {host} |")
+        ho = ev.get("heldout", {})
+        ref = None if key == "dense" else dense
+        n = "/".join(sorted({str(t["n"]) for t in ev["tasks"].values()}))
+        out.append(f"| {st['label']} | {secs} | {_ppl(ev['wikitext2']['ppl'])} | {_ppl(ho.get('kjv', {}).get('ppl'))} | "
+                   f"{_ppl(ho.get('gsm8k', {}).get('ppl'))} | {_acc(ev['tasks'], 'piqa', ref)} | "
+                   f"{_acc(ev['tasks'], 'boolq', ref)} | {n} | {host} |")
     return out + [""]
 
 
@@ -70,6 +92,81 @@ def targets(res: dict) -> list[str]:
     return out + [""]
 
 
+def control_of(res: dict, row: dict) -> dict | None:
+    """The control row of ``row``: the dense model trained with the same recipe, text and tokens."""
+    for r in res.get("rows", {}).values():
+        if r["student"] == "dense" and r["recipe"] == row["recipe"] and r["data"] == row["data"] \
+                and r["report"]["tokens"] == row["report"]["tokens"]:
+            return r
+    return None
+
+
+def _ppls(ev: dict | None) -> dict[str, float]:
+    """``{text: ppl}`` of one evaluation (WikiText-2 test and the held-out texts)."""
+    if not ev:
+        return {}
+    return {"wikitext2": ev["wikitext2"]["ppl"], **{k: v["ppl"] for k, v in ev.get("heldout", {}).items()}}
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}×" if a is not None and b else "-"
+
+
+def honest(res: dict) -> list[str]:
+    """Every held-out-protocol row: perplexity on WikiText-2 test and on the two texts nothing here trains
+    on, against dense and against the dense model tuned by the same recipe (the honest ratio); then the
+    tasks, each comparison called a tie or not."""
+    rows = [(n, r) for n, r in res.get("rows", {}).items()
+            if "heldout" in r["report"]["evaluation"].get("after", {}) and r["student"] != "dense"]
+    dense = res.get("students", {}).get("dense", {}).get("eval")
+    if not rows or not dense or "heldout" not in dense:
+        return []
+    d = _ppls(dense)
+    out = ["## Recovery against the control, on text it never saw", "",
+           "Perplexity (seqlen 1024, first 20 windows of each text). *WikiText-2 test* is the training text's own "
+           "domain (training: WikiText-2 *validation*); the *King James Bible* and *GSM8K test* are domains no "
+           "recipe or calibration here sees. *tuned dense* = the dense model trained with the row's recipe, text "
+           "and tokens (the control row named); **recovered ÷ tuned dense** is the honest ratio.", "",
+           "| row | starting model | recipe, text, tokens | text | one-shot | recovered | dense | tuned dense "
+           "(control) | recovered ÷ dense | **recovered ÷ tuned dense** | one-shot ÷ dense |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in rows:
+        ev = row["report"]["evaluation"]
+        ctrl = control_of(res, row)
+        b, a = _ppls(ev.get("before")), _ppls(ev.get("after"))
+        c = _ppls(ctrl["report"]["evaluation"]["after"]) if ctrl else {}
+        cname = next((n for n, r in res["rows"].items() if r is ctrl), None)
+        for k, text in enumerate(a):
+            head = (f"| {name} | {row['label']} | {row['recipe_label']}, {row['data']}, {row['report']['tokens']:,} |"
+                    if k == 0 else "| | | |")
+            tuned = f"{_ppl(c[text])} ({cname})" if text in c else "not run"
+            out.append(f"{head} {HELDOUT_NAMES.get(text, text)} | {_ppl(b.get(text))} | {_ppl(a[text])} | "
+                       f"{_ppl(d.get(text))} | {tuned} | {_ratio(a[text], d.get(text))} | "
+                       f"**{_ratio(a[text], c.get(text))}** | {_ratio(b.get(text), d.get(text))} |")
+    return out + [""] + honest_tasks(res, rows, dense)
+
+
+def honest_tasks(res: dict, rows: list[tuple[str, dict]], dense: dict) -> list[str]:
+    """Accuracy ± stderr of every held-out-protocol row; each comparison a tie (≈) or a real difference."""
+    out = ["Tasks (0-shot accuracy ± one standard error on the first n examples; ≈ = a tie: the difference is "
+           "inside two standard errors of the difference, ↑ / ↓ = clearly better / worse than the column it is "
+           "compared with):", "",
+           "| row | task | n | one-shot | recovered | dense | tuned dense | recovered vs one-shot | recovered vs dense "
+           "| recovered vs tuned dense |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in rows:
+        ev = row["report"]["evaluation"]
+        ctrl = control_of(res, row)
+        c = ctrl["report"]["evaluation"]["after"]["tasks"] if ctrl else None
+        for task in ev["after"]["tasks"]:
+            a, b, dd = _task(ev["after"]["tasks"], task), _task(ev["before"]["tasks"], task), _task(dense["tasks"], task)
+            cc = _task(c, task)
+            vs = [verdict(*a, *ref) if ref else "-" for ref in (b, dd, cc)]
+            out.append(f"| {name} | {task} | {ev['after']['tasks'][task]['n']} | {_acc(ev['before']['tasks'], task)} | "
+                       f"{_acc(ev['after']['tasks'], task)} | {_acc(dense['tasks'], task)} | "
+                       f"{_acc(c, task) if c else 'not run'} | " + " | ".join(vs) + " |")
+    return out + [""]
+
+
 ABLATION = ("kd-full-adamw", "ce-full-adamw", "kd-lora-adamw", "kd-full-galore", "kd-full-spam", "kd-full-adamw-fast")
 
 
@@ -78,8 +175,9 @@ def ablations(res: dict) -> list[str]:
     state MB, tok/s) -- what each choice buys, read along a row."""
     budget = res.get("settings", {}).get("budget")
     cells: dict[str, dict[str, dict]] = {}
-    for row in res.get("rows", {}).values():
-        if row["report"]["tokens"] == budget and row["data"] == "wt2valid" and row["recipe"] in ABLATION:
+    for name, row in res.get("rows", {}).items():  # the h- rows repeat a recipe on a new host: their own table
+        if row["report"]["tokens"] == budget and row["data"] == "wt2valid" and row["recipe"] in ABLATION \
+                and not name.startswith("h-"):
             cells.setdefault(row["student"], {})[row["recipe"]] = row
     if not any(len(v) > 1 for v in cells.values()):
         return []
@@ -147,8 +245,10 @@ def render(res: dict) -> str:
         "",
         "Command(s): " + "; ".join(f"`{c}`" for c in res.get("commands", [])), "",
         f"- starting models: pruned from the dense model with calibration {s.get('calibration')}; "
-        f"evaluation: {s.get('eval')}; tasks {', '.join(s.get('tasks', []))}: first {s.get('task_limit')} examples, "
-        "acc ± one standard error",
+        f"evaluation: {s.get('eval')}; tasks {', '.join(s.get('tasks', []))}: the first n examples "
+        "(500 from the held-out protocol on, 60 in the rows before it), acc ± one standard error; an accuracy after "
+        "training is marked ≈ when it ties with the one before (inside two standard errors of the difference), "
+        "↑ / ↓ when it is clearly higher / lower",
         f"- training: {s.get('base')}; training text `wt2valid` = WikiText-2 *validation* (`{s.get('wt2valid')}`), "
         "`austen` = the six novels; the test split is never trained on; 4 windows of the text are held out "
         "(held-out KL = mean KL(teacher || student) per token on them)",
@@ -158,12 +258,13 @@ def render(res: dict) -> str:
         "- sparsity = zeros / weights over the decoder linears, before → after training "
         "(must be identical: pruned positions are held at zero)", "",
     ]
-    lines += students(res) + targets(res) + ablations(res)
+    lines += students(res) + honest(res) + targets(res) + ablations(res)
     if dense:
-        lines.append(f"Dense SmolLM2-135M: WikiText-2 ppl {_ppl(dense['wikitext2']['ppl'])}, "
+        lines.append(f"Dense SmolLM2-135M (current protocol): WikiText-2 ppl {_ppl(dense['wikitext2']['ppl'])}, "
                      f"piqa {_acc(dense['tasks'], 'piqa')}, boolq {_acc(dense['tasks'], 'boolq')}.")
         lines.append("")
     lines += [
+        "All rows (task columns: before → after, the after value marked against the before one):", "",
         "| row | starting model | recipe | text | tokens | train s | tok/s | ceiling tok/s (share) | peak RSS MB | "
         "opt. state MB | sparsity before → after | WikiText-2 ppl before → after | piqa before → after | "
         "boolq before → after | held-out KL before → after | load | host |",
@@ -182,8 +283,8 @@ def render(res: dict) -> str:
             f"{r['tokens_per_s']:.0f} | {ceil:.0f} ({share:.0%}) | {r['peak_rss_mb']:.0f} | "
             f"{r['optimizer_state_bytes'] / 2**20:.0f} | {sb:.4f} → {sa:.4f} ({same}) | "
             f"{_ppl(b.get('wikitext2', {}).get('ppl'))} → {_ppl(a.get('wikitext2', {}).get('ppl'))} | "
-            f"{_acc(b.get('tasks'), 'piqa')} → {_acc(a.get('tasks'), 'piqa')} | "
-            f"{_acc(b.get('tasks'), 'boolq')} → {_acc(a.get('tasks'), 'boolq')} | "
+            f"{_acc(b.get('tasks'), 'piqa')} → {_acc(a.get('tasks'), 'piqa', b.get('tasks'))} | "
+            f"{_acc(b.get('tasks'), 'boolq')} → {_acc(a.get('tasks'), 'boolq', b.get('tasks'))} | "
             f"{r['validation_before'].get('kl', float('nan')):.3f} → {r['validation_after'].get('kl', float('nan')):.3f} | "
             f"{'/'.join(map(str, row.get('loadavg_1min', [])))} | {names[_machine_key(rm)]} |")
     sp = res.get("speed")

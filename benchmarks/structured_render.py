@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from prunekit.eval.ties import mark
+
 DTYPES = ("float32", "bfloat16")
 LOWRANK_DEFAULTS = {("budget", "params"), ("objective", "params")}  # the benchmark's own low-rank settings
 
@@ -15,9 +17,14 @@ def _speed(row: dict, dense: dict, dtype: str, what: str) -> str:
     return f"{s:.2f}x{mark} ({sp[what]:.0f})" if what == "prefill_ms" else f"{s:.2f}x{mark} ({sp[what]:.1f})"
 
 
-def _task(row: dict, name: str) -> str:
+def _task(row: dict, name: str, dense: dict | None = None) -> str:
+    """``acc ± stderr``, marked against dense (≈ tie inside 2 stderr of the difference, ↑ / ↓ clearly not)."""
     t = (row.get("tasks") or {}).get(name)
-    return f"{t['acc']:.3f} ± {t['stderr']:.3f}" if t and t.get("acc") is not None else "-"
+    if not t or t.get("acc") is None:
+        return "-"
+    d = (dense.get("tasks") or {}).get(name) if dense is not None and dense is not row else None
+    text = mark(t["acc"], t["stderr"], d["acc"] if d else None, d["stderr"] if d else None)
+    return text.replace("±", " ± ", 1)
 
 
 def _fmt_ppl(p: float | None) -> str:
@@ -62,13 +69,14 @@ def table(rows: list[dict], runs: list[dict]) -> list[str]:
     out = ["| row | run | target | removed | params (M) | folder MB (loader) | wiki2 ppl | piqa acc | boolq acc | "
            "bound | prefill fp32 (ms) | decode fp32 (ms/tok) | prefill bf16 (ms) | decode bf16 (ms/tok) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    ref = next((r for r in rows if r["family"] == "dense"), None)
     for r in rows:
         dense = _dense(r, runs)
         target = f"{r['sparsity']:.0%}" if r.get("sparsity") is not None else "-"
         removed = f"{r['removed_of_linear']:.3f}" if r.get("removed_of_linear") is not None else "0"
         out.append(f"| {_what(r)} | {r.get('run', '-')} | {target} | {removed} | {r['params'] / 1e6:.2f} | "
-                   f"{r['folder_mb']:.0f} ({_format(r)}) | {_fmt_ppl(r.get('ppl'))} | {_task(r, 'piqa')} | "
-                   f"{_task(r, 'boolq')} | "
+                   f"{r['folder_mb']:.0f} ({_format(r)}) | {_fmt_ppl(r.get('ppl'))} | {_task(r, 'piqa', ref)} | "
+                   f"{_task(r, 'boolq', ref)} | "
                    f"{r['bound']:.3f}x | {_speed(r, dense, 'float32', 'prefill_ms')} | "
                    f"{_speed(r, dense, 'float32', 'decode_ms')} | {_speed(r, dense, 'bfloat16', 'prefill_ms')} | "
                    f"{_speed(r, dense, 'bfloat16', 'decode_ms')} |")
@@ -155,7 +163,10 @@ def render(data: dict) -> str:
             "interleaved with the row's (A B, B A, ...) so that drift cancels; milliseconds in brackets; † = "
             "identical tensor shapes to an earlier row of the same run, whose measurement is reused; * = measured "
             "before interleaving: compared with the dense timing at the start of its run (which drifted by up to "
-            "10 % by the end of a run, see Runs)", ""]
+            "10 % by the end of a run, see Runs)",
+            "- piqa / boolq: accuracy ± one standard error, marked against dense: ≈ a tie (the difference is inside "
+            "two standard errors of the difference), ↑ / ↓ a real difference. Dense SmolLM2 answers BoolQ ' no' almost "
+            "always (below chance, docs/evaluation.md): a ↑ there means the pruned model lost that bias", ""]
     out += ["## Runs", ""]
     for i, r in enumerate(data.get("runs", [])):
         env = r["environment"]

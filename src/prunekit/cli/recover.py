@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from ._control import add_control_arg, check_control, run_control
 from ._tasks import add_task_args, prepare, run_with_progress, task_settings
 from ..errors import ConfigError
 from .common import (add_eval_args, add_model_args, check_json_path, check_save_space, fmt_ppl, run_perplexity,
@@ -85,6 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_eval_args(p, default=["wikitext2"])
     p.set_defaults(eval_seqlen=1024)
     add_task_args(p)
+    add_control_arg(p)
     p.set_defaults(func=run)
 
 
@@ -174,6 +176,7 @@ def _run(args: argparse.Namespace, cfg) -> int:
     if cfg.needs_teacher and not args.teacher:
         raise ConfigError("distillation needs --teacher DENSE (the model the student was compressed from); or train on "
                         "next-token loss alone with --kl-weight 0 --ce-weight 1")
+    check_control(args)
     if args.max_windows is not None and args.max_windows < 1:
         raise ConfigError(f"--max-windows={args.max_windows} must be >= 1")
     settings = task_settings(args, args.eval_seqlen, args.max_windows, args.eval_batch_size)
@@ -215,6 +218,8 @@ def train_and_save(args, cfg, student, teacher, tok, tasks, settings, ckpt: Path
     out_report = {"recover": report.to_dict(), "model": args.model, "teacher": getattr(args, "teacher", None),
                   "compression": prior, "command": ["prunekit", *sys.argv[1:]]}
     print_summary(report)
+    if getattr(args, "control", False):  # before the save: the report carries the control
+        out_report["control"] = run_control(args, cfg, teacher, tok, evaluator, report, progress_bar)
     out, how = save_compressed(student, tok, args.out, out_report, args.overwrite)
     if args.json:  # after the model: a report problem must not lose a finished training
         Path(args.json).write_text(json.dumps(out_report, indent=2, default=str))

@@ -1,6 +1,6 @@
 """Calibration and evaluation text: registered datasets, local files, the data directory."""
 
-from . import austen, c4, gsm8k, ptb, wikitext2  # noqa: F401  (self-registering)
+from . import austen, c4, gsm8k, kjv, ptb, wikitext2  # noqa: F401  (self-registering)
 from .base import DataNotFoundError, JsonlFile, TextDataset, TextFile, data_dir, get_dataset
 from .calibration import CalibrationError, calibration_ids, sample_packed, sample_windows, tokenize
 

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..eval.ties import mark
 from .results import curves
 from ..errors import ConfigError
 
@@ -122,13 +123,16 @@ def _chance(dense: dict[str, Any] | None, metric: str) -> float | None:
     return dense.get("tasks", {}).get(task, {}).get("settings", {}).get("chance")
 
 
-def _fmt(v: dict[str, Any] | None) -> str:
+def _fmt(v: dict[str, Any] | None, ref: dict[str, Any] | None = None) -> str:
+    """A table cell: perplexity plain; a task value ``x ± se``, marked against ``ref`` (the dense model's)
+    with the tie rule of :mod:`prunekit.eval.ties` (≈ a tie, ↑ / ↓ a real difference)."""
     if not v or v.get("value") is None:
         return "-"
     x = v["value"]
     if not v.get("higher_is_better", True):
         return f"{x:.2f}" if math.isfinite(x) and x < 1e4 else f"{x:.3g}"
-    return f"{x:.3f}" + (f" ± {v['stderr']:.3f}" if v.get("stderr") is not None else "")
+    text = mark(x, v.get("stderr"), ref.get("value") if ref else None, ref.get("stderr") if ref else None)
+    return text.replace("±", " ± ", 1)
 
 
 def markdown_report(data: dict[str, Any], plots: dict[str, str], plot_dir: str = "plots",
@@ -160,14 +164,17 @@ def markdown_report(data: dict[str, Any], plots: dict[str, str], plot_dir: str =
         lines.append("- examples scored per task: " + ", ".join(f"{k} n={v['n']}" for k, v in dense.get("tasks", {}).items()))
     total = sum(r.get("prune_seconds", 0) + r.get("eval_seconds", 0) for r in rows)
     lines += [f"- wall time of all cells: {total / 60:.1f} min", "", "## Results", "",
-              "Values ± one standard error (stderr = sample std / sqrt(n)); perplexity has none.", ""]
+              "Values ± one standard error (stderr = sample std / sqrt(n)); perplexity has none. Each task value is "
+              "marked against dense: ≈ a tie (the difference is inside two standard errors of the difference), "
+              "↑ / ↓ a real difference.", ""]
     head = ["method", "allocation", "calib", "sparsity", "actual"] + metrics + ["prune s", "eval s"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for r in rows:
         vals = [r["method"], r["allocation"], r["calib"], f"{100 * r['sparsity']:.0f}%",
                 f"{100 * r.get('actual_sparsity', 0):.1f}%"]
-        vals += [_fmt(r["metrics"].get(m)) for m in metrics]
+        vals += [_fmt(r["metrics"].get(m), dense["metrics"].get(m) if dense and r is not dense else None)
+                 for m in metrics]
         vals += [f"{r.get('prune_seconds', 0):.0f}", f"{r.get('eval_seconds', 0):.0f}"]
         lines.append("| " + " | ".join(vals) + " |")
     lines += ["", "## Essential sparsity (knees)", "",
