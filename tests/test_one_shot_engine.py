@@ -142,3 +142,34 @@ def test_refine_errors_are_one_clear_line():
         PruneConfig(method="wanda", refine="reconstruct", refine_options={"inputs": "everything"})
     with pytest.raises(ConfigError, match="option rho=-1"):
         PruneConfig(method="alps", method_options={"rho": -1})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_a_micro_batch_of_a_block_call_equals_the_same_rows_of_the_whole_batch(arch, calib_ids):
+    """Block reconstruction trains on micro-batches: masks, position ids and rotary tables are sliced with the rows."""
+    from prunekit.calibration.context import calibration_forward_context, capture_block_inputs
+    from prunekit.calibration.engine import _block_runner
+    from prunekit.models import find_blocks
+
+    model = tiny_model(arch)
+    _, blocks = find_blocks(model)
+    with calibration_forward_context(model):
+        inputs = capture_block_inputs(model, blocks, calib_ids[:4], 4, torch.device("cpu"))
+        for i in range(len(blocks)):
+            run = _block_runner(i, blocks[i], inputs)
+            whole = run(0, inputs.hidden[0])
+            for rows in (slice(0, 2), slice(2, 4), slice(1, 2)):
+                assert torch.allclose(run(0, inputs.hidden[0], rows), whole[rows], atol=1e-5, rtol=1e-4)
+            inputs.hidden[0] = whole
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3", "qwen2"])
+def test_reconstruct_on_other_architectures_keeps_masks(arch, calib_ids):
+    base = tiny_model(arch)
+    plain, refined = copy.deepcopy(base), copy.deepcopy(base)
+    cfg = dict(sparsity=0.6, calib={"batch_size": 3})
+    prune(plain, PruneConfig(method="magnitude", **cfg), calib=calib_ids)
+    rep = prune(refined, PruneConfig(method="magnitude", refine="reconstruct",
+                                     refine_options={**FAST_RECON, "micro_batch": 2}, **cfg), calib=calib_ids)
+    za, zb = _zeros(plain), _zeros(refined)
+    assert all(torch.equal(za[n], zb[n]) for n in za) and all(b.info["finite"] for b in rep.blocks)

@@ -96,6 +96,7 @@ def fit_block(run: Callable[[int, Tensor, slice | None], Tensor], inputs: Sequen
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_schedule(s, total, warm))
     losses: list[float] = []
     device = params[0].device
+    scaler = torch.amp.GradScaler(device.type) if settings.amp == "fp16" else None  # fp16 gradients underflow
     with trainable(params):
         for _epoch in range(settings.epochs):
             for b, rows in batches:
@@ -103,12 +104,18 @@ def fit_block(run: Callable[[int, Tensor, slice | None], Tensor], inputs: Sequen
                 with _autocast(device, settings.amp):
                     out = run(b, x, rows)
                 loss = F.mse_loss(out.float(), y[rows].float())
-                loss.backward()
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                if scaler is not None:
+                    scaler.unscale_(opt)
                 for fixed in (zeros, held):
                     for p, m in fixed.items():
                         if p.grad is not None:
                             p.grad.masked_fill_(m, 0.0)
-                opt.step()
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 with torch.no_grad():

@@ -109,8 +109,7 @@ def masked_lstsq(dense: Tensor, current: Tensor, h: Tensor, keep: Tensor, maxite
 
 
 def layer_error(dense: Tensor, new: Tensor, h: Tensor) -> float:
-    """Relative output error ``tr((W - W') H (W - W')^T) / tr(W H W^T)`` (float64 sums)."""
-    d = (dense - new).double()
-    hd = h.double()
-    den = float(((dense.double() @ hd) * dense.double()).sum())
-    return float(((d @ hd) * d).sum()) / den if den > 0 else 0.0
+    """Relative output error ``tr((W - W') H (W - W')^T) / tr(W H W^T)`` (float32 products, float64 sums)."""
+    w, d, hf = dense.float(), (dense.float() - new.float()), h.float()
+    den = float(((w @ hf) * w).sum(dtype=torch.float64))
+    return float(((d @ hf) * d).sum(dtype=torch.float64)) / den if den > 0 else 0.0

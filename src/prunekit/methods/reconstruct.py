@@ -138,8 +138,7 @@ def _trainable(block: nn.Module, modules: dict[str, nn.Module], what: str):
         params.append(w)
         bias = getattr(mod, "bias", None)
         if isinstance(bias, nn.Parameter):
-            rows = zeros[w].all(dim=1) if w.shape[0] == bias.shape[0] else zeros[w].all(dim=0)  # Conv1D is [in, out]
-            held[bias] = rows
+            held[bias] = (weight_view(mod) == 0).all(dim=1)  # an output whose weights are all pruned keeps its bias
             params.append(bias)
     if what == "all":
         seen = {id(p) for p in params}
