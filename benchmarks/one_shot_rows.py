@@ -84,7 +84,6 @@ def _rows() -> dict[str, Row]:
         rows[f"smol/wanda+rec/{tag}"] = Row("smollm2", "wanda", s, pat, refine="reconstruct", refine_opts=REC)
         rows[f"smol/alps+rec/{tag}"] = Row("smollm2", "alps", s, pat, refine="reconstruct", refine_opts=REC)
     rows["smol/ria+cp/2:4"] = Row("smollm2", "ria", None, "2:4", method_opts={"permute": True})
-    rows["smol/wanda+swaps-exact/70"] = Row("smollm2", "wanda", 0.7, refine="swaps", refine_opts={"max_iters": 20})
     for tag in ("70", "80"):
         s = TARGETS[tag][0]
         rows[f"smol/sparsegpt/{tag}/alpha"] = Row("smollm2", "sparsegpt", s, allocation="alpha", alloc_opts=ALPHA)

@@ -47,6 +47,15 @@ def test_ria_scores_equal_the_reference_expression_bit_for_bit():
     assert torch.equal(ria_scores(w, torch.sqrt(scaler_row)), ref)
 
 
+def test_ria_per_matrix_rule_is_the_references_threshold():
+    from prunekit.methods.ria import matrix_threshold_mask
+
+    scores = torch.tensor([[0.5, 0.1, 0.3], [0.3, 0.9, 0.2]])
+    # int(6 * 0.5) = 3 -> threshold sorted[3] = 0.3: both 0.3s go too (ties), four pruned
+    assert matrix_threshold_mask(scores, 0.5).tolist() == [[True, False, False], [False, True, False]]
+    assert matrix_threshold_mask(scores, 0.0).all()
+
+
 def test_reallocation_deals_every_quantile_to_every_group():
     # column sums 8, 1, 7, 2, 6, 3, 5, 4 -> ascending order 1, 3, 5, 7, 6, 4, 2, 0
     scores = torch.tensor([[8.0, 1.0, 7.0, 2.0, 6.0, 3.0, 5.0, 4.0]])

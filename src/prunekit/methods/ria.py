@@ -8,15 +8,19 @@ Score (their eq. 3, with the reference's arithmetic)::
 
 — a weight's share of its input channel's (column's) total plus its share of its output row's
 total, times the input feature's activation norm (Wanda's ``sqrt(scaler_row)``) to the power ``a``.
-Unstructured: one threshold per matrix (the reference's default; ``per_row=true``: Wanda's per
-output row). N:M: per group of M inputs, optionally after RIA's channel permutation
-(:mod:`~prunekit.methods.nm_permute`; ``permute=true``, the paper's "+CP").
+Unstructured: one threshold per matrix, the reference's default and its rule — every score at most
+the ``int(numel * s)``-th smallest is pruned (one weight more than ``int(numel * s)``, more on ties,
+as the magnitude / SparseGPT reference code does; see :mod:`prunekit.masks`); ``per_row=true``:
+Wanda's per-output-row rule (the reference's ``--per_outneuron``). N:M: per group of M inputs,
+optionally after RIA's channel permutation (:mod:`~prunekit.methods.nm_permute`; ``permute=true``,
+the paper's "+CP").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ..masks import keep_mask
@@ -25,6 +29,15 @@ from ..options import Options, option
 from ..registry import METHODS
 from .base import CompressResult, InputStats, Method, Target, apply_keep_mask, diag_error
 from .nm_permute import permuted_nm_mask
+
+
+def matrix_threshold_mask(scores: Tensor, sparsity: float) -> Tensor:
+    """The reference's per-matrix rule: prune every score ``<= sorted(scores)[int(numel * s)]`` (none at s = 0)."""
+    k = int(scores.numel() * sparsity)
+    if k == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    thresh = torch.sort(scores.flatten())[0][k]
+    return scores > thresh
 
 
 def ria_scores(weight: Tensor, col_norm: Tensor, a: float = 0.5) -> Tensor:
@@ -64,8 +77,10 @@ class RIA(Method):
             keep, perm, info = permuted_nm_mask(scores, target.pattern.n, target.pattern.m, o.lsa)
             self.permutations[name] = perm
             info["nm_in_stored_order"] = False
+        elif target.pattern.is_nm or o.per_row:
+            keep = keep_mask(scores, target.sparsity, target.pattern, per_row=True)
         else:
-            keep = keep_mask(scores, target.sparsity, target.pattern, per_row=o.per_row)
+            keep = matrix_threshold_mask(scores, target.sparsity)
         err = diag_error(w.float(), keep, stats.col_sq)
         apply_keep_mask(linear, keep)
         return CompressResult(error=err, info=info)
