@@ -87,8 +87,9 @@ def fit_block(run: Callable[[int, Tensor, slice | None], Tensor], inputs: Sequen
     Returns:
         ``{"steps", "loss_first_epoch", "loss_last_epoch"}`` (mean MSE over the steps of each).
     """
-    batches = [(b, rows) for b in range(len(inputs)) for rows in _micro_slices(inputs[b].shape[0], settings.micro_batch)]
-    total = settings.epochs * len(batches)
+    sizes = [inputs[b].shape[0] for b in range(len(inputs))]
+    slices = [_micro_slices(n, settings.micro_batch) for n in sizes]
+    total = settings.epochs * sum(len(s) for s in slices)
     if total == 0 or not params:
         return {"steps": 0}
     warm = int(settings.warmup * total)
@@ -99,8 +100,9 @@ def fit_block(run: Callable[[int, Tensor, slice | None], Tensor], inputs: Sequen
     scaler = torch.amp.GradScaler(device.type) if settings.amp == "fp16" else None  # fp16 gradients underflow
     with trainable(params):
         for _epoch in range(settings.epochs):
-            for b, rows in batches:
-                x, y = inputs[b], targets[b]
+            for b, rows in ((b, rows) for b in range(len(slices)) for rows in slices[b]):
+                if rows.start == 0:  # read each batch once per pass (it may live on disk)
+                    x, y = inputs[b], targets[b]
                 with _autocast(device, settings.amp):
                     out = run(b, x, rows)
                 loss = F.mse_loss(out.float(), y[rows].float())
@@ -122,7 +124,7 @@ def fit_block(run: Callable[[int, Tensor, slice | None], Tensor], inputs: Sequen
                     for p, m in zeros.items():
                         p.data.masked_fill_(m, 0.0)
                 losses.append(float(loss.detach()))
-    n = len(batches)
+    n = total // settings.epochs
     first, last = losses[:n], losses[-n:]
     return {"steps": total, "loss_first_epoch": sum(first) / n, "loss_last_epoch": sum(last) / n,
             "finite": all(math.isfinite(v) for v in losses)}
