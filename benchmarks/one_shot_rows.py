@@ -104,6 +104,10 @@ def _rows() -> dict[str, Row]:
             "smollm2", "sparsegpt", 0.7, refine="reconstruct", refine_opts={"inputs": inputs, "target": target},
             nsamples=32, eval_text=WT2_VALID)
     rows["tune/sparsegpt/70"] = Row("smollm2", "sparsegpt", 0.7, nsamples=32, eval_text=WT2_VALID)
+    rows["tune/sparsegpt+rec-e1/70"] = Row("smollm2", "sparsegpt", 0.7, refine="reconstruct", refine_opts={"epochs": 1},
+                                           nsamples=32, eval_text=WT2_VALID)
+    rows["tune/sparsegpt+rec-lstsq-only/70"] = Row("smollm2", "sparsegpt", 0.7, refine="reconstruct",
+                                                   refine_opts={"epochs": 0}, nsamples=32, eval_text=WT2_VALID)
     # Qwen2.5-Coder-1.5B streamed: 16 x 1024 calibration (a 128 x 1024 SparseGPT prune alone would take
     # about 3 h on 2 cores), 16 WikiText-2 windows, 8 GSM8K windows
     qwen = dict(nsamples=16, streamed=True, windows=16, heldout=8)
