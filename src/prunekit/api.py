@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .eval import PerplexityResult, check_seqlen, perplexity
 from .methods import Method, Target, build_method
 from .models import block_lookup, check_finite, decoder_linears, weight_view
-from .registry import STRUCTURED
+from .registry import REFINERS, STRUCTURED
 from .report import Report, RunInfo
 from .structured import check_structured, prune_structured
 
@@ -165,8 +165,9 @@ def prune(
     if config.pattern_obj.is_structured:  # whole units removed: prunekit.structured
         info = RunInfo(config.method, config.sparsity, config.pattern, config.allocation, calib_info,
                        to_dict(config), {}, started=t0)
+        refiner = REFINERS.build(config.refine, config.refine_options) if config.refine else None
         report = prune_structured(model, config.pattern_obj, config.sparsity, method, allocator, linears, calib, info,
-                                  config.calib.batch_size, device, callback)
+                                  config.calib.batch_size, device, callback, refiner)
         log.info("removed %d parameters in %.1fs", report.extra["structure"]["params_removed"], report.seconds)
         return report
     targets, alloc_summary = _targets(model, config, allocator, linears, calib)

@@ -91,7 +91,14 @@ class PruneConfig:
 
             object.__setattr__(self, "method", default_criterion(pat.kind) if pat.is_structured else "wanda")
         if pat.is_structured and self.refine is not None:
-            raise ConfigError(f"refine={self.refine!r} works on unstructured masks, not on pattern {pat}; drop --refine")
+            from .registry import REFINERS
+
+            if not getattr(REFINERS.get(self.refine), "structured", False):
+                raise ConfigError(f"refine={self.refine!r} works on unstructured masks, not on pattern {pat}; drop "
+                                  "--refine (after structured pruning: --refine reconstruct)")
+            if pat.kind in ("blocks", "ffn"):
+                raise ConfigError(f"refine={self.refine!r} refits the linears left in a block; pattern {pat} removes "
+                                  "whole blocks or FFNs: use channels, heads or width, or drop --refine")
         for key in ("include", "exclude"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
             for rx in getattr(self, key):

@@ -29,6 +29,7 @@ class BlockRecord:
     rel_error: float | None  # ||Y' - Y|| / ||Y|| of the block output on the first calibration batch
     peak_rss_mb: float
     peak_device_mb: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # what a block step did (block reconstruction)
 
 
 @dataclass

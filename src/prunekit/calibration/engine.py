@@ -13,6 +13,12 @@ at a time, in three steps:
 3. :func:`propagate` — re-run the compressed block so the next block is calibrated on the
    compressed model's activations; these outputs replace the inputs in place.
 
+A method with a block step (block reconstruction, :mod:`prunekit.methods.blockstep`) gets the
+compressed block between steps 2 and 3, with the activations it asked for: the dense model's own
+stream of hidden states (carried beside the compressed one: a :class:`DenseStream`, one more
+forward of the dense block per block) and/or the dense block's outputs on the compressed model's
+inputs (kept by step 1, which then runs every batch to the block's end).
+
 Peak memory is the model plus one block's calibration activations (``nsamples x seqlen x
 hidden``) and that block's statistics. The engine knows the ``Method`` interface only.
 """
@@ -30,6 +36,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..methods.base import CompressResult, InputStats, Method, Target
+from ..methods.blockstep import BlockData, BlockNeeds
 from ..models import block_linears, find_blocks, model_device, set_module, weight_view
 from ..report import BlockRecord, LayerRecord, Report, RunInfo
 from .context import BlockInputs, calibration_forward_context, capture_block_inputs
@@ -110,21 +117,33 @@ def _rel_error(y: Tensor, y_ref: Tensor) -> float:
     return float(torch.linalg.vector_norm(y - y_ref) / den) if den > 0 else 0.0
 
 
-def collect(index: int, block: nn.Module, inputs: BlockInputs, method: Method,
-            modules: dict[str, nn.Module]) -> tuple[dict[str, InputStats | None], Tensor | None]:
-    """Step 1: the statistics of ``modules`` on the block's inputs, and the dense output of batch 0."""
+def collect(index: int, block: nn.Module, inputs: BlockInputs, method: Method, modules: dict[str, nn.Module],
+            outputs: list | None = None) -> tuple[dict[str, InputStats | None], Tensor | None]:
+    """Step 1: the statistics of ``modules`` on the block's inputs, and the dense output of batch 0.
+
+    With ``outputs`` (a list-like), every batch runs to the block's end and the dense block's
+    outputs are appended to it (a block step's local targets).
+    """
     if not modules or not method.needs_calibration:
-        ref = inputs.call(index, block, 0) if modules and inputs.batches else None
+        ref = None
+        runs = inputs.batches if outputs is not None else (1 if modules and inputs.batches else 0)
+        for b in range(runs):
+            out = inputs.call(index, block, b)
+            ref = out if b == 0 else ref
+            if outputs is not None:
+                outputs.append(out)
         return {name: None for name in modules}, ref
     collector = _StatsCollector(method, modules)
     ref = None
     try:
         for b in range(inputs.batches):
-            collector.early_exit = b > 0
+            collector.early_exit = b > 0 and outputs is None
             try:
                 out = inputs.call(index, block, b)
                 if b == 0:
                     ref = out
+                if outputs is not None:
+                    outputs.append(out)
             except _StopBlock:
                 pass
             collector.end_batch()
@@ -189,14 +208,99 @@ def _layer_record(name: str, module: nn.Module, target: Target, res: CompressRes
     return LayerRecord(name, tuple(w.shape), params, target.sparsity, str(target.pattern), sparsity, res.error, secs, res.info)
 
 
+class DenseStream:
+    """The dense model's hidden states entering the current block, and (after :meth:`forward`) leaving it.
+
+    Carried beside the compressed model's activations for a block step that trains on, or towards,
+    what the dense model computes. ``store()`` makes an empty list-like (in memory, or on disk).
+    """
+
+    def __init__(self, hidden, store: Callable[[], list]) -> None:
+        self.inputs, self.outputs = store(), store()
+        for h in hidden:
+            self.inputs.append(h.clone())
+
+    def forward(self, index: int, block: nn.Module, inputs: BlockInputs) -> None:
+        """The dense block (not compressed yet) on the dense inputs: the dense model's next activations."""
+        for b in range(len(self.inputs)):
+            out = inputs.call(index, block, b, self.inputs[b])
+            if b < len(self.outputs):
+                self.outputs[b] = out
+            else:
+                self.outputs.append(out)
+
+    def advance(self) -> None:
+        """This block's outputs become the next block's inputs (the old inputs' storage is reused)."""
+        self.inputs, self.outputs = self.outputs, self.inputs
+
+
+def _slice_rows(value, rows: slice, n: int):
+    """``value`` (a block argument) restricted to the sequences ``rows`` of a batch of ``n``: every tensor
+    of two or more dimensions whose first is the batch (masks, position ids, rotary tables); the rest as is."""
+    if isinstance(value, Tensor):
+        return value[rows] if value.dim() >= 2 and value.shape[0] == n else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_slice_rows(v, rows, n) for v in value)
+    if isinstance(value, dict):
+        return {k: _slice_rows(v, rows, n) for k, v in value.items()}
+    return value
+
+
+def _block_runner(index: int, block: nn.Module, inputs: BlockInputs) -> Callable:
+    """``run(b, hidden, rows)`` of :class:`~prunekit.methods.blockstep.BlockData`: ``hidden`` is a whole
+    batch (``[n, seqlen, width]``); ``rows`` picks a micro-batch of it, and of the block's other arguments."""
+
+    def run(b: int, hidden: Tensor, rows: slice | None = None) -> Tensor:
+        call = inputs.calls[index][b]
+        n = hidden.shape[0]
+        if rows is None or range(n)[rows] == range(n):
+            return call(block, hidden)
+        part = type(call)(_slice_rows(call.args, rows, n), _slice_rows(call.kwargs, rows, n), call.hidden_kw)
+        return part(block, hidden[rows])
+
+    return run
+
+
+def _block_step(idx: int, block: nn.Module, modules: dict[str, nn.Module], inputs: BlockInputs, method: Method,
+                stream: DenseStream | None, local: list | None) -> dict:
+    """The method's block step on the compressed block (before propagation); what it did, with its time."""
+    t0 = time.perf_counter()
+    data = BlockData(idx, block, modules, _block_runner(idx, block, inputs), inputs.hidden,
+                     stream.inputs if stream is not None else None, stream.outputs if stream is not None else None,
+                     local)
+    info = dict(method.refine_block(data) or {})
+    info["seconds"] = time.perf_counter() - t0
+    return info
+
+
 def _one_block(model: nn.Module, prefix: str, idx: int, block: nn.Module, inputs: BlockInputs, method: Method,
-               targets: dict[str, Target], keep: bool) -> tuple[list[LayerRecord], float | None]:
-    """The three steps for one block: its layers' records and its output error."""
+               targets: dict[str, Target], keep: bool, stream: DenseStream | None = None,
+               store: Callable[[], list] = list) -> tuple[list[LayerRecord], float | None, dict]:
+    """The three steps for one block (and the method's block step): its layers' records, its output error
+    and what the block step did."""
     modules = {n: m for n, m in block_linears(block, prefix).items() if n in targets}
-    stats, ref = collect(idx, block, inputs, method, modules)
+    needs = method.block_needs() if modules else None
+    if stream is not None and needs is not None:
+        stream.forward(idx, block, inputs)
+    local = store() if needs is not None and needs.local_targets else None
+    stats, ref = collect(idx, block, inputs, method, modules, local)
     layers = compress(model, modules, stats, method, targets)
     del stats
-    return layers, propagate(idx, block, inputs, ref, keep)
+    if needs is not None:
+        modules = {n: model.get_submodule(n) for n in modules}  # the replacements, where compress made any
+    info = _block_step(idx, block, modules, inputs, method, stream, local) if needs is not None else {}
+    del local
+    return layers, propagate(idx, block, inputs, ref, keep), info
+
+
+def _store(res: InMemory | Streamed) -> Callable[[], list]:
+    """A factory of empty list-likes for extra activations, where the residency keeps its own."""
+
+    def make():
+        out = res.activations()
+        return [] if out is None else out
+
+    return make
 
 
 def run_sequential(
@@ -240,18 +344,26 @@ def run_sequential(
                                 if n in targets}), targets)
     layers: list[LayerRecord] = []
     records: list[BlockRecord] = []
+    needs = method.block_needs()
+    store = _store(res)
     with calibration_forward_context(model):
         inputs = BlockInputs()
         if calibrated:
             with res.capture(model, blocks):
                 inputs = capture_block_inputs(model, blocks, calib_ids, batch_size, dev, res.activations())
+        stream = DenseStream(inputs.hidden, store) if needs is not None and needs.dense_stream else None
         for idx, block in enumerate(blocks):
             t0 = time.perf_counter()
             with res.block(idx, block):
                 keep = calibrated and (idx < len(blocks) - 1 or keep_outputs)
-                done, rel = _one_block(model, f"{path}.{idx}", idx, block, inputs, method, targets, keep)
+                done, rel, step = _one_block(model, f"{path}.{idx}", idx, block, inputs, method, targets, keep,
+                                             stream, store)
+                if stream is not None and idx < len(blocks) - 1:
+                    if not any(n in targets for n in block_linears(block, f"{path}.{idx}")):
+                        stream.forward(idx, block, inputs)  # a block outside the selection: still the dense model's
+                    stream.advance()
             layers += done
-            rec = BlockRecord(idx, time.perf_counter() - t0, rel, peak_rss_mb(), _peak_device_mb(dev))
+            rec = BlockRecord(idx, time.perf_counter() - t0, rel, peak_rss_mb(), _peak_device_mb(dev), step)
             records.append(rec)
             log.info("block %d/%d: %.2fs, rel. error %s, peak RSS %.0f MB", idx + 1, len(blocks), rec.seconds,
                      "n/a" if rel is None else f"{rel:.4f}", rec.peak_rss_mb)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from . import dsnot, magnitude, sparsegpt, svd, svd_llm, wanda, welore  # noqa: F401  (self-registering)
+from . import alps, dsnot, magnitude, reconstruct, ria, sparsegpt, svd, svd_llm, swaps, wanda, welore  # noqa: F401  (self-registering)
 from ..registry import METHODS, REFINERS
 from .base import CompressResult, InputStats, Method, Target, apply_keep_mask
 from .refine import RefinedMethod, Refiner

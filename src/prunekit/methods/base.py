@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..masks import Pattern
 from ..options import Options
 from ..models import in_features, weight_view
+from .blockstep import BlockData, BlockNeeds
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,14 @@ class Method(ABC):
     def summary(self) -> dict[str, Any] | None:
         """The method's global decision for the report (WeLore's tau and reductions); ``None`` if it has none."""
         return None
+
+    def block_needs(self) -> BlockNeeds | None:
+        """What :meth:`refine_block` needs the engine to keep (:mod:`~prunekit.methods.blockstep`); ``None``: no block step."""
+        return None
+
+    def refine_block(self, data: BlockData) -> dict[str, Any]:
+        """Improve the compressed block ``data.block`` as a whole (after its linears, before propagation); what it did."""
+        return {}
 
 
 def apply_keep_mask(linear: nn.Module, keep: Tensor) -> None:

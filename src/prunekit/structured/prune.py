@@ -27,6 +27,7 @@ from ..calibration import run_sequential
 from ..errors import ConfigError
 from ..masks import Pattern
 from ..methods.base import Target
+from ..methods.refine import RefinedMethod
 from ..models import block_lookup, weight_view
 from ..models.shrink import remove_channels, remove_heads
 from ..models.structure import BlockParts, block_parts, require_parts
@@ -140,8 +141,12 @@ def _targets(costs: list[UnitCosts], plans: dict[int, BlockPlan], pattern: Patte
 
 def prune_structured(model: nn.Module, pattern: Pattern, target: float, criterion: StructuredCriterion,
                      allocator: Allocator, selected: dict[str, nn.Module], calib: Tensor | None, info: RunInfo,
-                     batch_size: int = 8, device=None, callback: Callable | None = None) -> Report:
-    """Remove ``target`` of the ``selected`` decoder-linear weights as whole units; the model shrinks in place."""
+                     batch_size: int = 8, device=None, callback: Callable | None = None, refiner=None) -> Report:
+    """Remove ``target`` of the ``selected`` decoder-linear weights as whole units; the model shrinks in place.
+
+    ``refiner``: a :class:`~prunekit.methods.refine.Refiner` that works on structured blocks (block
+    reconstruction) run on each block after its units are zeroed, before it is propagated.
+    """
     dense_params = param_count(model)
     parts = check_structured(model, pattern, criterion, selected, target, uniform=allocator.name == "uniform")
     if isinstance(criterion, BlockCriterion):
@@ -166,8 +171,9 @@ def prune_structured(model: nn.Module, pattern: Pattern, target: float, criterio
         _check_removes_units(costs, plans, target, pattern.kind, multiple)  # per-block rates: known only now
     plan_info.update(_predict_save(model, costs, plans))  # before any weight is touched
     pruner = UnitPruner(model, criterion, parts, costs, plans)
+    driver = RefinedMethod(pruner, refiner) if refiner is not None else pruner
     targets = _targets(costs, plans, pattern)
-    report = run_sequential(model, calib if pruner.needs_calibration else None, pruner, targets, batch_size, device,
+    report = run_sequential(model, calib if driver.needs_calibration else None, driver, targets, batch_size, device,
                             callback, info=info)
     for c in costs:
         rem = pruner.removed.get(c.index)

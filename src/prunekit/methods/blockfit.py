@@ -1,0 +1,130 @@
+"""Fit a compressed block's remaining weights to targets by gradient descent, the sparsity held exactly.
+
+The block-output half of block reconstruction (Zimmer, Roux, Wagner, Pokutta, "A free lunch in
+LLM compression: revisiting retraining after pruning", 2025, arXiv:2510.14444; reference code
+ZIB-IOL/Free-Lunch-in-LLM-Compression ``reconstruct_weights``): AdamW without weight decay, a
+linear learning-rate warm-up over the first 10 % of the steps then a linear decay to zero (the
+``transformers`` linear schedule), mean-squared error between the block's outputs and the targets,
+a few passes over the calibration batches in their order (no shuffling), mixed precision. The
+pruned weights stay exactly zero: their gradients are zeroed before every step (Adam's moments
+stay zero, so its update is zero too) and they are re-zeroed after it, as ``+0.0``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How :func:`fit_block` trains (defaults: the free-lunch reference's, learning rate ours)."""
+
+    epochs: int = 3
+    lr: float = 1e-5
+    micro_batch: int = 2
+    warmup: float = 0.1
+    amp: str = "bf16"  # none | bf16 | fp16
+
+
+def linear_schedule(step: int, total: int, warmup: int) -> float:
+    """The ``transformers`` linear schedule's factor at ``step`` (0 at step 0 when there is a warm-up)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+@contextlib.contextmanager
+def trainable(params: Sequence[nn.Parameter]) -> Iterator[list[tuple[nn.Parameter, torch.dtype, bool]]]:
+    """Parameters set to require gradients and held in float32 for the fit; dtype and flag restored after."""
+    saved = [(p, p.dtype, p.requires_grad) for p in params]
+    for p in params:
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            yield saved
+    finally:
+        for p, dtype, flag in saved:
+            p.grad = None
+            p.requires_grad_(flag)
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _micro_slices(n: int, size: int) -> list[slice]:
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def fit_block(run: Callable[[int, Tensor, slice | None], Tensor], inputs: Sequence[Tensor], targets: Sequence[Tensor],
+              params: Sequence[nn.Parameter], zeros: dict[nn.Parameter, Tensor], held: dict[nn.Parameter, Tensor],
+              settings: FitSettings) -> dict:
+    """Train ``params`` so that ``run(b, inputs[b], rows)`` matches ``targets[b][rows]`` for every batch.
+
+    Args:
+        run: the block on batch ``b`` (a :class:`~prunekit.methods.blockstep.BlockData` runner).
+        inputs, targets: per calibration batch, ``[n, seqlen, width]`` each.
+        params: what is trained.
+        zeros: for some of ``params`` (pruned weights), a boolean mask of the entries held at exactly zero.
+        held: for some of ``params``, a boolean mask of the entries held at their value (the bias of a
+            row whose weights are all pruned).
+        settings: epochs, learning rate, micro-batch size, warm-up share, mixed precision.
+
+    Returns:
+        ``{"steps", "loss_first_epoch", "loss_last_epoch"}`` (mean MSE over the steps of each).
+    """
+    sizes = [inputs[b].shape[0] for b in range(len(inputs))]
+    slices = [_micro_slices(n, settings.micro_batch) for n in sizes]
+    total = settings.epochs * sum(len(s) for s in slices)
+    if total == 0 or not params:
+        return {"steps": 0}
+    warm = int(settings.warmup * total)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_schedule(s, total, warm))
+    losses: list[float] = []
+    device = params[0].device
+    scaler = torch.amp.GradScaler(device.type) if settings.amp == "fp16" else None  # fp16 gradients underflow
+    with trainable(params):
+        for _epoch in range(settings.epochs):
+            for b, rows in ((b, rows) for b in range(len(slices)) for rows in slices[b]):
+                if rows.start == 0:  # read each batch once per pass (it may live on disk)
+                    x, y = inputs[b], targets[b]
+                with _autocast(device, settings.amp):
+                    out = run(b, x, rows)
+                loss = F.mse_loss(out.float(), y[rows].float())
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                for fixed in (zeros, held):
+                    for p, m in fixed.items():
+                        if p.grad is not None:
+                            p.grad.masked_fill_(m, 0.0)
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for p, m in zeros.items():
+                        p.data.masked_fill_(m, 0.0)
+                losses.append(float(loss.detach()))
+    n = total // settings.epochs
+    first, last = losses[:n], losses[-n:]
+    return {"steps": total, "loss_first_epoch": sum(first) / n, "loss_last_epoch": sum(last) / n,
+            "finite": all(math.isfinite(v) for v in losses)}
