@@ -40,8 +40,7 @@ from ..models.structure import block_parts
 log = logging.getLogger(__name__)
 
 SOURCES = ("llama", "qwen2", "gemma3_text")
-_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "deci": gguf.MODEL_ARCH.DECI, "qwen2": gguf.MODEL_ARCH.QWEN2,
-         "gemma3": gguf.MODEL_ARCH.GEMMA3}
+_ARCH = {name: getattr(gguf.MODEL_ARCH, name.upper(), None) for name in ("llama", "deci", "qwen2", "gemma3")}
 
 
 #: FFN width written for a block that kept its attention but lost its FFN (see :func:`_layer_shapes`)
@@ -93,6 +92,11 @@ class Layout:
 
     @property
     def gguf_arch(self) -> gguf.MODEL_ARCH:
+        if _ARCH[self.arch] is None:
+            from importlib.metadata import version
+
+            raise ConfigError(f"the installed gguf package ({version('gguf')}) does not know llama.cpp's "
+                              f"{self.arch} architecture: pip install 'gguf>=0.19' (pip install -e '.[deploy]')")
         return _ARCH[self.arch]
 
 
@@ -223,6 +227,7 @@ def describe(model: nn.Module) -> Layout:
     elif (rope.get("full_attention", rope).get("rope_type") or "default") not in ("default",):
         raise ConfigError(f"RoPE scaling {rope.get('full_attention', rope).get('rope_type')!r} of this {src} model is "
                           "not supported for GGUF export")
+    _ = layout.gguf_arch  # a too-old gguf package: one line, before any conversion
     layout.tensors = _tensors(model, layout)
     return layout
 
