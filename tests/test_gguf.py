@@ -333,3 +333,34 @@ def test_llamacpp_runs_a_middle_block_without_ffn(tok, tmp_path):
     out, rep = _export(m, tok, tmp_path)
     assert rep.layers[1]["zero_ffn"] and rep.layers[1]["ffn"] == 32
     _agree(m, tok, out)
+
+
+@pytest.mark.parametrize("kind", ["compressed 2:4", "low rank", "structured per-layer"])
+def test_every_saved_format_exports_with_its_weights(tok, tmp_path, kind):
+    """A folder in each prunekit format -> load_model -> GGUF: the GGUF holds the weights the loaded model runs."""
+    from prunekit import PruneConfig, load_model, prune
+    from prunekit.export import save_folder
+
+    m = _model("llama", tok)
+    calib = torch.randint(0, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
+    if kind == "compressed 2:4":
+        prune(m, PruneConfig(method="magnitude", pattern="2:4", sparsity=None), calib=calib)
+        save_folder(m, tok, tmp_path / "m", save_format="compressed")
+    elif kind == "low rank":
+        prune(m, PruneConfig(method="svd", sparsity=0.5), calib=calib)
+        save_folder(m, tok, tmp_path / "m")
+    else:  # per-block widths: saved in prunekit's structured format
+        remove_channels(m, block_parts(m)[1].ffn, range(40))
+        remove_heads(m, block_parts(m)[0].attn, [], [0])
+        save_folder(m, tok, tmp_path / "m")
+        assert (tmp_path / "m" / "prunekit_structured.json").is_file()
+    loaded, ltok = load_model(str(tmp_path / "m"))
+    out, rep = _export(loaded, ltok, tmp_path)
+    t = _read(out)[2]
+    sd = loaded.state_dict()
+    np.testing.assert_array_equal(_f32(t["blk.1.ffn_down.weight"]), sd["model.layers.1.mlp.down_proj.weight"].numpy())
+    if kind == "compressed 2:4":
+        w = _f32(t["blk.0.ffn_up.weight"]).reshape(-1, 4)
+        assert ((w != 0).sum(1) <= 2).all()
+    if kind == "structured per-layer":
+        assert rep.arch == "deci" and len({x["ffn"] for x in rep.layers}) > 1
