@@ -364,3 +364,14 @@ def test_every_saved_format_exports_with_its_weights(tok, tmp_path, kind):
         assert ((w != 0).sum(1) <= 2).all()
     if kind == "structured per-layer":
         assert rep.arch == "deci" and len({x["ffn"] for x in rep.layers}) > 1
+
+
+@needs_llamacpp
+def test_cli_verify_compares_llamacpp_with_the_model(tmp_path, capsys):
+    from conftest import save_tiny
+    from prunekit.cli import main
+
+    save_tiny(tmp_path / "m")
+    assert main(["export", str(tmp_path / "m"), "--to", "gguf", "--out", str(tmp_path / "m.gguf"), "--verify", "32"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("llama.cpp vs prunekit on 32 tokens: top-1 next token equal at")

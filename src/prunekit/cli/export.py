@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-fallback", action="store_true",
                    help="--to gguf: store an FFN whose width the quantization cannot hold in llama.cpp's fallback type "
                         "instead of refusing")
+    p.add_argument("--verify", type=int, nargs="?", const=128, default=None, metavar="TOKENS",
+                   help="--to gguf: run the written file in llama.cpp (python benchmarks/llamacpp.py build) on TOKENS "
+                        "tokens (default 128) and compare its logits with the model's")
     p.add_argument("--tokenizer-pre", default=None,
                    help="--to gguf: llama.cpp pre-tokenizer name, when it cannot be read from the tokenizer")
     add_model_args(p)
@@ -97,6 +100,10 @@ def _export_gguf(args: argparse.Namespace) -> int:
     opts = GGUFOptions(quant=args.quant, allow_fallback=args.allow_fallback, tokenizer_pre=args.tokenizer_pre,
                        threads=args.threads or 2)
     precheck(args.model, opts)
+    if args.verify is not None:
+        from ..formats.llamacpp import binary
+
+        binary("prunekit-logits")  # missing: one line now, not after the export
     args.dtype = args.dtype or "float32"
     t0 = time.perf_counter()
     model, tok = load_from_args(args)
@@ -119,4 +126,10 @@ def _export_gguf(args: argparse.Namespace) -> int:
         if args.verbose:
             for line in rep.fallbacks:
                 print(f"  {line}")
+    if args.verify is not None:
+        from ..formats.gguf import verify
+
+        v = verify(model, tok, out, args.verify, threads=args.threads or 2)
+        print(f"llama.cpp vs prunekit on {v['positions']} tokens: top-1 next token equal at {100 * v['top1']:.1f} % of "
+              f"positions, max |logit difference| {v['max_abs']:.4f}")
     return 0

@@ -342,3 +342,27 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, opts: GGUFO
                        fallbacks, out.stat().st_size, time.perf_counter() - t0)
     log.info("wrote %s (%s, %s, %.1f MB) in %.1fs", out, layout.arch, opts.quant, rep.bytes / 2**20, rep.seconds)
     return rep
+
+
+#: the text :func:`verify` scores (any fixed English text; repeated to the asked length)
+VERIFY_TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+               "want of a wife. However little known the feelings or views of such a man may be on his first entering "
+               "a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is "
+               "considered the rightful property of some one or other of their daughters. ")
+
+
+def verify(model: nn.Module, tokenizer, path: str | os.PathLike, tokens: int = 128, threads: int = 2) -> dict:
+    """llama.cpp's logits of the written file against ``model``'s on the same ``tokens`` ids (one sequence).
+
+    Returns top-1 agreement (share of positions whose most likely next token is the same), the
+    largest absolute logit difference and the number of positions. Needs the cached llama.cpp build.
+    """
+    from .llamacpp import logits
+
+    text = VERIFY_TEXT * (1 + tokens // 40)
+    ids = torch.tensor(tokenizer(text)["input_ids"][:tokens])
+    with torch.no_grad():
+        ref = model(ids[None]).logits[0].float().numpy()
+    got = logits(path, ids.numpy(), threads=threads)
+    return {"top1": float((got.argmax(-1) == ref.argmax(-1)).mean()), "max_abs": float(np.abs(got - ref).max()),
+            "positions": int(len(ids))}
