@@ -10,8 +10,8 @@ per-layer-width row, and any recovered folder under ``/work/artifacts/recovered/
    WikiText-2 test text);
 3. **export** — ``prunekit export DIR --to gguf --quant Q`` for f32, bf16, q8_0 and q4_k_m;
 4. **check** — llama.cpp's logits on the same 512 tokens (top-1 agreement, max abs error),
-   ``llama-perplexity`` over the same 20 windows (see llamacpp_tools.PPL_SEQLEN for the one protocol
-   difference), and a greedy continuation of a fixed prompt;
+   ``llama-perplexity`` over the same 20 windows (f32, q8_0, q4_k_m; see llamacpp_tools.PPL_SEQLEN for
+   the one protocol difference), and a greedy continuation of a fixed prompt (q8_0, q4_k_m);
 5. **speed** — ``llama-bench -p 512 -n 128 -t 2 -r 5`` with the dense model, the row's model and the
    dense model again in one invocation, per quantization (median and range of the 5 repetitions;
    the second dense run measures drift).
@@ -54,6 +54,8 @@ from prunekit.report import environment  # noqa: E402
 from prunekit.structured.summary import param_count  # noqa: E402
 
 QUANTS = ("f32", "bf16", "q8_0", "q4_k_m")
+#: llama-perplexity runs at these (bf16's logits are within rounding of f32's: top-1 and max error are reported)
+PPL_QUANTS = ("f32", "q8_0", "q4_k_m")
 PPL_WINDOWS = 20
 PROMPT_TOKENS = 512
 GEN_PROMPT = "The history of the city begins in"
@@ -138,7 +140,21 @@ def stage_export(row: dict, ctx: dict) -> None:
             types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
         row["gguf"][q] = {"path": str(out), "bytes": out.stat().st_size, "command": cmd, "seconds": secs,
                           "arch": r.fields["general.architecture"].contents(), "tensor_types": types,
-                          "tensor_bytes": int(sum(int(t.n_bytes) for t in r.tensors)), "read_bytes": _read_bytes(r)}
+                          "tensor_bytes": int(sum(int(t.n_bytes) for t in r.tensors)), "read_bytes": _read_bytes(r),
+                          "layers": _layers(r), "decoder_weights": int(sum(int(t.n_elements) for t in r.tensors
+                                                                            if t.name.startswith("blk.") and len(t.shape) == 2))}
+
+
+def _layers(reader) -> list[dict]:
+    """Per-layer head count, KV head count, FFN length and head size, from the GGUF's own metadata."""
+    arch = reader.fields["general.architecture"].contents()
+    n = reader.fields[f"{arch}.block_count"].contents()
+    get = lambda k: reader.fields[f"{arch}.{k}"].contents()  # noqa: E731
+    per = lambda v: list(v) if isinstance(v, list) else [v] * n  # noqa: E731
+    hd = get("attention.key_length") if f"{arch}.attention.key_length" in reader.fields else \
+        get("embedding_length") // per(get("attention.head_count"))[0]
+    return [{"heads": h, "kv_heads": kv, "ffn": f, "head_dim": hd} for h, kv, f in
+            zip(per(get("attention.head_count")), per(get("attention.head_count_kv")), per(get("feed_forward_length")))]
 
 
 def _read_bytes(reader) -> int:
@@ -159,7 +175,7 @@ def stage_check(row: dict, ctx: dict) -> None:
             got = llamacpp.logits(path, ctx["prompt_ids"].numpy())
             cell.update(top1=float((got.argmax(-1) == ref.argmax(-1)).mean()), max_abs=float(np.abs(got - ref).max()),
                         positions=int(ref.shape[0]))
-        if "ppl" not in cell:
+        if "ppl" not in cell and q in PPL_QUANTS:
             cell["ppl"] = lt.perplexity(path, ctx["text_file"], PPL_WINDOWS)
     for q in ("q8_0", "q4_k_m"):
         if "generation" not in row["llamacpp"][q]:

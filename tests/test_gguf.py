@@ -12,7 +12,7 @@ from torch import nn
 from conftest import tiny_model, tiny_tokenizer
 from prunekit.errors import ConfigError
 from prunekit.formats import llamacpp
-from prunekit.formats.gguf import GGUFOptions, export_gguf, precheck
+from prunekit.formats.gguf import FILE_TYPE, GGUFOptions, export_gguf, precheck
 from prunekit.models.shrink import remove_channels, remove_heads
 from prunekit.models.structure import block_parts
 
@@ -235,7 +235,7 @@ def test_weight_types(tok, tmp_path, quant, qtype):
     out, rep = _export(_model("llama", tok), tok, tmp_path, quant)
     r, f, t = _read(out)
     assert t["blk.0.attn_q.weight"].tensor_type.name == qtype and t["blk.0.attn_norm.weight"].tensor_type.name == "F32"
-    assert f["general.file_type"] == int(__import__("prunekit.formats.gguf", fromlist=["FILE_TYPE"]).FILE_TYPE[quant])
+    assert f["general.file_type"] == int(FILE_TYPE[quant])
     if quant == "q8_0":
         w = _model("llama", tok).state_dict()["model.layers.0.mlp.up_proj.weight"].numpy()
         back = gguf.quants.dequantize(np.asarray(t["blk.0.ffn_up.weight"].data), gguf.GGMLQuantizationType.Q8_0)
