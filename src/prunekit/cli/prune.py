@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allocation", default=None, choices=ALLOCATORS.names(), help="layerwise sparsity allocation")
     p.add_argument("--alloc-option", action="append", metavar="K=V", help="allocation option (repeatable)")
     p.add_argument("--option", action="append", metavar="K=V", help="method option, e.g. percdamp=0.01 (repeatable)")
+    p.add_argument("--width-multiple", type=int, default=None, metavar="N",
+                   help="channels/heads/width: remove FFN channels in multiples of N (default: 256 where it divides "
+                        "the FFN widths, so every llama.cpp quantization can hold the pruned model; else 32)")
     p.add_argument("--include", action="append", metavar="REGEX", help="only prune linears whose name matches")
     p.add_argument("--exclude", action="append", metavar="REGEX", help="never prune linears whose name matches")
     p.add_argument("--calib", default=None, help="calibration dataset name or .txt/.jsonl file (default austen)")
@@ -86,6 +89,11 @@ def build_config(args: argparse.Namespace):
     if args.exclude:
         base["exclude"] = args.exclude
     base["method_options"] = {**base.get("method_options", {}), **parse_pairs(args.option, "method")}
+    if getattr(args, "width_multiple", None) is not None:
+        if str(base.get("pattern")) not in ("channels", "heads", "width"):
+            raise ConfigError(f"--width-multiple applies to --pattern channels, heads or width (the FFN width is "
+                              f"chosen there), not {base.get('pattern') or 'unstructured'!r}")
+        base["method_options"]["multiple"] = args.width_multiple
     base["allocation_options"] = {**base.get("allocation_options", {}), **parse_pairs(args.alloc_option, "allocation")}
     if args.refine is not None:
         base["refine"] = args.refine

@@ -1,1 +1,1 @@
-"""On-disk formats: what every saved folder shares (checksums), one file per format as they move here."""
+"""On-disk formats: what every saved folder shares (checksums), GGUF for llama.cpp, one file per format."""

@@ -24,7 +24,8 @@ from ..methods.base import InputStats
 from ..models.structure import AttentionParts, FFNParts
 from ..options import Options, option
 
-#: FFN channels are removed in multiples of this by default (measured fastest on the CPU, docs/structured.md)
+#: FFN channels are removed in multiples of this when 256 does not divide the widths (fast CPU matmul widths,
+#: docs/structured.md; also q8_0's block, docs/deploy.md)
 DEFAULT_MULTIPLE = 32
 
 
@@ -47,8 +48,8 @@ class UnitStats:
 class UnitOptions(Options):
     """Options every unit criterion has: the rounding of channels and the grouped-query rule."""
 
-    multiple: int = option(DEFAULT_MULTIPLE, "FFN channels are removed in multiples of this (fast matmul widths)",
-                           lo=1)
+    multiple: int = option(0, "FFN channels are removed in multiples of this (--width-multiple); 0 = auto: 256 "
+                              "where it divides every FFN width (llama.cpp's K-quants stay usable), else 32", lo=0)
     gqa: str = option("heads", "grouped-query attention: remove the same number of query heads from every "
                       "key/value group, or whole key/value groups", choices=("heads", "groups"))
 

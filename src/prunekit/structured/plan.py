@@ -118,6 +118,22 @@ def _whole(part, names: tuple[str, ...]):
     return None
 
 
+#: a K-quant block: llama.cpp stores a weight's rows (down_proj's: the FFN width) in blocks of 256 values
+KQUANT_MULTIPLE = 256
+
+
+def resolve_multiple(requested: int, costs: list[UnitCosts]) -> int:
+    """The channel multiple: ``requested``, or for 0 (auto) :data:`KQUANT_MULTIPLE` when it divides the width of
+    every FFN being pruned — so the pruned model keeps the dense model's K-quant shapes in llama.cpp
+    (docs/deploy.md) — else :data:`~prunekit.structured.base.DEFAULT_MULTIPLE`."""
+    from .base import DEFAULT_MULTIPLE
+
+    if requested:
+        return requested
+    widths = [c.ffn.width for c in costs if c.ffn is not None]
+    return KQUANT_MULTIPLE if widths and all(w % KQUANT_MULTIPLE == 0 for w in widths) else DEFAULT_MULTIPLE
+
+
 def capacity(costs: list[UnitCosts], multiple: int) -> int:
     """The most weights the pattern can remove (keeping one level of heads and one channel multiple)."""
     total = 0

@@ -36,7 +36,7 @@ from .base import BlockCriterion, StructuredCriterion, UnitCriterion
 from .drop import candidates, drop_ranked, how_many
 from .global_plan import global_plan
 from .method import UnitPruner
-from .plan import BlockPlan, UnitCosts, plan_blocks, unit_costs
+from .plan import BlockPlan, UnitCosts, plan_blocks, resolve_multiple, unit_costs
 from ..export.structured import plain_config_why
 from .summary import param_count, structure_summary
 
@@ -160,7 +160,7 @@ def prune_structured(model: nn.Module, pattern: Pattern, target: float, criterio
         return report
     assert isinstance(criterion, UnitCriterion)
     costs = unit_costs(model, parts, selected, pattern.kind, criterion.opts.gqa)
-    multiple = criterion.opts.multiple
+    multiple = resolve_multiple(criterion.opts.multiple, costs)
     plan_info: dict = {}
     if getattr(allocator, "structured_only", False):
         plans, plan_info = global_plan(model, criterion, costs, target, multiple, calib, batch_size)
