@@ -9,7 +9,6 @@ import torch
 
 from conftest import tiny_model
 from prunekit import PruneConfig, prune
-from prunekit.errors import ConfigError
 from prunekit.formats import llamacpp
 from prunekit.models.structure import block_parts
 from prunekit.structured.plan import KQUANT_MULTIPLE, UnitCosts, resolve_multiple

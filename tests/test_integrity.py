@@ -9,7 +9,6 @@ import logging
 import struct
 
 import pytest
-import torch
 
 from conftest import tiny_model, tiny_tokenizer
 from prunekit.cli import main

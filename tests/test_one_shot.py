@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from prunekit.masks import Pattern, is_nm_sparse, keep_mask, nm_mask
+from prunekit.masks import Pattern, is_nm_sparse, keep_mask
 from prunekit.methods.alps import alps_prune
 from prunekit.methods.blockfit import linear_schedule
 from prunekit.methods.lstsq import layer_error, masked_lstsq

@@ -13,7 +13,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 

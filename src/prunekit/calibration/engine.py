@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..methods.base import CompressResult, InputStats, Method, Target
-from ..methods.blockstep import BlockData, BlockNeeds
+from ..methods.blockstep import BlockData
 from ..models import block_linears, find_blocks, model_device, set_module, weight_view
 from ..report import BlockRecord, LayerRecord, Report, RunInfo
 from .context import BlockInputs, calibration_forward_context, capture_block_inputs

@@ -31,7 +31,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..models import is_linear, weight_view
