@@ -63,8 +63,9 @@ def check_structured(model: nn.Module, pattern: Pattern, criterion: StructuredCr
     if isinstance(criterion, UnitCriterion):
         costs = unit_costs(model, parts, selected, pattern.kind, criterion.opts.gqa)
         if target and uniform:
-            plans = plan_blocks(costs, target, None, criterion.opts.multiple)
-            _check_removes_units(costs, plans, target, pattern.kind, criterion.opts.multiple)
+            multiple = resolve_multiple(criterion.opts.multiple, costs)  # 0 = auto: the multiple the prune uses
+            plans = plan_blocks(costs, target, None, multiple)
+            _check_removes_units(costs, plans, target, pattern.kind, multiple)
     elif target:
         _check_removes_blocks(model, parts, selected, pattern.kind, target)
     return parts
