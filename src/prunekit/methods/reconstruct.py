@@ -22,7 +22,7 @@ model's inputs to it towards the dense model's outputs (``propagate_sparse_activ
 *compressed* model's inputs instead (``inputs="pruned"``) lets a block also correct the error its
 pruned predecessors left: towards the dense model's activations (``target="dense"``, the reference's
 ``use_dense_targets``) or towards the dense block's output on those same inputs (``target="local"``,
-no second stream needed). docs/one_shot.md reports the measured choice.
+no second stream needed). The default is the reference's; docs/one_shot.md says what is measured.
 """
 
 from __future__ import annotations
