@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -204,3 +205,24 @@ def pruned_folders(tmp_path):
     txt = tmp_path / "train.txt"
     txt.write_text(" ".join(f"the quick brown fox {i} jumps over the lazy dog." for i in range(400)))
     return dense, tmp_path / "pruned", txt
+
+
+@contextlib.contextmanager
+def held_by_another_run(out):
+    """``out`` reserved by another process (a forked child) until the block ends; yields the child's pid."""
+    from prunekit.export import reserve_output
+
+    held_r, held_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # holds the reservation until the parent has tried
+        with reserve_output(out):
+            os.write(held_w, b"x")
+            os.read(done_r, 1)
+        os._exit(0)
+    os.read(held_r, 1)
+    try:
+        yield pid
+    finally:
+        os.write(done_w, b"x")
+        os.waitpid(pid, 0)

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import calib_text, error_line, prune_argv, run_cli, save_tiny
+from conftest import calib_text, error_line, prune_argv, rand_ids, run_cli, save_tiny
 from prunekit.cli import main
 
 
@@ -44,7 +44,7 @@ def test_gqa_head_pruning_a_stock_config_cannot_say_is_saved_in_prunekits_format
     if 64 % left:  # a config transformers refuses: prunekit's format, and the reason printed
         assert (out / "prunekit_structured.json").is_file() and "transformers refuses the smaller config" in text
         assert "loads with" in text and "prunekit.load_model" in text.split("loads with", 1)[1].splitlines()[0]
-    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    ids = rand_ids(1, 16)
     assert torch.isfinite(back(ids).logits).all()
 
 
@@ -55,7 +55,7 @@ def test_gqa_plan_check_warns_before_pruning(tmp_path, caplog):
     from prunekit import PruneConfig, prune
 
     model = tiny_model(num_attention_heads=8, num_key_value_heads=2)
-    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    ids = rand_ids(4, 32)
     with caplog.at_level(logging.WARNING, logger="prunekit"):
         rep = prune(model, PruneConfig(method="slimgpt", pattern="heads", sparsity=0.04), calib=ids)
     assert any("6 query heads / 2 key-value heads" in r.getMessage() for r in caplog.records)
@@ -80,7 +80,7 @@ def test_a_save_time_refusal_falls_back_to_prunekits_format(tmp_path, monkeypatc
     assert "a refusal nobody predicted" in how and (out / "prunekit_structured.json").is_file()
     monkeypatch.undo()
     back = load_structured_model(out, torch.float32)
-    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    ids = rand_ids(1, 8)
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
 

@@ -13,7 +13,7 @@ import time
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, calib_text, prune_argv, run_cli, save_tiny
+from conftest import REPO, calib_text, held_by_another_run, prune_argv, run_cli, save_tiny
 from prunekit.cli import main
 from prunekit.export import reserve_output
 
@@ -170,20 +170,8 @@ def test_interrupted_sweep_says_what_was_kept(tmp_path, capsys, tiny_folder, mon
 
 def test_a_second_prune_to_a_busy_out_fails_before_loading(tmp_path, capsys, tiny_folder, no_load):
     out = tmp_path / "out"
-    ready_r, ready_w = os.pipe()
-    done_r, done_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        with reserve_output(out):
-            os.write(ready_w, b"x")
-            os.read(done_r, 1)
-        os._exit(0)
-    os.read(ready_r, 1)
-    try:
+    with held_by_another_run(out) as pid:
         rc, err, _ = run_cli(capsys, *prune_argv(tiny_folder, out, calib_text(tmp_path)))
-    finally:
-        os.write(done_w, b"x")
-        os.waitpid(pid, 0)
     assert rc == 2 and f"--out '{out}' is being written by another prunekit run (process {pid})" in err
 
 
