@@ -14,10 +14,11 @@ sweep is kept).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
+
+from common import save_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -92,8 +93,7 @@ def _label(r: dict) -> str:
 
 def write(out: str, result: dict) -> None:
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    save_json(path.with_suffix(".json"), result)
     st, env = result["settings"], result["environment"]
     lines = [
         f"# Layerwise allocation on {st['model']}: WikiText-2 perplexity",

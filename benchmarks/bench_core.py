@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from common import matmul_rates, write_results
+
 HERE = Path(__file__).resolve().parent
 CONFIGS = [
     ("dense", "-", "float32"),
@@ -30,16 +32,6 @@ CONFIGS = [
     ("magnitude", "2:4", "float32"), ("wanda", "2:4", "float32"), ("sparsegpt", "2:4", "float32"),
     ("dense", "-", "bfloat16"), ("wanda", "unstructured", "bfloat16"), ("sparsegpt", "unstructured", "bfloat16"),
 ]
-
-
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    for _ in range(3):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
 def model_flops(cfg, seqlen: int) -> dict[str, float]:
@@ -127,7 +119,7 @@ def main() -> None:
     prunekit_load = __import__("prunekit").load_model
     prunekit_load("smollm2-135m")  # make sure the safetensors cache exists before timing
     cfg = AutoConfig.from_pretrained(_gguf_cache_dir(resolve_source("smollm2-135m")))
-    gf = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
+    gf = matmul_rates()
     fl = model_flops(cfg, args.eval_seqlen)
     fl_cal = model_flops(cfg, args.seqlen)
     rows = []
@@ -171,8 +163,7 @@ def main() -> None:
                            "eval": f"wikitext2 test, first {args.windows} windows of {args.eval_seqlen} tokens"},
               "rows": rows, "commands": commands + ["PRUNEKIT_DATA=../shared/data python benchmarks/bench_core.py "
                                                      + " ".join(sys.argv[1:])]}
-    Path(args.out + ".json").write_text(json.dumps(result, indent=2))
-    Path(args.out + ".md").write_text(render(result))
+    write_results(args.out, result, render, indent=2)
     print(render(result))
 
 

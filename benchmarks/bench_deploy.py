@@ -47,6 +47,7 @@ sys.path.insert(0, str(HERE))
 
 import prunekit  # noqa: E402
 import llamacpp_tools as lt  # noqa: E402
+from common import cpu_flags, load_json, write_results  # noqa: E402
 from deploy_render import render  # noqa: E402
 from prunekit.eval.perplexity import eval_token_ids, perplexity  # noqa: E402
 from prunekit.formats import llamacpp  # noqa: E402
@@ -222,15 +223,15 @@ def main() -> None:
             if rec.is_dir() else []
     if "dense" not in labels:
         labels.insert(0, "dense")
-    path = Path(args.out + ".json")
-    data = json.loads(path.read_text()) if path.exists() else {"rows": {}, "runs": []}
+    data = load_json(args.out + ".json", {"rows": {}, "runs": []})
     for item in args.redo:
         label, stage = item.rsplit(":", 1)
         data["rows"].get(label, {}).setdefault("done", [])
         data["rows"][label]["done"] = [s for s in data["rows"][label]["done"] if s != stage]
         data["rows"][label].pop({"quality": "prunekit_ppl", "check": "llamacpp"}.get(stage, stage), None)
+    simd = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
     run = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": "python " + " ".join(map(shlex.quote, sys.argv)),
-           "environment": environment(), "cpu_flags": _cpu_flags(), "llama_cpp": _build_info(),
+           "environment": environment(), "cpu_flags": simd, "llama_cpp": _build_info(),
            "loadavg_start": os.getloadavg()[0]}
     data["runs"].append(run)
     _, tok = prunekit.load_model("smollm2-135m")
@@ -277,22 +278,13 @@ def main() -> None:
     _write(data, args)
 
 
-def _cpu_flags() -> list[str]:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in flags.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "f16c")))
-
-
 def _build_info() -> dict:
     f = llamacpp.cache_dir() / "build.json"
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def _write(data: dict, args) -> None:
-    Path(args.out + ".json").write_text(json.dumps(data, indent=1, default=str))
-    Path(args.out + ".md").write_text(render(data))
+    write_results(args.out, data, render)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from prunekit.data import calibration_ids
 from prunekit.eval import perplexity
 from prunekit.report import environment
 
+from common import save_json
+
 RESULTS = Path(__file__).resolve().parent / "results"
 os.environ.setdefault("PRUNEKIT_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -98,8 +100,7 @@ def write(rows: list[dict], args, dense_ppl: float) -> None:
                 "command": "python benchmarks/bench_dsnot.py" + (
                     f" --variants {' '.join(map(str, args.variants))} --merge" if args.merge else "")}
     env = environment()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "dsnot.json").write_text(json.dumps({"environment": env, "settings": settings, "rows": rows}, indent=2))
+    save_json(RESULTS / "dsnot.json", {"environment": env, "settings": settings, "rows": rows}, indent=2)
     out = ["# DSnoT after Wanda on SmolLM2-135M (measured)", ""]
     out += [f"- {k}: {v}" for k, v in settings.items()]
     out += [f"- versions: torch {env.get('torch')}, transformers {env.get('transformers')}; machine per row (times "

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import write_results
+
 RESULTS = Path(__file__).resolve().parent / "results"
 COMMAND = "PRUNEKIT_DATA=../shared/data python benchmarks/bench_esd_ww.py"
 PACKAGES = ("weightwatcher", "powerlaw", "numpy", "scipy", "pandas", "torch", "transformers")
@@ -161,8 +163,7 @@ def main() -> None:
         "layers": rows, "environment": env,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(render_md(result))
+    write_results(out.with_suffix(""), result, render_md)
     print(out.with_suffix(".md").read_text())
 
 

@@ -16,24 +16,18 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import statistics
 import sys
 import tempfile
-import time
 import zlib
 from pathlib import Path
 
 import torch
 
+from common import save_json, seconds
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def _folders(tmp: Path) -> dict[str, Path]:
@@ -74,7 +68,7 @@ def _load_times(folder: Path, reps: int) -> dict[str, list[float]]:
             if mode.startswith("before"):
                 checksum.read_verified = lambda path, sums: load_file(str(path))
             try:
-                out[mode].append(_timed(lambda: loader(folder, torch.float32)))
+                out[mode].append(seconds(lambda: loader(folder, torch.float32)))
             finally:
                 checksum.check_tensor, checksum.read_verified = real_check, real_read
     return out
@@ -84,7 +78,7 @@ def _hash_speeds(folder: Path) -> dict[str, float]:
     data = b"".join(f.read_bytes() for f in sorted(folder.glob("*.safetensors")))
     fns = {"crc32 (zlib)": zlib.crc32, "blake2b": lambda b: hashlib.blake2b(b).digest(),
            "sha256": lambda b: hashlib.sha256(b).digest()}
-    return {name: len(data) / 2**20 / min(_timed(lambda: fn(data)) for _ in range(3)) for name, fn in fns.items()}
+    return {name: len(data) / 2**20 / min(seconds(lambda: fn(data)) for _ in range(3)) for name, fn in fns.items()}
 
 
 def main() -> int:
@@ -112,9 +106,8 @@ def main() -> int:
                          else u})
     env = environment()
     command = f"python benchmarks/bench_integrity.py --threads {args.threads} --reps {args.reps}"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "integrity.json").write_text(json.dumps({"environment": env, "command": command, "rows": rows,
-                                                         "hash_mb_per_s": speeds}, indent=2))
+    save_json(RESULTS / "integrity.json", {"environment": env, "command": command, "rows": rows,
+                                           "hash_mb_per_s": speeds}, indent=2)
     lines = ["# Checksum cost when a saved folder loads (SmolLM2-135M, fp32)", "",
              f"Machine: {env['processor']}, {env['threads']} threads; torch {env['torch']}, transformers "
              f"{env['transformers']}. Command: `{command}`. Each load is `prunekit.load_model`'s reader for the "

@@ -9,8 +9,6 @@ may not). Shapes are SmolLM2-135M's: hidden 576, MLP 1536, 9 query heads of 64, 
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import torch
@@ -18,17 +16,10 @@ import torch.nn.functional as F
 
 from prunekit.report import environment
 
+from common import mean_seconds, save_json
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def timed(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t) / reps
 
 
 def main() -> None:
@@ -37,16 +28,15 @@ def main() -> None:
         x = torch.randn(1024, 576, dtype=dt)
         for out_features in (576, 1536):
             w = torch.randn(out_features, 576, dtype=dt)
-            s = timed(lambda: x @ w.t(), 50)
+            s = mean_seconds(lambda: x @ w.t(), 50)
             rows.append({"dtype": name, "kernel": f"linear 1024x576 -> {out_features}", "ms": 1e3 * s,
                          "gflops": 2 * 1024 * 576 * out_features / s / 1e9})
         q, k, v = (torch.randn(1, 9, 1024, 64, dtype=dt) for _ in range(3))
-        s = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), 20)
+        s = mean_seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), 20)
         flops = 2 * 2 * 9 * 64 * 1024 * 1025 / 2  # QK^T and AV over the causal half
         rows.append({"dtype": name, "kernel": "causal SDPA 9 heads x 1024 x 64", "ms": 1e3 * s, "gflops": flops / s / 1e9})
     env = environment()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kernels.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+    save_json(RESULTS / "kernels.json", {"environment": env, "rows": rows}, indent=2)
     lines = ["# Kernel throughput by dtype (this CPU)", "",
              f"Machine: {env.get('processor')}, {env.get('threads')} threads; torch {env.get('torch')}. "
              "Command: `python benchmarks/bench_kernels.py`.", "",

@@ -33,6 +33,8 @@ from prunekit.export.lowrank import save_compressed
 from prunekit.models import decoder_linears
 from prunekit.report import environment
 
+from common import folder_mb, seconds, write_results
+
 RESULTS = Path(__file__).resolve().parent / "results"
 os.environ.setdefault("PRUNEKIT_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -78,18 +80,10 @@ def latency(model, vocab: int, prefill: int, decode: int, repeats: int) -> dict:
 
     model(ids, use_cache=False)  # warm-up
     decode_run()
-    pre = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(ids, use_cache=False)
-        pre.append(time.perf_counter() - t0)
+    pre = [seconds(lambda: model(ids, use_cache=False)) for _ in range(repeats)]
     dec = [decode_run() for _ in range(repeats)]
     return {"prefill_ms": 1000 * statistics.median(pre), "prefill_tokens": prefill,
             "decode_ms_per_token": 1000 * statistics.median(dec), "decode_tokens": decode, "repeats": repeats}
-
-
-def folder_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*.safetensors")) / 2**20
 
 
 def main() -> None:
@@ -172,10 +166,8 @@ def write(rows: list[dict], args) -> None:
                 "latency": f"batch 1, prefill {args.prefill} tokens, decode {args.decode} tokens with KV cache "
                 f"after a 64-token prompt, median of {args.repeats} after one untimed warm-up of each, inference mode",
                 "command": "python benchmarks/bench_lowrank.py"}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "lowrank.json").write_text(json.dumps({"environment": environment(), "settings": settings,
-                                                      "rows": rows}, indent=2, default=str))
-    (RESULTS / "lowrank.md").write_text(render(rows, settings, environment()))
+    write_results(RESULTS / "lowrank", {"environment": environment(), "settings": settings, "rows": rows},
+                  lambda d: render(d["rows"], d["settings"], d["environment"]), indent=2)
     print((RESULTS / "lowrank.md").read_text())
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
-import json
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from one_shot_rows import MODELS, ROWS, Row  # noqa: E402
 from one_shot_render import render  # noqa: E402
+from common import cpu_flags, load_json, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 JSON = RESULTS / "one_shot.json"
@@ -40,30 +40,19 @@ TASKS = ("piqa", "boolq")
 
 
 def load_results() -> dict:
-    if JSON.exists():
-        return json.loads(JSON.read_text())
-    return {"rows": {}, "runs": []}
+    return load_json(JSON, {"rows": {}, "runs": []})
 
 
 def save_results(data: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    tmp = JSON.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(JSON)
-    (RESULTS / "one_shot.md").write_text(render(data))
+    write_results(JSON.with_suffix(""), data, render)
 
 
 def machine() -> dict:
     from prunekit.report import environment
 
-    env = environment()
-    flags = ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in text)
-    except OSError:
-        pass
-    return {"processor": env.get("processor"), "threads": torch.get_num_threads(), "cpu_flags": flags,
+    env, flags = environment(), cpu_flags()
+    return {"processor": env.get("processor"), "threads": torch.get_num_threads(),
+            "cpu_flags": " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags),
             "torch": env.get("torch"), "transformers": env.get("transformers"), "prunekit": env.get("prunekit")}
 
 

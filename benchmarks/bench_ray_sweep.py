@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--dtype", "float32", "--methods", "wanda", "magnitude", "--sparsities", "0", "0.5", "0.7", "--calib", "austen",
          "--nsamples", "2", "--seqlen", "64", "--eval", "wikitext2", "--eval-seqlen", "64", "--max-windows", "1"]
@@ -170,8 +172,7 @@ def main() -> None:
                               "torch": torch.__version__, "transformers": transformers.__version__,
                               "load_average_1_5_15": load, "commit": _commit()}}
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    out.with_suffix(".md").write_text(markdown(record))
+    write_results(out.with_suffix(""), record, markdown)
     print(f"wrote {out.with_suffix('.md')}")
 
 

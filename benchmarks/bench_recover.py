@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import load_json, matmul_rates, seconds, write_results
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "recover"
 WT2_VALID = "wikitext-2-v1-tokens/wiki.valid.tokens"
@@ -165,18 +167,6 @@ def prepare_student(key: str, args) -> dict:
     return {"prune_s": secs, "eval": evaluate(model, tok, args)}
 
 
-def matmul_gflops(dtype, n: int = 2048, reps: int = 10) -> float:
-    import torch
-
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    for _ in range(3):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
-
-
 def flops_per_token(model, seqlen: int, trainable: str, teacher: bool) -> dict:
     """Matmul FLOPs per training token: student forward 2N, backward 4N for full training (input and
     weight gradients of the blocks; the frozen LM head only needs its input gradient, 2 V h) or 2N for
@@ -277,9 +267,7 @@ def speed(args) -> dict:
         obj = Objective(RecoverConfig(bf16=bf16, **kw), student, teacher)
         times = []
         for _ in range(3):  # the first is warm-up
-            t = time.perf_counter()
-            obj.forward_backward(ids)
-            times.append(time.perf_counter() - t)
+            times.append(seconds(lambda: obj.forward_backward(ids)))
             student.zero_grad(set_to_none=True)
         out.append({"student": "bf16 autocast" if bf16 else "fp32", "teacher": tdt or "none",
                     "tok_s": 1024 / min(times[1:]), "seconds": times})
@@ -309,16 +297,13 @@ def child(args, *extra) -> dict:
 
 
 def load_results() -> dict:
-    f = RESULTS.with_suffix(".json")
-    return json.loads(f.read_text()) if f.is_file() else {"students": {}, "rows": {}, "commands": []}
+    return load_json(RESULTS.with_suffix(".json"), {"students": {}, "rows": {}, "commands": []})
 
 
 def save_results(res: dict) -> None:
     from render_recover import render  # noqa: PLC0415 - beside this file
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
-    RESULTS.with_suffix(".md").write_text(render(res))
+    write_results(RESULTS, res, render, indent=2)
 
 
 def prepare(res: dict, args, key: str, prepared: set[str]) -> None:
@@ -422,8 +407,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with heavy_lock(args.lock):
         res["machine"] = {**environment(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
-                          "matmul_gflops": {"float32": matmul_gflops(torch.float32),
-                                            "bfloat16": matmul_gflops(torch.bfloat16)}}
+                          "matmul_gflops": matmul_rates()}
     res["settings"] = {"base": BASE, "budget": BUDGET, "long": LONG, "tasks": list(TASKS), "task_limit": args.task_limit,
                        "eval": "WikiText-2 test, seqlen 1024, first 20 windows (core.md protocol)",
                        "calibration": "austen, 32 x 1024 tokens, seed 0", "wt2valid": WT2_VALID}

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from common import write_results
+
 HERE = Path(__file__).resolve().parent
 ROWS = [
     ("smollm2-135m", "memory", 32, 1024, 20),
@@ -184,8 +186,7 @@ def main() -> int:
             raise SystemExit(f"{ROWS[k]} failed:\n{proc.stderr[-3000:]}")
         data["rows"].append(json.loads(line[0][7:]))
         print(json.dumps(data["rows"][-1]), flush=True)
-        Path(args.out + ".json").write_text(json.dumps(data, indent=1))
-        Path(args.out + ".md").write_text(render(data))
+        write_results(args.out, data, render)
     print(render(data))
     return 0
 

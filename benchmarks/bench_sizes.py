@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from common import write_results
+
 HERE = Path(__file__).resolve().parent
 CONFIGS = [("dense", None), ("unstructured", 0.5), ("unstructured", 0.7), ("2:4", None), ("4:8", None)]
 MB = 2**20
@@ -198,8 +200,7 @@ def main() -> None:
     cmd = "flock /tmp/prunekit-heavy.lock python benchmarks/bench_sizes.py " + " ".join(sys.argv[1:])
     result = {"environment": environment(), "model": "smollm2-135m (GGUF Q4_1 dequantized to fp32, cast on load)",
               "criterion": "magnitude", "reps": args.reps, "command": cmd.strip(), "rows": rows}
-    Path(args.out + ".json").write_text(json.dumps(result, indent=2))
-    Path(args.out + ".md").write_text(render(result))
+    write_results(args.out, result, render, indent=2)
     print(render(result))
 
 

@@ -26,10 +26,8 @@ Writes ``benchmarks/results/sparse_decode.json``; ``sparse_decode_render.py`` wr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,7 +40,7 @@ OUT = Path(os.environ.get("SPARSE_DECODE_JSON", RESULTS / "sparse_decode.json"))
 os.environ.setdefault("PRUNEKIT_DATA", str(HERE.parents[1] / "shared" / "data"))
 sys.path.insert(0, str(HERE))
 
-import prunekit  # noqa: E402
+from common import load_json, median_time, save_json  # noqa: E402
 from prunekit.kernels import ops  # noqa: E402
 from prunekit.models.loading import cache_root  # noqa: E402
 from prunekit.report import environment  # noqa: E402
@@ -53,27 +51,14 @@ CACHE = cache_root() / "bench_sparse_decode"
 
 
 def load() -> dict:
-    return json.loads(OUT.read_text()) if OUT.is_file() else {"runs": [], "kernels": {}, "quality": {}, "speed": {}}
+    return load_json(OUT, {"runs": [], "kernels": {}, "quality": {}, "speed": {}})
 
 
 def save(data: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, OUT)
     from sparse_decode_render import render
 
+    save_json(OUT, data)  # OUT may be any name (SPARSE_DECODE_JSON); the table goes beside it
     OUT.with_suffix(".md").write_text(render(data))
-
-
-def median_time(fn, reps: int = 15) -> dict:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return {"median": statistics.median(ts), "min": min(ts), "max": max(ts)}
 
 
 def bandwidth() -> dict:

@@ -47,6 +47,7 @@ from prunekit.export.lowrank import save_compressed  # noqa: E402
 from prunekit.models import decoder_linears, weight_view  # noqa: E402
 from prunekit.report import environment  # noqa: E402
 from prunekit.structured.summary import param_count  # noqa: E402
+from common import folder_mb, load_json, seconds, write_results  # noqa: E402
 from structured_render import render  # noqa: E402
 
 UNIT = ("magnitude", "wanda", "flap", "slimgpt")
@@ -97,9 +98,7 @@ def _row(family, pattern, method, allocation, sparsity, options=None) -> dict:
 
 
 def _prefill_run(model, ids) -> float:
-    t0 = time.perf_counter()
-    model(ids, use_cache=False)
-    return time.perf_counter() - t0
+    return seconds(lambda: model(ids, use_cache=False))
 
 
 def _decode_run(model, ids, prompt: int, new: int) -> float:
@@ -160,10 +159,6 @@ def linear_weights(model) -> int:
 
 def shape_key(model) -> str:
     return json.dumps(sorted((k, list(v.shape)) for k, v in model.state_dict().items()))
-
-
-def folder_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*.safetensors")) / 2**20
 
 
 def run_row(spec: dict, ctx: dict, args) -> dict:
@@ -246,8 +241,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "structured"))
     args = ap.parse_args()
 
-    path = Path(args.out + ".json")
-    data = json.loads(path.read_text()) if path.exists() else {"rows": [], "runs": []}
+    data = load_json(args.out + ".json", {"rows": [], "runs": []})
     done = {r["label"] for r in data["rows"]} - set(args.redo)
     specs = [s for s in grid(args) if s["family"] != "dense"] + [parse_row(x) for x in args.rows + args.redo]
     specs = list({s["label"]: s for s in specs}.values())
@@ -290,8 +284,7 @@ def main() -> None:
 
 
 def _write(data: dict, args) -> None:
-    Path(args.out + ".json").write_text(json.dumps(data, indent=1, default=str))
-    Path(args.out + ".md").write_text(render(data))
+    write_results(args.out, data, render)
 
 
 if __name__ == "__main__":

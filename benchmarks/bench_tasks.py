@@ -12,12 +12,13 @@ scores PIQA with and without prefix reuse to measure what encoding a context onc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 from prunekit.eval.ties import verdict
+
+from common import write_results
 
 # sized for ~5 minutes on one contended CPU core (fp32 ~280 tok/s); raise them on a real machine
 DEFAULT_LIMITS = {"boolq": 200, "piqa": 100, "rte": 50, "mmlu": 30, "qa_wikidata": 100, "gsm8k": 6,
@@ -85,8 +86,7 @@ def main() -> None:
                        + (f" --dtype {args.dtype}" if args.dtype != "float32" else "")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    out.with_suffix(".md").write_text(render(data))
+    write_results(out.with_suffix(""), data, render)
     print(f"wrote {out.with_suffix('.md')} and .json")
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common import write_results
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -64,8 +66,7 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
     data = {"environment": environment(), "reps": args.reps, "rows": rows,
             "command": "python benchmarks/bench_widths.py"}
-    Path(args.out + ".json").write_text(json.dumps(data, indent=1))
-    Path(args.out + ".md").write_text(render(data))
+    write_results(args.out, data, render)
 
 
 def render(data: dict) -> str:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from common import write_results
+
 HERE = Path(__file__).resolve().parent
 COMMAND = "PRUNEKIT_DATA=../shared/data python benchmarks/engine_replay.py"
 
@@ -221,8 +223,7 @@ def main() -> int:
             "python": platform.python_version(), "eval_seqlen": args.eval_seqlen, "windows": args.windows, "rows": []}
     for alias in args.models:
         data["rows"].append(run_model(alias, args))
-        Path(args.out + ".json").write_text(json.dumps(data, indent=1))
-        Path(args.out + ".md").write_text(render(data))
+        write_results(args.out, data, render)
     print(render(data))
     return 0
 

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import write_results
+
 HERE = Path(__file__).resolve().parent
 CONFIGS = [("dense", "-", "float32"), ("wanda", "unstructured", "float32"), ("sparsegpt", "unstructured", "float32")]
 
@@ -57,8 +59,7 @@ def main() -> int:
                 runs.setdefault(f"{conf[0]} {conf[1]} {conf[2]}", {}).setdefault(side, []).append(r)
                 print(json.dumps({"round": rnd, "side": side, **r}), flush=True)
     result = {"settings": vars(args), "runs": runs, "environment": _env()}
-    Path(args.out + ".json").write_text(json.dumps(result, indent=1))
-    Path(args.out + ".md").write_text(render(result))
+    write_results(args.out, result, render)
     print(render(result))
     return 0
 

@@ -33,7 +33,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
+from common import save_json  # noqa: E402
 from prunekit.formats.llamacpp import BINARIES, VERSION, available, bin_dir, cache_dir  # noqa: E402
+from prunekit.report import environment  # noqa: E402
 
 TARGETS = [b for b in BINARIES if b.startswith("llama-")]
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON",
@@ -120,12 +122,13 @@ def build(args) -> None:
         shutil.copy2(found[0], tmp_bin / name)
     info = {"llama_cpp_python": VERSION, "llama_cpp_commit": commit_of(src), "cmake_flags": CMAKE_FLAGS,
             "targets": TARGETS + ["prunekit-logits"], "jobs": args.jobs, "compiler": _version(["g++", "--version"]),
-            "cmake": _version(["cmake", "--version"]), "machine": platform.machine(), "processor": _cpu(),
+            "cmake": _version(["cmake", "--version"]), "machine": platform.machine(),
+            "processor": environment()["processor"],
             "download_and_extract_s": round(t_cfg - t0, 1), "build_s": round(time.perf_counter() - t_cfg, 1),
             "built": time.strftime("%Y-%m-%d %H:%M:%S")}
     shutil.rmtree(root / "bin", ignore_errors=True)
     os.replace(tmp_bin, root / "bin")  # the bin folder appears complete or not at all
-    (root / "build.json").write_text(json.dumps(info, indent=1))
+    save_json(root / "build.json", info)
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(info, indent=1))
     print(f"built {len(BINARIES)} binaries into {bin_dir()} in {info['build_s']:.0f} s")
@@ -138,14 +141,6 @@ def _version(cmd: list[str]) -> str:
         return "?"
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def main() -> None:

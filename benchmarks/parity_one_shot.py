@@ -26,7 +26,6 @@ import contextlib
 import copy
 import importlib
 import io
-import json
 import sys
 import time
 import types
@@ -39,6 +38,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
+from common import write_results  # noqa: E402
 from reference_parity import cpu_cuda_shims, reference_id, reference_model_shims  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -259,8 +259,7 @@ def main(argv=None) -> int:
     if args.ria_repo:
         res["ria"] = ria_parity(args.ria_repo, 8, 64)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "one_shot_parity.json").write_text(json.dumps(res, indent=1, default=str))
-    (RESULTS / "one_shot_parity.md").write_text(render(res))
+    write_results(RESULTS / "one_shot_parity", res, render)
     print(render(res))
     return 0
 

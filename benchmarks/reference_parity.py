@@ -52,6 +52,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import common
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -360,8 +362,7 @@ def write_results(result: dict, out: Path) -> None:
     result["all_within_threshold"] = all(r["within_threshold"] for r in result["rows"])
     result["complete"] = len(result["rows"]) == len(order)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(render_md(result))
+    common.write_results(out.with_suffix(""), result, render_md)
 
 
 SHIMS = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -66,8 +67,7 @@ def tiny_llama():
 
 @pytest.fixture
 def calib_ids():
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 128, (6, 32), generator=g)
+    return rand_ids(6, 32)
 
 
 @pytest.fixture(scope="session")
@@ -118,3 +118,111 @@ def save_tiny(path, arch: str = "llama", **over):
 @pytest.fixture
 def tiny_folder(tmp_path):
     return save_tiny(tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def tiny3_folder(tmp_path):
+    """A saved three-block tiny Llama: a streamed run has a first, a middle and a last block."""
+    return save_tiny(tmp_path / "tiny", num_hidden_layers=3)
+
+
+@pytest.fixture
+def prose_file(tmp_path):
+    """A small English ``.txt`` for calibration or evaluation."""
+    f = tmp_path / "t.txt"
+    f.write_text("the quick brown fox jumps over the lazy dog. It is a truth universally acknowledged. " * 80)
+    return f
+
+
+def rand_ids(n: int, seqlen: int, seed: int = 0, vocab: int = 128) -> torch.Tensor:
+    """``n`` windows of ``seqlen`` uniformly random token ids, the same for the same seed."""
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models run slower with two threads spin-waiting on a shared CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# -- the command line, as a user runs it -------------------------------------------------------------------
+def run_cli(capsys, *argv):
+    """``prunekit ARGV`` in-process: (exit code, stderr, stdout)."""
+    from prunekit.cli import main
+
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.err, cap.out
+
+
+def error_line(err: str) -> str:
+    """The one ``error:`` line, which must be the last line of stderr, with no traceback before it."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: ") and "Traceback" not in err, err[-3000:]
+    return lines[-1]
+
+
+def calib_text(tmp_path) -> Path:
+    """``calib.txt``: enough English for two 32-token calibration windows and one evaluation window."""
+    f = tmp_path / "calib.txt"
+    f.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 80)
+    return f
+
+
+def prune_argv(folder, out, calib, *extra) -> list:
+    """A small magnitude ``prunekit prune`` of ``folder`` into ``out``, calibrated and evaluated on ``calib``."""
+    return ["prune", folder, "--method", "magnitude", "--calib", calib, "--nsamples", "2", "--seqlen", "32",
+            "--eval", calib, "--eval-seqlen", "32", "--max-windows", "1", "--out", out, *extra]
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fails the test if model weights are loaded (plain or compressed): the error must come before."""
+    import transformers
+
+    import prunekit.models.loading as loading
+
+    def fail(*a, **k):
+        pytest.fail("the weights were loaded before the error")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fail)
+    monkeypatch.setattr(loading, "load_compressed_model", fail)
+
+
+@pytest.fixture
+def pruned_folders(tmp_path):
+    """(dense folder, its 50%-magnitude-pruned copy, a training ``.txt``) for recovery runs."""
+    from prunekit import PruneConfig, load_model, prune
+    from prunekit.export import save_model
+
+    dense = save_tiny(tmp_path / "dense")
+    model, tok = load_model(str(dense))
+    rep = prune(model, PruneConfig(method="magnitude", sparsity=0.5))
+    save_model(model, tok, tmp_path / "pruned", rep.to_dict())
+    txt = tmp_path / "train.txt"
+    txt.write_text(" ".join(f"the quick brown fox {i} jumps over the lazy dog." for i in range(400)))
+    return dense, tmp_path / "pruned", txt
+
+
+@contextlib.contextmanager
+def held_by_another_run(out):
+    """``out`` reserved by another process (a forked child) until the block ends; yields the child's pid."""
+    from prunekit.export import reserve_output
+
+    held_r, held_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # holds the reservation until the parent has tried
+        with reserve_output(out):
+            os.write(held_w, b"x")
+            os.read(done_r, 1)
+        os._exit(0)
+    os.read(held_r, 1)
+    try:
+        yield pid
+    finally:
+        os.write(done_w, b"x")
+        os.waitpid(pid, 0)

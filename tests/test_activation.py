@@ -13,11 +13,11 @@ from prunekit.activation.chess import channel_thresholds
 from prunekit.errors import ConfigError
 from prunekit.kernels import build, prepare_decode
 
-from conftest import tiny_model
+from conftest import rand_ids, tiny_model
 
 
 def _ids(n=6, seqlen=32, seed=0):
-    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+    return rand_ids(n, seqlen, seed)
 
 
 def _cfg(**kw):

@@ -13,7 +13,7 @@ type — where replaying block 0's arguments to every block is wrong):
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import rand_ids, tiny_model
 from prunekit import PruneConfig, prune
 from prunekit.calibration import run_sequential
 from prunekit.calibration.context import capture_block_inputs
@@ -32,7 +32,7 @@ def _model(arch):
 
 
 def _ids(n=6, seqlen=24):
-    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(1))
+    return rand_ids(n, seqlen, seed=1)
 
 
 def _block_outputs(model, ids, bs):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import held_by_another_run
 from prunekit.errors import ConfigError
 from prunekit.export import atomic
 from prunekit.export.atomic import atomic_folder, reserve_output, step
@@ -83,22 +84,10 @@ def test_without_an_atomic_exchange_the_next_run_restores_the_old_folder(tmp_pat
 
 def test_a_second_run_to_the_same_output_fails_at_once(tmp_path):
     out = tmp_path / "model"
-    held_r, held_w = os.pipe()
-    done_r, done_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # holds the reservation until the parent has tried
-        with reserve_output(out):
-            os.write(held_w, b"x")
-            os.read(done_r, 1)
-        os._exit(0)
-    os.read(held_r, 1)
-    try:
+    with held_by_another_run(out) as pid:
         with pytest.raises(ConfigError, match=rf"--out '{out}' is being written by another prunekit run \(process {pid}\)"):
             with reserve_output(out):
                 pass
-    finally:
-        os.write(done_w, b"x")
-        os.waitpid(pid, 0)
     with reserve_output(out):  # free again once the other run is done
         pass
 

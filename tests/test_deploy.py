@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import rand_ids, tiny_model
 from prunekit import PruneConfig, prune
 from prunekit.formats import llamacpp
 from prunekit.models.structure import block_parts
@@ -15,7 +15,7 @@ from prunekit.structured.plan import KQUANT_MULTIPLE, UnitCosts, resolve_multipl
 
 
 def _ids(n=4, seqlen=32):
-    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(0))
+    return rand_ids(n, seqlen)
 
 
 def test_auto_multiple_is_256_only_where_it_divides_every_ffn_width():

@@ -6,17 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import save_tiny, tiny_model
+from conftest import run_cli, save_tiny, tiny_model
 from prunekit import PruneConfig, prune
-from prunekit.cli import main
 from prunekit.config import CalibConfig, EvalConfig
 from prunekit.export import atomic_folder
 from prunekit.models import UnsupportedModelError, find_blocks
-
-
-def _run(capsys, *argv):
-    rc = main(list(argv))
-    return rc, capsys.readouterr().err
 
 
 def _common(folder, out, *extra):
@@ -26,7 +20,7 @@ def _common(folder, out, *extra):
 
 def test_missing_model_path(tmp_path, capsys):
     out = tmp_path / "out"
-    rc, err = _run(capsys, "prune", str(tmp_path / "no-such-model"), "--out", str(out))
+    rc, err, _ = run_cli(capsys, "prune", str(tmp_path / "no-such-model"), "--out", str(out))
     assert rc == 2 and "not found" in err and "no-such-model" in err and "alias" in err
     assert not out.exists()
 
@@ -34,7 +28,7 @@ def test_missing_model_path(tmp_path, capsys):
 @pytest.mark.parametrize("value", ["1.0", "-0.1", "1.5"])
 def test_sparsity_out_of_range(tmp_path, capsys, tiny_folder, value):
     out = tmp_path / "out"
-    rc, err = _run(capsys, "prune", str(tiny_folder), "--sparsity", value, "--out", str(out))
+    rc, err, _ = run_cli(capsys, "prune", str(tiny_folder), "--sparsity", value, "--out", str(out))
     assert rc == 2 and f"sparsity={float(value)}" in err and "[0, 1)" in err
     assert not out.exists()
 
@@ -42,7 +36,7 @@ def test_sparsity_out_of_range(tmp_path, capsys, tiny_folder, value):
 def test_nm_on_indivisible_width(tmp_path, capsys, data_dir):
     folder = save_tiny(tmp_path / "m", intermediate_size=126)
     out = tmp_path / "out"
-    rc, err = _run(capsys, *_common(folder, out, "--pattern", "2:4"))
+    rc, err, _ = run_cli(capsys, *_common(folder, out, "--pattern", "2:4"))
     assert rc == 2 and "down_proj" in err and "126" in err and "--exclude" in err
     assert not out.exists()
 
@@ -51,14 +45,15 @@ def test_too_little_calibration_text(tmp_path, capsys, tiny_folder):
     txt = tmp_path / "short.txt"
     txt.write_text("a few words only")
     out = tmp_path / "out"
-    rc, err = _run(capsys, "prune", str(tiny_folder), "--calib", str(txt), "--seqlen", "64", "--out", str(out), "--eval")
+    rc, err, _ = run_cli(capsys, "prune", str(tiny_folder), "--calib", str(txt), "--seqlen", "64", "--out", str(out),
+                         "--eval")
     assert rc == 2 and "too little calibration text" in err and "seqlen=64" in err
     assert not out.exists()
 
 
 def test_seqlen_above_model_limit(tmp_path, capsys, tiny_folder, data_dir):
     out = tmp_path / "out"
-    rc, err = _run(capsys, "prune", str(tiny_folder), "--seqlen", "512", "--out", str(out), "--eval")
+    rc, err, _ = run_cli(capsys, "prune", str(tiny_folder), "--seqlen", "512", "--out", str(out), "--eval")
     assert rc == 2 and "512" in err and "context length 256" in err
     assert not out.exists()
 
@@ -70,7 +65,7 @@ def test_nan_weights(tmp_path, capsys, tiny_folder, data_dir):
     sd[key][0, 0] = float("nan")
     save_file(sd, f, metadata={"format": "pt"})
     out = tmp_path / "out"
-    rc, err = _run(capsys, *_common(tiny_folder, out))
+    rc, err, _ = run_cli(capsys, *_common(tiny_folder, out))
     assert rc == 2 and "model.layers.1.mlp.up_proj" in err and "NaN" in err
     assert not out.exists()
 
@@ -79,7 +74,7 @@ def test_existing_output_folder_is_not_touched(tmp_path, capsys, tiny_folder):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    rc, err = _run(capsys, "prune", str(tiny_folder), "--out", str(out))
+    rc, err, _ = run_cli(capsys, "prune", str(tiny_folder), "--out", str(out))
     assert rc == 2 and "already exists" in err and "--overwrite" in err
     assert (out / "keep.txt").read_text() == "mine"
 
@@ -87,12 +82,12 @@ def test_existing_output_folder_is_not_touched(tmp_path, capsys, tiny_folder):
 def test_malformed_jsonl_calibration(tmp_path, capsys, tiny_folder):
     bad = tmp_path / "c.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "wrong field"}\n')
-    rc, err = _run(capsys, "prune", str(tiny_folder), "--calib", str(bad), "--seqlen", "8", "--eval")
+    rc, err, _ = run_cli(capsys, "prune", str(tiny_folder), "--calib", str(bad), "--seqlen", "8", "--eval")
     assert rc == 2 and "c.jsonl:2" in err and "'text'" in err and "--text-field" in err
 
 
 def test_unknown_dataset_and_method(tmp_path, capsys, tiny_folder):
-    rc, err = _run(capsys, "prune", str(tiny_folder), "--calib", "c5", "--eval")
+    rc, err, _ = run_cli(capsys, "prune", str(tiny_folder), "--calib", "c5", "--eval")
     assert rc == 2 and "unknown dataset 'c5'" in err and "austen" in err
 
 

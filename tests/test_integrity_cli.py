@@ -10,46 +10,8 @@ import pickle
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import save_tiny
+from conftest import calib_text, error_line, prune_argv, run_cli, save_tiny
 from prunekit.cli import main
-
-
-def _run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.err, cap.out
-
-
-def _error(err: str) -> str:
-    """The one ``error:`` line, which must be the last line of stderr, with no traceback before it."""
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error: ") and "Traceback" not in err, err[-3000:]
-    return lines[-1]
-
-
-def _text(tmp_path):
-    f = tmp_path / "calib.txt"
-    f.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 80)
-    return f
-
-
-def _prune(folder, out, calib, *extra):
-    return ["prune", folder, "--method", "magnitude", "--calib", calib, "--nsamples", "2", "--seqlen", "32",
-            "--eval", calib, "--eval-seqlen", "32", "--max-windows", "1", "--out", out, *extra]
-
-
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Fails the test if model weights are loaded: the error must come before."""
-    import transformers
-
-    import prunekit.models.loading as loading
-
-    def fail(*a, **k):
-        pytest.fail("the weights were loaded before the error")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fail)
-    monkeypatch.setattr(loading, "load_compressed_model", fail)
 
 
 # ------------------------------------------------------------------------------ loading
@@ -61,12 +23,12 @@ def test_custom_architecture_without_trust_remote_code(tmp_path, capsys, tiny_fo
                auto_map={"AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyForCausalLM"})
     (tiny_folder / "config.json").write_text(json.dumps(cfg))
     (tiny_folder / "modeling_my.py").write_text("raise SystemExit('remote code ran')\n")
-    calib = _text(tmp_path)
-    argv = {"prune": _prune(tiny_folder, tmp_path / "o", calib), "eval": ["eval", tiny_folder],
+    calib = calib_text(tmp_path)
+    argv = {"prune": prune_argv(tiny_folder, tmp_path / "o", calib), "eval": ["eval", tiny_folder],
             "export": ["export", tiny_folder, "--out", tmp_path / "o"],
             "analyze": ["analyze", tiny_folder, "--out", tmp_path / "o", "--no-plots"]}[command]
-    rc, err, _ = _run(capsys, *argv)
-    line = _error(err)
+    rc, err, _ = run_cli(capsys, *argv)
+    line = error_line(err)
     assert rc == 2 and str(tiny_folder) in line and "--trust-remote-code" in line and "modeling_my.py" in line
     assert not (tmp_path / "o").exists()
 
@@ -81,20 +43,20 @@ def test_allow_pickle_on_a_malicious_pickle_is_one_line_without_torchs_advice(tm
             return (os.system, (f"touch {marker}",))
 
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
-    rc, err, _ = _run(capsys, "eval", folder, "--allow-pickle", "--datasets")
-    line = _error(err)
+    rc, err, _ = run_cli(capsys, "eval", folder, "--allow-pickle", "--datasets")
+    line = error_line(err)
     assert rc == 2 and "pytorch_model.bin" in line and "weights_only" not in err and not marker.exists()
     assert "safetensors" in line
 
 
 def test_compressed_folder_without_tokenizer_json(tmp_path, capsys, tiny_folder):
-    calib = _text(tmp_path)
+    calib = calib_text(tmp_path)
     out = tmp_path / "c"
-    assert main([str(a) for a in _prune(tiny_folder, out, calib, "--save-format", "compressed")]) == 0
+    assert main([str(a) for a in prune_argv(tiny_folder, out, calib, "--save-format", "compressed")]) == 0
     capsys.readouterr()
     (out / "tokenizer.json").unlink()
-    rc, err, _ = _run(capsys, "eval", out, "--datasets", calib, "--seqlen", "32")
-    line = _error(err)
+    rc, err, _ = run_cli(capsys, "eval", out, "--datasets", calib, "--seqlen", "32")
+    line = error_line(err)
     assert rc == 2 and str(out) in line and "tokenizer.json" in line and "sentencepiece" not in err
 
 
@@ -104,15 +66,15 @@ def test_too_long_seqlen_is_reported_under_its_own_flag(tmp_path, capsys, tiny_f
     import prunekit.api as api
 
     monkeypatch.setattr(api, "prune", lambda *a, **k: pytest.fail("pruned before the seqlen was checked"))
-    calib = _text(tmp_path)
+    calib = calib_text(tmp_path)
     argv = ["prune", tiny_folder, "--calib", calib, "--seqlen", "100000", "--eval", calib, "--out", tmp_path / "o"]
-    rc, err, _ = _run(capsys, *argv)
-    assert rc == 2 and "--seqlen=100000 exceeds the model's context length 256" in _error(err)
-    rc, err, _ = _run(capsys, "eval", tiny_folder, "--seqlen", "100000", "--datasets", calib)
-    assert rc == 2 and "--seqlen=100000 exceeds" in _error(err)
-    rc, err, _ = _run(capsys, "sweep", tiny_folder, "--methods", "magnitude", "--sparsities", "0.5", "--calib", calib,
-                      "--seqlen", "32", "--eval", calib, "--out", tmp_path / "sw")
-    assert rc == 2 and "--eval-seqlen=1024 exceeds" in _error(err)  # sweep's default window, named as a flag
+    rc, err, _ = run_cli(capsys, *argv)
+    assert rc == 2 and "--seqlen=100000 exceeds the model's context length 256" in error_line(err)
+    rc, err, _ = run_cli(capsys, "eval", tiny_folder, "--seqlen", "100000", "--datasets", calib)
+    assert rc == 2 and "--seqlen=100000 exceeds" in error_line(err)
+    rc, err, _ = run_cli(capsys, "sweep", tiny_folder, "--methods", "magnitude", "--sparsities", "0.5",
+                         "--calib", calib, "--seqlen", "32", "--eval", calib, "--out", tmp_path / "sw")
+    assert rc == 2 and "--eval-seqlen=1024 exceeds" in error_line(err)  # sweep's default window, named as a flag
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -122,14 +84,14 @@ def test_too_long_seqlen_is_reported_under_its_own_flag(tmp_path, capsys, tiny_f
     (["--method", "slimgpt", "--pattern", "2:4"], ["'slimgpt' removes whole heads/channels", "--pattern channels"]),
 ])
 def test_method_and_pattern_mismatch_names_what_serves_it(tmp_path, capsys, tiny_folder, no_weights, extra, words):
-    argv = ["prune", tiny_folder, "--calib", _text(tmp_path), "--out", tmp_path / "o", *extra]
-    rc, err, _ = _run(capsys, *argv)
-    line = _error(err)
+    argv = ["prune", tiny_folder, "--calib", calib_text(tmp_path), "--out", tmp_path / "o", *extra]
+    rc, err, _ = run_cli(capsys, *argv)
+    line = error_line(err)
     assert rc == 2 and all(w in line for w in words), line
 
 
 def test_eval_none_skips_perplexity_as_the_help_says(tmp_path, capsys, tiny_folder):
-    rc, err, out = _run(capsys, "prune", tiny_folder, "--method", "magnitude", "--calib", _text(tmp_path),
+    rc, err, out = run_cli(capsys, "prune", tiny_folder, "--method", "magnitude", "--calib", calib_text(tmp_path),
                         "--nsamples", "2", "--seqlen", "32", "--eval", "none", "--out", tmp_path / "o")
     assert rc == 0, err[-2000:]
     assert "ppl" not in out and (tmp_path / "o" / "config.json").is_file()
@@ -142,8 +104,8 @@ def test_analyze_with_nan_in_a_linear_names_the_tensor(tmp_path, capsys, tiny_fo
     sd = load_file(f)
     sd["model.layers.1.mlp.up_proj.weight"][2, 3] = float("nan")
     save_file(sd, f, metadata={"format": "pt"})
-    rc, err, _ = _run(capsys, "analyze", tiny_folder, "--out", tmp_path / "a", "--no-plots", "--brief")
-    assert rc == 2 and "model.layers.1.mlp.up_proj.weight has 1 NaN/Inf values" in _error(err)
+    rc, err, _ = run_cli(capsys, "analyze", tiny_folder, "--out", tmp_path / "a", "--no-plots", "--brief")
+    assert rc == 2 and "model.layers.1.mlp.up_proj.weight has 1 NaN/Inf values" in error_line(err)
     assert not (tmp_path / "a").exists()
 
 
@@ -152,8 +114,8 @@ def test_eval_with_nan_in_a_norm_names_the_tensor(tmp_path, capsys, tiny_folder)
     sd = load_file(f)
     sd["model.norm.weight"][5] = float("nan")
     save_file(sd, f, metadata={"format": "pt"})
-    rc, err, _ = _run(capsys, "eval", tiny_folder, "--datasets", _text(tmp_path), "--seqlen", "32")
-    assert rc == 2 and "model.norm.weight has 1 NaN/Inf values" in _error(err)
+    rc, err, _ = run_cli(capsys, "eval", tiny_folder, "--datasets", calib_text(tmp_path), "--seqlen", "32")
+    assert rc == 2 and "model.norm.weight has 1 NaN/Inf values" in error_line(err)
 
 
 def test_infinite_perplexity_is_an_error_naming_the_window(tmp_path):
@@ -189,8 +151,9 @@ def test_bad_ray_addresses_are_one_line_before_loading(tmp_path, capsys, tiny_fo
         import prunekit.sweep.ray_executor as rx
 
         monkeypatch.setattr(rx, "ray_client_missing", lambda: "grpcio is not installed")
-    calib = _text(tmp_path)
-    rc, err, _ = _run(capsys, "sweep", tiny_folder, "--methods", "magnitude", "--sparsities", "0.5", "--calib", calib,
-                      "--eval", calib, "--eval-seqlen", "32", "--out", tmp_path / "sw", f"--ray={address}")
-    line = _error(err)
+    calib = calib_text(tmp_path)
+    rc, err, _ = run_cli(capsys, "sweep", tiny_folder, "--methods", "magnitude", "--sparsities", "0.5",
+                         "--calib", calib, "--eval", calib, "--eval-seqlen", "32", "--out", tmp_path / "sw",
+                         f"--ray={address}")
+    line = error_line(err)
     assert rc == 2 and all(w in line for w in words), line

@@ -14,43 +14,12 @@ import sys
 import pytest
 import torch
 
-from conftest import save_tiny
+from conftest import calib_text, error_line, prune_argv, rand_ids, run_cli, save_tiny
 from prunekit.cli import main
-
-
-def _run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.err, cap.out
-
-
-def _error(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error: ") and "Traceback" not in err, err[-3000:]
-    return lines[-1]
-
-
-def _text(tmp_path):
-    f = tmp_path / "calib.txt"
-    f.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 80)
-    return f
-
-
-def _prune(folder, out, calib, *extra):
-    return ["prune", folder, "--method", "magnitude", "--calib", calib, "--nsamples", "2", "--seqlen", "32",
-            "--eval", calib, "--eval-seqlen", "32", "--max-windows", "1", "--out", out, *extra]
 
 
 def _hidden(parent):
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
-
-
-@pytest.fixture
-def no_weights(monkeypatch):
-    import transformers
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        lambda *a, **k: pytest.fail("the weights were loaded before the error"))
 
 
 # ------------------------------------------------------------------------------ 3: GQA heads / width
@@ -64,8 +33,9 @@ def test_gqa_head_pruning_a_stock_config_cannot_say_is_saved_in_prunekits_format
     folder = save_tiny(tmp_path / "gqa", num_attention_heads=heads, num_key_value_heads=kv)
     out = tmp_path / "out"
     sparsity = {"heads": "0.04", "width": "0.15"}[pattern]
-    rc, err, text = _run(capsys, *_prune(folder, out, _text(tmp_path), "--pattern", pattern, "--method", "slimgpt",
-                                         "--sparsity", sparsity, "--option", "multiple=8", "--nsamples", "4"))
+    rc, err, text = run_cli(capsys, *prune_argv(folder, out, calib_text(tmp_path), "--pattern", pattern,
+                                                "--method", "slimgpt", "--sparsity", sparsity, "--option", "multiple=8",
+                                                "--nsamples", "4"))
     assert rc == 0, err[-3000:]
     back, _ = __import__("prunekit").load_model(str(out))
     attn = back.model.layers[0].self_attn
@@ -74,7 +44,7 @@ def test_gqa_head_pruning_a_stock_config_cannot_say_is_saved_in_prunekits_format
     if 64 % left:  # a config transformers refuses: prunekit's format, and the reason printed
         assert (out / "prunekit_structured.json").is_file() and "transformers refuses the smaller config" in text
         assert "loads with" in text and "prunekit.load_model" in text.split("loads with", 1)[1].splitlines()[0]
-    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    ids = rand_ids(1, 16)
     assert torch.isfinite(back(ids).logits).all()
 
 
@@ -85,7 +55,7 @@ def test_gqa_plan_check_warns_before_pruning(tmp_path, caplog):
     from prunekit import PruneConfig, prune
 
     model = tiny_model(num_attention_heads=8, num_key_value_heads=2)
-    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    ids = rand_ids(4, 32)
     with caplog.at_level(logging.WARNING, logger="prunekit"):
         rep = prune(model, PruneConfig(method="slimgpt", pattern="heads", sparsity=0.04), calib=ids)
     assert any("6 query heads / 2 key-value heads" in r.getMessage() for r in caplog.records)
@@ -110,7 +80,7 @@ def test_a_save_time_refusal_falls_back_to_prunekits_format(tmp_path, monkeypatc
     assert "a refusal nobody predicted" in how and (out / "prunekit_structured.json").is_file()
     monkeypatch.undo()
     back = load_structured_model(out, torch.float32)
-    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    ids = rand_ids(1, 8)
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
 
@@ -127,10 +97,10 @@ def test_a_structured_target_that_rounds_to_nothing_is_refused_before_the_work(t
     import prunekit.cli.prune as cli_prune
 
     monkeypatch.setattr(cli_prune, "run_perplexity", lambda *a, **k: pytest.fail("evaluated before the check"))
-    rc, err, _ = _run(capsys, *_prune(tiny_folder, tmp_path / "o", _text(tmp_path), "--pattern", pattern,
+    rc, err, _ = run_cli(capsys, *prune_argv(tiny_folder, tmp_path / "o", calib_text(tmp_path), "--pattern", pattern,
                                       "--method", "shortgpt" if pattern in ("blocks", "ffn") else "magnitude",
                                       "--sparsity", "0.05"))
-    line = _error(err)
+    line = error_line(err)
     assert rc == 2 and all(w in line for w in words), line
     assert not (tmp_path / "o").exists()
 
@@ -144,12 +114,12 @@ def test_free_space_is_checked_before_the_work_with_a_proportional_margin(tmp_pa
     real = shutil.disk_usage
     free = {"bytes": 5 * 2**20}  # 5 MB: plenty for a 0.4 MB model, less than the old fixed 64 MB margin
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=free["bytes"]))
-    assert main([str(a) for a in _prune(tiny_folder, tmp_path / "ok", _text(tmp_path))]) == 0
+    assert main([str(a) for a in prune_argv(tiny_folder, tmp_path / "ok", calib_text(tmp_path))]) == 0
     capsys.readouterr()
     free["bytes"] = 100_000
     monkeypatch.setattr(api, "prune", lambda *a, **k: pytest.fail("pruned before the free-space check"))
-    rc, err, _ = _run(capsys, *_prune(tiny_folder, tmp_path / "no", _text(tmp_path)))
-    line = _error(err)
+    rc, err, _ = run_cli(capsys, *prune_argv(tiny_folder, tmp_path / "no", calib_text(tmp_path)))
+    line = error_line(err)
     assert rc == 2 and "not enough disk space for --out" in line and "MB are free" in line
     assert not (tmp_path / "no").exists()
 
@@ -176,7 +146,7 @@ def test_estimates_follow_the_output_format():
 def test_saved_folders_honour_the_umask(tmp_path, capsys, tiny_folder, umask, folder_mode, file_mode):
     old = os.umask(umask)
     try:
-        assert main([str(a) for a in _prune(tiny_folder, tmp_path / "o", _text(tmp_path))]) == 0
+        assert main([str(a) for a in prune_argv(tiny_folder, tmp_path / "o", calib_text(tmp_path))]) == 0
     finally:
         os.umask(old)
     out = tmp_path / "o"
@@ -192,7 +162,7 @@ def test_a_symlinked_out_is_written_at_its_target_and_leaves_nothing_hidden(tmp_
     (real / "old.txt").write_text("old")
     link = tmp_path / "latest"
     link.symlink_to(real)
-    assert main([str(a) for a in _prune(tiny_folder, link, _text(tmp_path), "--overwrite")]) == 0
+    assert main([str(a) for a in prune_argv(tiny_folder, link, calib_text(tmp_path), "--overwrite")]) == 0
     assert link.is_symlink() and os.path.realpath(link) == str(real)
     assert (real / "config.json").is_file() and not (real / "old.txt").exists()
     assert _hidden(tmp_path) == [] and _hidden(tmp_path / "runs") == []
@@ -201,8 +171,8 @@ def test_a_symlinked_out_is_written_at_its_target_and_leaves_nothing_hidden(tmp_
 def test_a_dangling_symlink_out_fails_before_the_prune(tmp_path, capsys, tiny_folder, no_weights):
     link = tmp_path / "latest"
     link.symlink_to(tmp_path / "nowhere" / "x")
-    rc, err, _ = _run(capsys, *_prune(tiny_folder, link, _text(tmp_path)))
-    line = _error(err)
+    rc, err, _ = run_cli(capsys, *prune_argv(tiny_folder, link, calib_text(tmp_path)))
+    line = error_line(err)
     assert rc == 2 and "is a symbolic link to" in line and "does not exist" in line
     assert link.is_symlink() and _hidden(tmp_path) == []
 
@@ -215,8 +185,8 @@ def test_parent_folders_made_for_a_failed_run_are_removed(tmp_path, capsys, tiny
     sd["model.norm.weight"][0] = float("nan")  # fails after the model loads, with --out reserved
     save_file(sd, f, metadata={"format": "pt"})
     out = tmp_path / "a" / "b" / "c"
-    rc, err, _ = _run(capsys, *_prune(tiny_folder, out, _text(tmp_path)))
-    assert rc == 2 and "NaN" in _error(err)
+    rc, err, _ = run_cli(capsys, *prune_argv(tiny_folder, out, calib_text(tmp_path)))
+    assert rc == 2 and "NaN" in error_line(err)
     assert not (tmp_path / "a").exists()
 
 
@@ -233,15 +203,16 @@ def test_a_rerun_after_a_crashed_two_rename_save_fails_before_the_prune(tmp_path
     out.mkdir()
     (out / "config.json").write_text("{}")
     out.rename(tmp_path / f".out.old-{_dead_pid()}-abcd")
-    rc, err, _ = _run(capsys, *_prune(tiny_folder, out, _text(tmp_path)))
-    line = _error(err)
+    rc, err, _ = run_cli(capsys, *prune_argv(tiny_folder, out, calib_text(tmp_path)))
+    line = error_line(err)
     assert rc == 2 and "already exists" in line and "--overwrite" in line and "interrupted save" in line
     assert (out / "config.json").read_text() == "{}" and _hidden(tmp_path) == []
 
 
 def test_in_place_export_keeps_the_report(tmp_path, capsys, tiny_folder):
     out = tmp_path / "c"
-    assert main([str(a) for a in _prune(tiny_folder, out, _text(tmp_path), "--save-format", "compressed")]) == 0
+    argv = prune_argv(tiny_folder, out, calib_text(tmp_path), "--save-format", "compressed")
+    assert main([str(a) for a in argv]) == 0
     before = json.loads((out / "prunekit_report.json").read_text())
     assert main(["export", str(out), "--out", str(out), "--overwrite", "--save-format", "dense"]) == 0
     after = json.loads((out / "prunekit_report.json").read_text())
@@ -266,9 +237,9 @@ def _interrupt_after_a_checkpoint(monkeypatch):
 def test_interrupted_recover_says_the_checkpoint_is_kept_and_nothing_else(tmp_path, capsys, tiny_folder,
                                                                           monkeypatch):
     _interrupt_after_a_checkpoint(monkeypatch)
-    calib = _text(tmp_path)
+    calib = calib_text(tmp_path)
     out = tmp_path / "r"
-    rc, err, _ = _run(capsys, "recover", tiny_folder, "--kl-weight", "0", "--ce-weight", "1", "--data", calib,
+    rc, err, _ = run_cli(capsys, "recover", tiny_folder, "--kl-weight", "0", "--ce-weight", "1", "--data", calib,
                       "--seqlen", "32", "--tokens", "256", "--checkpoint-every", "1", "--eval", "none", "--out", out)
     lines = [ln for ln in err.strip().splitlines() if ln.startswith(("interrupted", "terminated"))]
     assert rc == 130 and len(lines) == 1 and "nothing was saved" not in err
@@ -277,8 +248,8 @@ def test_interrupted_recover_says_the_checkpoint_is_kept_and_nothing_else(tmp_pa
 
 def test_interrupted_prune_recover_mentions_the_checkpoint(tmp_path, capsys, tiny_folder, monkeypatch):
     _interrupt_after_a_checkpoint(monkeypatch)
-    calib = _text(tmp_path)
-    rc, err, _ = _run(capsys, *_prune(tiny_folder, tmp_path / "p", calib, "--recover", "--recover-option",
+    calib = calib_text(tmp_path)
+    rc, err, _ = run_cli(capsys, *prune_argv(tiny_folder, tmp_path / "p", calib, "--recover", "--recover-option",
                                       f"data={calib}", "--recover-option", "checkpoint_every=1",
                                       "--recover-option", "kl_weight=0", "--recover-option", "ce_weight=1"))
     last = err.strip().splitlines()[-1]
@@ -313,9 +284,9 @@ def test_a_teacher_with_another_tokenizer_of_the_same_size_is_refused_before_loa
     other = _other_tokenizer(len(AutoTokenizer.from_pretrained(tiny_folder)))
     other.save_pretrained(teacher)
     assert len(other) == len(AutoTokenizer.from_pretrained(tiny_folder))
-    rc, err, _ = _run(capsys, "recover", tiny_folder, "--teacher", teacher, "--data", _text(tmp_path), "--eval",
+    rc, err, _ = run_cli(capsys, "recover", tiny_folder, "--teacher", teacher, "--data", calib_text(tmp_path), "--eval",
                       "none", "--out", tmp_path / "r")
-    line = _error(err)
+    line = error_line(err)
     assert rc == 2 and f"teacher '{teacher}' and student '{tiny_folder}' have different tokenizers" in line
     assert "both have" in line and "vocabulary (e.g." in line and "merges differ" in line
 

@@ -20,16 +20,9 @@ from prunekit.recover.optim import build_optimizer, lr_lambda, state_bytes
 from prunekit.recover.spam import SPAM, warmup_factor
 from prunekit.recover.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
 VOCAB = 128
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: tiny models are slower with two threads on a shared CPU (spin-waiting)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def pruned_pair(seed: int = 0, vocab: int = VOCAB):

@@ -7,32 +7,13 @@ import json
 import pytest
 import torch
 
-from conftest import save_tiny, tiny_model, tiny_tokenizer
-from prunekit import PruneConfig, load_model, prune
+from conftest import tiny_model, tiny_tokenizer
+from prunekit import load_model
 from prunekit.cli import main
-from prunekit.export import save_model
 from prunekit.models import decoder_linears
 from prunekit.recover.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture
-def folders(tmp_path):
-    """(dense folder, 50%-magnitude-pruned folder, training .txt)."""
-    dense = save_tiny(tmp_path / "dense")
-    model, tok = load_model(str(dense))
-    rep = prune(model, PruneConfig(method="magnitude", sparsity=0.5))
-    save_model(model, tok, tmp_path / "pruned", rep.to_dict())
-    txt = tmp_path / "train.txt"
-    txt.write_text(" ".join(f"the quick brown fox {i} jumps over the lazy dog." for i in range(400)))
-    return dense, tmp_path / "pruned", txt
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def small(txt, *extra):
@@ -42,10 +23,10 @@ def small(txt, *extra):
 
 
 @pytest.mark.parametrize("trainable", ["full", "lora"])
-def test_recover_end_to_end(tmp_path, folders, capsys, trainable):
+def test_recover_end_to_end(tmp_path, pruned_folders, capsys, trainable):
     if trainable == "lora":
         pytest.importorskip("peft")
-    dense, pruned, txt = folders
+    dense, pruned, txt = pruned_folders
     out = tmp_path / "out"
     rc = main(["recover", str(pruned), "--teacher", str(dense), "--out", str(out), "--checkpoint-every", "1",
                "--trainable", trainable, "--lr", "1e-2", *small(txt)])
@@ -92,31 +73,31 @@ def _fails(capsys, argv, *needles):
     (["--lr", "-1"], ["lr=-1.0"]),
     (["--optimizer", "galore", "--trainable", "lora"], ["galore", "lora"]),
 ])
-def test_bad_settings_fail_before_loading(tmp_path, folders, capsys, no_training, flags, needles):
-    dense, pruned, txt = folders
+def test_bad_settings_fail_before_loading(tmp_path, pruned_folders, capsys, no_training, flags, needles):
+    dense, pruned, txt = pruned_folders
     argv = ["recover", str(pruned), "--teacher", str(dense), "--out", str(tmp_path / "o"), *small(txt)]
     _fails(capsys, argv + flags, *needles)
     assert not (tmp_path / "o").exists()
 
 
-def test_training_on_a_test_split_is_refused(tmp_path, folders, capsys, no_training):
-    dense, pruned, txt = folders
+def test_training_on_a_test_split_is_refused(tmp_path, pruned_folders, capsys, no_training):
+    dense, pruned, txt = pruned_folders
     test_file = tmp_path / "wiki.test.raw"
     test_file.write_text(txt.read_text())
     _fails(capsys, ["recover", str(pruned), "--teacher", str(dense), "--out", str(tmp_path / "o"),
                     *small(txt), "--data", str(test_file)], "wiki.test.raw", "evaluation (test) split")
 
 
-def test_too_short_text_fails_before_training(tmp_path, folders, capsys, no_training):
-    dense, pruned, _ = folders
+def test_too_short_text_fails_before_training(tmp_path, pruned_folders, capsys, no_training):
+    dense, pruned, _ = pruned_folders
     short = tmp_path / "short.txt"
     short.write_text("only a few words here")
     _fails(capsys, ["recover", str(pruned), "--teacher", str(dense), "--out", str(tmp_path / "o"), *small(short)],
            "too short", "seqlen=32")
 
 
-def test_vocabulary_mismatch_fails_before_training(tmp_path, folders, capsys, no_training):
-    _, pruned, txt = folders
+def test_vocabulary_mismatch_fails_before_training(tmp_path, pruned_folders, capsys, no_training):
+    _, pruned, txt = pruned_folders
     other = tmp_path / "other"
     tok = tiny_tokenizer(320)
     tiny_model("llama", vocab_size=len(tok) + 64).save_pretrained(other)
@@ -125,8 +106,8 @@ def test_vocabulary_mismatch_fails_before_training(tmp_path, folders, capsys, no
            "vocabularies differ", f"({len(tok) + 64} vs {len(tok)} tokens)", "same tokenizer")
 
 
-def test_missing_model_existing_out_and_missing_teacher(tmp_path, folders, capsys, no_training):
-    dense, pruned, txt = folders
+def test_missing_model_existing_out_and_missing_teacher(tmp_path, pruned_folders, capsys, no_training):
+    dense, pruned, txt = pruned_folders
     _fails(capsys, ["recover", str(tmp_path / "nope"), "--teacher", str(dense), "--out", str(tmp_path / "o"),
                     *small(txt)], "not found", "nope")
     out = tmp_path / "exists"
@@ -136,8 +117,8 @@ def test_missing_model_existing_out_and_missing_teacher(tmp_path, folders, capsy
     _fails(capsys, ["recover", str(pruned), "--out", str(tmp_path / "o"), *small(txt)], "--teacher")
 
 
-def test_prune_chains_recover(tmp_path, folders, capsys):
-    dense, _, txt = folders
+def test_prune_chains_recover(tmp_path, pruned_folders, capsys):
+    dense, _, txt = pruned_folders
     out = tmp_path / "pr"
     rc = main(["prune", str(dense), "--method", "magnitude", "--sparsity", "0.5", "--out", str(out), "--eval",
                "--recover", "--recover-option", f"data={txt}", "--recover-option", "tokens=128",
@@ -152,20 +133,20 @@ def test_prune_chains_recover(tmp_path, folders, capsys):
     assert zeros == r["sparsity_after"]["zeros"]
 
 
-def test_prune_recover_bad_option_fails_before_loading(tmp_path, folders, capsys, no_training):
-    dense, _, txt = folders
+def test_prune_recover_bad_option_fails_before_loading(tmp_path, pruned_folders, capsys, no_training):
+    dense, _, txt = pruned_folders
     base = ["prune", str(dense), "--method", "magnitude", "--out", str(tmp_path / "o"), "--eval", "--recover"]
     _fails(capsys, base + ["--recover-option", "tokens=0"], "tokens=0")
     _fails(capsys, base + ["--recover-option", "tokenz=5"], "'tokenz'", "tokens")
     _fails(capsys, base[:-1] + ["--recover-option", "tokens=5"], "without --recover")
 
 
-def test_interrupted_recover_resumes_to_the_same_model(tmp_path, folders, capsys, monkeypatch):
+def test_interrupted_recover_resumes_to_the_same_model(tmp_path, pruned_folders, capsys, monkeypatch):
     """Ctrl-C after step 2 keeps OUT.checkpoint; the same command resumes there and saves exactly the
     model an uninterrupted run saves."""
     import prunekit.cli.recover as cli_recover
 
-    dense, pruned, txt = folders
+    dense, pruned, txt = pruned_folders
     argv = ["recover", str(pruned), "--teacher", str(dense), "--checkpoint-every", "1", "--lr", "1e-2",
             *small(txt, "--tokens", "512")]
     assert main(argv + ["--out", str(tmp_path / "ref")]) == 0

@@ -5,33 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from conftest import save_tiny
-from prunekit import PruneConfig, load_model, prune
+from prunekit import load_model
 from prunekit.cli import main
-from prunekit.export import save_model
 from prunekit.recover import RecoverConfig
 from prunekit.recover.control import compare, train_control
 from prunekit.recover.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture
-def folders(tmp_path):
-    dense = save_tiny(tmp_path / "dense")
-    model, tok = load_model(str(dense))
-    save_model(model, tok, tmp_path / "pruned", prune(model, PruneConfig(method="magnitude", sparsity=0.5)).to_dict())
-    txt = tmp_path / "train.txt"
-    txt.write_text(" ".join(f"the quick brown fox {i} jumps over the lazy dog." for i in range(400)))
-    return dense, tmp_path / "pruned", txt
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def _ev(ppl: float, acc: float | None = None, se: float = 0.02) -> dict:
@@ -54,17 +35,17 @@ def test_compare_gives_both_ratios_and_task_verdicts():
     assert lone[0].vs_tuned_dense == "-" and lone[1].vs_dense == "-"
 
 
-def test_train_control_refuses_the_teacher_object(folders):
-    dense, _, txt = folders
+def test_train_control_refuses_the_teacher_object(pruned_folders):
+    dense, _, txt = pruned_folders
     teacher, tok = load_model(str(dense))
     with pytest.raises(ValueError, match="copy of the dense model"):
         train_control(teacher, teacher, tok, RecoverConfig(data=str(txt), tokens=64, seqlen=32))
 
 
-def test_distilling_the_dense_model_from_itself_starts_at_zero_loss(folders):
+def test_distilling_the_dense_model_from_itself_starts_at_zero_loss(pruned_folders):
     """The KD control starts at zero KL, yet it moves: Adam turns even rounding-level gradients into
     steps of about the learning rate — which is why the control is measured, never assumed."""
-    dense, _, txt = folders
+    dense, _, txt = pruned_folders
     model, tok = load_model(str(dense))
     teacher, _ = load_model(str(dense))
     ref = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -77,8 +58,8 @@ def test_distilling_the_dense_model_from_itself_starts_at_zero_loss(folders):
     assert 0 < moved <= 2 * 1e-2 * 1.01  # at most one lr per Adam step
 
 
-def test_cli_control_trains_dense_too_and_reports_the_ratio(tmp_path, folders, capsys):
-    dense, pruned, txt = folders
+def test_cli_control_trains_dense_too_and_reports_the_ratio(tmp_path, pruned_folders, capsys):
+    dense, pruned, txt = pruned_folders
     out = tmp_path / "out"
     rc = main(["recover", str(pruned), "--teacher", str(dense), "--out", str(out), "--data", str(txt), "--tokens", "128",
                "--seqlen", "32", "--batch-size", "2", "--grad-accum", "1", "--val-windows", "2", "--eval", str(txt),
@@ -100,8 +81,8 @@ def test_cli_control_trains_dense_too_and_reports_the_ratio(tmp_path, folders, c
 
 @pytest.mark.parametrize("extra, needle", [(["--kl-weight", "0", "--ce-weight", "1"], "pass it as --teacher"),
                                            (["--teacher", "T", "--eval"], "--control compares evaluations")])
-def test_cli_control_bad_input_fails_before_training(tmp_path, folders, capsys, monkeypatch, extra, needle):
-    dense, pruned, txt = folders
+def test_cli_control_bad_input_fails_before_training(tmp_path, pruned_folders, capsys, monkeypatch, extra, needle):
+    dense, pruned, txt = pruned_folders
     monkeypatch.setattr(Trainer, "run", lambda self: (_ for _ in ()).throw(AssertionError("trained")))
     argv = ["recover", str(pruned), "--out", str(tmp_path / "o"), "--data", str(txt), "--tokens", "64", "--seqlen", "32",
             "--control", *[str(dense) if x == "T" else x for x in extra]]

@@ -12,16 +12,7 @@ from prunekit import PruneConfig, RecoverConfig, prune, recover
 from prunekit.models import decoder_linears
 from prunekit.recover.api import cpu_has_bf16
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: on a shared 2-core machine two spin-waiting OpenMP threads can run 7x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
 def test_smollm2_recovers_a_few_steps_and_keeps_its_zeros(smollm2, data_dir, tmp_path):

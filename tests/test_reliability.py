@@ -13,25 +13,9 @@ import time
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, save_tiny
+from conftest import REPO, calib_text, held_by_another_run, prune_argv, run_cli, save_tiny
 from prunekit.cli import main
 from prunekit.export import reserve_output
-
-
-def _run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    return rc, capsys.readouterr().err
-
-
-def _text(tmp_path):
-    f = tmp_path / "calib.txt"
-    f.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 80)
-    return f
-
-
-def _prune(folder, out, calib, *extra):
-    return ["prune", folder, "--method", "magnitude", "--calib", calib, "--nsamples", "2", "--seqlen", "32",
-            "--eval", calib, "--eval-seqlen", "32", "--max-windows", "1", "--out", out, *extra]
 
 
 @pytest.fixture
@@ -52,7 +36,7 @@ def test_nan_outside_the_linears_fails_and_saves_nothing(tmp_path, capsys, tiny_
     sd["model.layers.0.input_layernorm.weight"][3] = float("nan")
     save_file(sd, f, metadata={"format": "pt"})
     out = tmp_path / "out"
-    rc, err = _run(capsys, *_prune(tiny_folder, out, _text(tmp_path)))
+    rc, err, _ = run_cli(capsys, *prune_argv(tiny_folder, out, calib_text(tmp_path)))
     assert rc == 2 and err.splitlines()[-1] == (
         "error: model.layers.0.input_layernorm.weight has 1 NaN/Inf values; the model is corrupt: reload or "
         "re-download it")
@@ -60,24 +44,25 @@ def test_nan_outside_the_linears_fails_and_saves_nothing(tmp_path, capsys, tiny_
 
 
 def test_sweep_resumed_in_another_dtype_is_refused(tmp_path, capsys, tiny_folder):
-    calib = _text(tmp_path)
+    calib = calib_text(tmp_path)
     argv = ["sweep", tiny_folder, "--methods", "magnitude", "--sparsities", "0", "0.5", "--calib", calib,
             "--nsamples", "2", "--seqlen", "16", "--eval", calib, "--eval-seqlen", "32", "--max-windows", "1",
             "--out", tmp_path / "sw"]
     assert main([str(a) for a in argv]) == 0
     capsys.readouterr()
-    rc, err = _run(capsys, *argv, "--dtype", "bfloat16")
+    rc, err, _ = run_cli(capsys, *argv, "--dtype", "bfloat16")
     assert rc == 2 and "dtype: stored 'float32', now 'bfloat16'" in err and "use another --out folder" in err
 
 
 def test_bad_json_path_fails_before_loading(tmp_path, capsys, tiny_folder, no_load):
-    rc, err = _run(capsys, *_prune(tiny_folder, tmp_path / "out", _text(tmp_path), "--json", tmp_path / "no" / "r.json"))
+    rc, err, _ = run_cli(capsys, *prune_argv(tiny_folder, tmp_path / "out", calib_text(tmp_path),
+                                             "--json", tmp_path / "no" / "r.json"))
     assert rc == 2 and f"--json '{tmp_path / 'no' / 'r.json'}': folder '{tmp_path / 'no'}' does not exist" in err
 
 
 def test_the_model_is_saved_before_the_json_report(tmp_path, capsys, tiny_folder):
     out, report = tmp_path / "out", tmp_path / "r.json"
-    assert main([str(a) for a in _prune(tiny_folder, out, _text(tmp_path), "--json", report)]) == 0
+    assert main([str(a) for a in prune_argv(tiny_folder, out, calib_text(tmp_path), "--json", report)]) == 0
     assert out.stat().st_mtime_ns <= report.stat().st_mtime_ns
     assert json.loads(report.read_text())["method"] == "magnitude"
 
@@ -90,7 +75,7 @@ def test_disk_full_in_a_foreign_writer_is_one_line(tmp_path, capsys, tiny_folder
 
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full)
     out = tmp_path / "out"
-    rc, err = _run(capsys, *_prune(tiny_folder, out, _text(tmp_path)))
+    rc, err, _ = run_cli(capsys, *prune_argv(tiny_folder, out, calib_text(tmp_path)))
     assert rc == 2 and f"disk full while writing '{out}'; nothing was left behind" in err
     assert not out.exists() and _leftovers(tmp_path) == []
 
@@ -99,15 +84,16 @@ def test_disk_full_in_a_foreign_writer_is_one_line(tmp_path, capsys, tiny_folder
 def test_truncated_safetensors_names_the_file(tmp_path, capsys, tiny_folder, command):
     f = tiny_folder / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
-    argv = _prune(tiny_folder, tmp_path / "out", _text(tmp_path)) if command == "prune" else ["eval", tiny_folder]
-    rc, err = _run(capsys, *argv)
+    argv = (prune_argv(tiny_folder, tmp_path / "out", calib_text(tmp_path)) if command == "prune"
+            else ["eval", tiny_folder])
+    rc, err, _ = run_cli(capsys, *argv)
     assert rc == 2 and f"error: {f} is damaged (" in err and "re-download the model or save it again" in err
 
 
 def test_binary_calibration_file_is_named(tmp_path, capsys, tiny_folder):
     f = tmp_path / "calib.txt"
     f.write_bytes(b"text\xc8\x00\xff" * 100)
-    rc, err = _run(capsys, *_prune(tiny_folder, tmp_path / "out", f))
+    rc, err, _ = run_cli(capsys, *prune_argv(tiny_folder, tmp_path / "out", f))
     assert rc == 2 and f"error: {f} is not UTF-8 text (byte 0xc8 at offset 4)" in err
 
 
@@ -121,7 +107,7 @@ def test_binary_calibration_file_is_named(tmp_path, capsys, tiny_folder):
     (["--alloc-option", "lamda=1", "--allocation", "owl"], "allocation 'owl' has no option 'lamda'"),
 ])
 def test_bad_values_fail_before_loading(tmp_path, capsys, tiny_folder, no_load, extra, message):
-    rc, err = _run(capsys, *_prune(tiny_folder, tmp_path / "out", _text(tmp_path), *extra))
+    rc, err, _ = run_cli(capsys, *prune_argv(tiny_folder, tmp_path / "out", calib_text(tmp_path), *extra))
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and message in errors[0]
 
@@ -129,7 +115,7 @@ def test_bad_values_fail_before_loading(tmp_path, capsys, tiny_folder, no_load, 
 def test_out_under_a_file_is_named(tmp_path, capsys, tiny_folder, no_load):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    rc, err = _run(capsys, *_prune(tiny_folder, blocker / "out", _text(tmp_path)))
+    rc, err, _ = run_cli(capsys, *prune_argv(tiny_folder, blocker / "out", calib_text(tmp_path)))
     assert rc == 2 and f"cannot create the folder '{blocker}' for --out" in err
 
 
@@ -137,7 +123,8 @@ def test_too_long_eval_seqlen_fails_before_pruning(tmp_path, capsys, tiny_folder
     import prunekit.api as api
 
     monkeypatch.setattr(api, "prune", lambda *a, **k: pytest.fail("pruned before the eval seqlen was checked"))
-    rc, err = _run(capsys, *_prune(tiny_folder, tmp_path / "out", _text(tmp_path), "--eval-seqlen", "4096"))
+    rc, err, _ = run_cli(capsys, *prune_argv(tiny_folder, tmp_path / "out", calib_text(tmp_path),
+                                             "--eval-seqlen", "4096"))
     assert rc == 2 and "--eval-seqlen=4096 exceeds the model's context length 256" in err
 
 
@@ -148,13 +135,13 @@ def test_pickle_only_models_need_allow_pickle_everywhere(tmp_path, capsys, comma
     folder = save_tiny(tmp_path / "pickled")
     torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
-    calib = _text(tmp_path)
+    calib = calib_text(tmp_path)
     argv = {"export": ["export", folder, "--out", tmp_path / "x"],
             "analyze": ["analyze", folder, "--out", tmp_path / "x", "--no-plots", "--brief"],
             "sweep": ["sweep", folder, "--methods", "magnitude", "--sparsities", "0", "--eval", calib, "--eval-seqlen",
                       "32", "--max-windows", "1", "--out", tmp_path / "x"],
             "eval": ["eval", folder, "--datasets"]}[command]
-    rc, err = _run(capsys, *argv)
+    rc, err, _ = run_cli(capsys, *argv)
     assert rc == 2 and "has only pickled weights (pytorch_model.bin)" in err and "--allow-pickle" in err
     assert not (tmp_path / "x").exists()  # analyze made no empty folder either
     assert main([str(a) for a in argv] + ["--allow-pickle"]) == 0
@@ -172,7 +159,7 @@ def test_interrupted_sweep_says_what_was_kept(tmp_path, capsys, tiny_folder, mon
         return real(*a, **k)
 
     monkeypatch.setattr(run, "run_cell", once)
-    calib = _text(tmp_path)
+    calib = calib_text(tmp_path)
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in ["sweep", tiny_folder, "--methods", "magnitude", "--sparsities", "0", "0.3", "0.6",
                                "--calib", calib, "--nsamples", "2", "--seqlen", "16", "--eval", calib, "--eval-seqlen",
@@ -183,30 +170,19 @@ def test_interrupted_sweep_says_what_was_kept(tmp_path, capsys, tiny_folder, mon
 
 def test_a_second_prune_to_a_busy_out_fails_before_loading(tmp_path, capsys, tiny_folder, no_load):
     out = tmp_path / "out"
-    ready_r, ready_w = os.pipe()
-    done_r, done_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        with reserve_output(out):
-            os.write(ready_w, b"x")
-            os.read(done_r, 1)
-        os._exit(0)
-    os.read(ready_r, 1)
-    try:
-        rc, err = _run(capsys, *_prune(tiny_folder, out, _text(tmp_path)))
-    finally:
-        os.write(done_w, b"x")
-        os.waitpid(pid, 0)
+    with held_by_another_run(out) as pid:
+        rc, err, _ = run_cli(capsys, *prune_argv(tiny_folder, out, calib_text(tmp_path)))
     assert rc == 2 and f"--out '{out}' is being written by another prunekit run (process {pid})" in err
 
 
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path, tiny_folder):
     out = tmp_path / "out"
+    argv = prune_argv(tiny_folder, out, calib_text(tmp_path), "--no-dense-eval")
     code = ("import time, prunekit.api as api\n"
             "def slow(*a, **k):\n    print('pruning', flush=True)\n    time.sleep(60)\n"
             "api.prune = slow\n"
             "from prunekit.cli import main\n"
-            f"raise SystemExit(main({[str(a) for a in _prune(tiny_folder, out, _text(tmp_path), '--no-dense-eval')]!r}))\n")
+            f"raise SystemExit(main({[str(a) for a in argv]!r}))\n")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)

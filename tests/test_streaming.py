@@ -14,18 +14,6 @@ from prunekit.models.lazy import LazyModel, SafetensorsSource
 from prunekit.streaming import open_lazy, prune_streamed
 
 
-@pytest.fixture
-def folder(tmp_path):
-    return save_tiny(tmp_path / "tiny", num_hidden_layers=3)
-
-
-@pytest.fixture
-def text(tmp_path):
-    f = tmp_path / "t.txt"
-    f.write_text("the quick brown fox jumps over the lazy dog. It is a truth universally acknowledged. " * 80)
-    return f
-
-
 def _calib(tok, text, n=4, seqlen=32):
     from prunekit.data import calibration_ids
     from prunekit.config import CalibConfig
@@ -42,12 +30,12 @@ def _calib(tok, text, n=4, seqlen=32):
     dict(method="svd-llm", sparsity=0.5),
     dict(method="welore", sparsity=0.4),
 ])
-def test_streamed_prune_gives_the_in_memory_weights_bit_for_bit(folder, text, tmp_path, cfg):
+def test_streamed_prune_gives_the_in_memory_weights_bit_for_bit(tiny3_folder, prose_file, tmp_path, cfg):
     config = PruneConfig(**cfg, calib={"batch_size": 2})
-    model, tok = load_model(str(folder))
-    ids = _calib(tok, text)
+    model, tok = load_model(str(tiny3_folder))
+    ids = _calib(tok, prose_file)
     prune(model, config, calib=ids)
-    lazy, _ = open_lazy(str(folder))
+    lazy, _ = open_lazy(str(tiny3_folder))
     out = tmp_path / "out"
     out.mkdir()
     report = prune_streamed(lazy, config, out, tok, calib=ids)
@@ -81,30 +69,32 @@ def test_streamed_folder_holds_one_shard_per_block_and_the_lm_head_once(tmp_path
 
 @pytest.mark.parametrize("arch, tied", [("llama", True), ("llama", False), ("qwen2", False), ("gemma3", True),
                                         ("gemma2", False)])
-def test_streamed_perplexity_equals_the_in_memory_perplexity(tmp_path, text, monkeypatch, arch, tied):
+def test_streamed_perplexity_equals_the_in_memory_perplexity(tmp_path, prose_file, monkeypatch, arch, tied):
     import prunekit.eval.streamed as streamed
 
     folder = save_tiny(tmp_path / arch, arch, tie_word_embeddings=tied)  # gemma: 4 blocks, mixed attention
     model, tok = load_model(str(folder))
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
-    want = evaluate(model, tok, EvalConfig((str(text),), seqlen=32, max_windows=5, batch_size=2))[str(text)]
+    want = evaluate(model, tok, EvalConfig((str(prose_file),), seqlen=32, max_windows=5,
+                                           batch_size=2))[str(prose_file)]
     lazy = LazyModel(SafetensorsSource(folder), torch.float32)
     walks = []
     real = streamed._walk
     monkeypatch.setattr(streamed, "_walk", lambda *a: walks.append(1) or real(*a))
     monkeypatch.setattr(streamed, "BUDGET", 2 * 32 * 64 * 4 * 2)  # two windows' hidden states per walk
-    got = evaluate(lazy.model, tok, EvalConfig((str(text),), seqlen=32, max_windows=5, batch_size=2))[str(text)]
+    got = evaluate(lazy.model, tok, EvalConfig((str(prose_file),), seqlen=32, max_windows=5,
+                                               batch_size=2))[str(prose_file)]
     assert got.nll == want.nll and got.windows == 5 and len(walks) == 3
     assert torch.is_grad_enabled()  # the streamed generator's forward context exited in order
 
 
-def test_only_one_block_is_resident_at_a_time(folder, text, tmp_path, monkeypatch):
+def test_only_one_block_is_resident_at_a_time(tiny3_folder, prose_file, tmp_path, monkeypatch):
     from prunekit.calibration.spill import SpilledTensors
 
     spilled = []
     monkeypatch.setattr(SpilledTensors, "append", lambda self, t, real=SpilledTensors.append: (spilled.append(t.shape),
                                                                                                real(self, t)))
-    lazy, tok = open_lazy(str(folder))
+    lazy, tok = open_lazy(str(tiny3_folder))
     seen = []
 
     def on_block(ev):
@@ -112,17 +102,19 @@ def test_only_one_block_is_resident_at_a_time(folder, text, tmp_path, monkeypatc
 
     out = tmp_path / "out"
     out.mkdir()
-    prune_streamed(lazy, PruneConfig(method="wanda", sparsity=0.5), out, tok, calib=_calib(tok, text), callback=on_block)
+    prune_streamed(lazy, PruneConfig(method="wanda", sparsity=0.5), out, tok, calib=_calib(tok, prose_file),
+                   callback=on_block)
     assert seen == [[], [], []]  # each block was released as soon as it was written
     assert all(p.device.type == "meta" for p in lazy.model.model.layers.parameters())
     assert spilled  # the calibration activations lived on disk, not in memory
     assert sorted(p.name for p in out.iterdir() if "activations" in p.name) == []
 
 
-def test_cli_offload_disk_end_to_end(folder, text, tmp_path, capsys):
+def test_cli_offload_disk_end_to_end(tiny3_folder, prose_file, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["prune", str(folder), "--method", "wanda", "--calib", str(text), "--nsamples", "4", "--seqlen", "32",
-            "--eval", str(text), "--eval-seqlen", "32", "--max-windows", "3", "--offload", "disk", "--out", str(out)]
+    argv = ["prune", str(tiny3_folder), "--method", "wanda", "--calib", str(prose_file), "--nsamples", "4",
+            "--seqlen", "32", "--eval", str(prose_file), "--eval-seqlen", "32", "--max-windows", "3",
+            "--offload", "disk", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "streaming" in printed and "saved to" in printed
@@ -136,17 +128,18 @@ def test_cli_offload_disk_end_to_end(folder, text, tmp_path, capsys):
     assert "give --out" in capsys.readouterr().err
 
 
-def test_cli_eval_streams_perplexity_and_multiple_choice_with_the_in_memory_numbers(folder, text, tmp_path, capsys):
+def test_cli_eval_streams_perplexity_and_multiple_choice_with_the_in_memory_numbers(tiny3_folder, prose_file, tmp_path,
+                                                                                     capsys):
     mc = tmp_path / "mc.jsonl"
     mc.write_text("\n".join(json.dumps({"context": c, "choices": ["fox", "dog", "truth"], "label": i % 3})
                             for i, c in enumerate(["the quick brown", "the lazy", "It is a", "universally"])) + "\n")
     outs = {}
     for mode in ("none", "disk"):
         js = tmp_path / f"{mode}.json"
-        assert main(["eval", str(folder), "--datasets", str(text), "--seqlen", "32", "--max-windows", "3",
+        assert main(["eval", str(tiny3_folder), "--datasets", str(prose_file), "--seqlen", "32", "--max-windows", "3",
                      "--tasks", f"mc:{mc}", "--offload", mode, "--json", str(js)]) == 0
         outs[mode] = json.loads(js.read_text())
-    assert outs["disk"][str(text)]["nll"] == outs["none"][str(text)]["nll"]
+    assert outs["disk"][str(prose_file)]["nll"] == outs["none"][str(prose_file)]["nll"]
     a, b = outs["none"]["tasks"][f"mc:{mc}"], outs["disk"]["tasks"][f"mc:{mc}"]
     assert a["metrics"] == b["metrics"]
     for s1, s2 in zip(a["samples"], b["samples"]):
@@ -154,5 +147,5 @@ def test_cli_eval_streams_perplexity_and_multiple_choice_with_the_in_memory_numb
     assert "streaming" in capsys.readouterr().out
     qa = tmp_path / "qa.jsonl"
     qa.write_text('{"question": "the quick brown", "answer": "fox"}\n')
-    assert main(["eval", str(folder), "--tasks", f"qa:{qa}", "--offload", "disk"]) == 2
+    assert main(["eval", str(tiny3_folder), "--tasks", f"qa:{qa}", "--offload", "disk"]) == 2
     assert "generate text token by token" in capsys.readouterr().err

@@ -4,7 +4,7 @@ the block criteria against direct computations, and one-line errors before any w
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import rand_ids, tiny_model
 from prunekit import PruneConfig, prune
 from prunekit.errors import ConfigError
 from prunekit.methods.base import InputStats
@@ -37,7 +37,7 @@ def arch_model(arch: str, seed: int = 0, **over):
 
 
 def _ids(n=6, seqlen=32, vocab=128):
-    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(0))
+    return rand_ids(n, seqlen, vocab=vocab)
 
 
 def _logits(model, ids):

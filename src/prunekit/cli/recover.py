@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -15,61 +16,42 @@ from ..errors import ConfigError
 from .common import (add_eval_args, add_model_args, check_json_path, check_save_space, fmt_ppl, run_perplexity,
                      setup_threads, table)
 
-# flag -> RecoverConfig field, for the flags that map one to one (None: not given, keep the default)
-_FIELDS = ("data", "text_field", "tokens", "seqlen", "batch_size", "grad_accum", "val_windows", "val_every",
-           "kl_weight", "ce_weight", "hidden_weight", "temperature", "hidden_layers", "loss_chunk", "trainable",
-           "train_embeddings", "lora_rank", "lora_alpha", "lora_dropout", "optimizer", "lr", "weight_decay",
-           "max_grad_norm", "warmup_ratio", "schedule", "min_lr_ratio", "galore_rank", "galore_update_gap",
-           "galore_scale", "spam_threshold", "spam_reset_interval", "spam_warmup", "spam_clip_delay", "bf16",
-           "teacher_dtype", "seed", "checkpoint_every")
-
 
 def add_recover_args(p: argparse.ArgumentParser) -> None:
-    """The training flags (shared with ``prune --recover``); every default lives in RecoverConfig."""
-    from ..recover.config import OPTIMIZERS, SCHEDULES, TEACHER_DTYPES, TRAINABLE
+    """The training flags (shared with ``prune --recover``), one per RecoverConfig field that carries ``cli``
+    metadata; every default, help text and choice lives in RecoverConfig."""
+    from ..recover import RecoverConfig
 
     g = p.add_argument_group("recovery (docs/recover.md)")
-    g.add_argument("--data", default=None, help="training text: registered dataset (its training split) or "
-                   ".txt/.jsonl file (default austen); never an evaluation split")
-    g.add_argument("--text-field", default=None, help="JSONL field holding the text (default text)")
-    g.add_argument("--tokens", type=int, default=None, help="training budget in tokens (default 262144)")
-    g.add_argument("--seqlen", type=int, default=None, help="tokens per training window (default 1024)")
-    g.add_argument("--batch-size", type=int, default=None, help="windows per forward/backward (default 1)")
-    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 8)")
-    g.add_argument("--val-windows", type=int, default=None, help="held-out windows for validation (default 8)")
-    g.add_argument("--val-every", type=int, default=None, help="validate every N steps (default: before/after only)")
-    g.add_argument("--kl-weight", type=float, default=None, help="weight of T^2*KL distillation (default 1)")
-    g.add_argument("--ce-weight", type=float, default=None, help="weight of next-token cross-entropy (default 0)")
-    g.add_argument("--hidden-weight", type=float, default=None, help="weight of hidden-state MSE (default 0)")
-    g.add_argument("--temperature", type=float, default=None, help="distillation temperature T (default 1)")
-    g.add_argument("--hidden-layers", type=int, nargs="+", default=None, help="hidden states to match (default -1)")
-    g.add_argument("--loss-chunk", type=int, default=None, help="positions per logits chunk (default 256)")
-    g.add_argument("--trainable", default=None, choices=TRAINABLE, help="full (masked) or lora (default full)")
-    g.add_argument("--train-embeddings", action="store_true", default=None, help="also train embeddings / LM head")
-    g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 16)")
-    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 32)")
-    g.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout (default 0)")
-    g.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="adamw, galore or spam (default adamw)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4)")
-    g.add_argument("--weight-decay", type=float, default=None, help="decoupled weight decay on matrices (default 0)")
-    g.add_argument("--max-grad-norm", type=float, default=None, help="gradient-norm clip (default 1)")
-    g.add_argument("--warmup-ratio", type=float, default=None, help="fraction of steps of linear warm-up (default 0.05)")
-    g.add_argument("--schedule", default=None, choices=SCHEDULES, help="decay after warm-up (default cosine)")
-    g.add_argument("--min-lr-ratio", type=float, default=None, help="final lr / peak lr (default 0.1)")
-    g.add_argument("--galore-rank", type=int, default=None, help="GaLore projection rank (default 128)")
-    g.add_argument("--galore-update-gap", type=int, default=None, help="steps between GaLore SVDs (default 200)")
-    g.add_argument("--galore-scale", type=float, default=None, help="GaLore update scale alpha (default 1)")
-    g.add_argument("--spam-threshold", type=float, default=None, help="SPAM spike threshold theta (default 5000)")
-    g.add_argument("--spam-reset-interval", type=int, default=None, help="SPAM momentum reset interval (default 500)")
-    g.add_argument("--spam-warmup", type=int, default=None, help="SPAM warm-up steps after a reset (default 150)")
-    g.add_argument("--spam-clip-delay", type=int, default=None, help="steps after a reset before clipping (default 20)")
-    g.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast for the student's compute")
-    g.add_argument("--teacher-dtype", default=None, choices=TEACHER_DTYPES,
-                   help="teacher weights dtype (default auto: bfloat16 where the CPU has bf16 units)")
-    g.add_argument("--seed", type=int, default=None, help="seed of data order and LoRA init (default 0)")
-    g.add_argument("--checkpoint-every", type=int, default=None,
-                   help="write a resumable checkpoint beside --out every N steps (default: never)")
+    add_field_args(g, RecoverConfig)
     g.add_argument("--restart", action="store_true", help="discard an existing checkpoint instead of resuming it")
+
+
+def add_field_args(group, cls) -> None:
+    """A flag per field of dataclass ``cls`` with ``cli`` metadata (help, choices, flag). Its argparse default
+    is ``None`` so that a flag not given keeps the dataclass's own default."""
+    for f in dataclasses.fields(cls):
+        meta = f.metadata.get("cli")
+        if meta is not None:
+            extra = {k: v for k, v in meta.items() if k != "flag"}
+            group.add_argument(meta.get("flag", "--" + f.name.replace("_", "-")), dest=f.name, default=None,
+                               **_flag_kind(f.default), **extra)
+
+
+def _flag_kind(default) -> dict:
+    """argparse's action, type and nargs for a field, read from its default."""
+    if isinstance(default, bool):
+        return {"action": "store_true"}
+    if isinstance(default, tuple):
+        return {"type": type(default[0]), "nargs": "+"}
+    return {} if isinstance(default, str) else {"type": type(default)}
+
+
+def field_values(cls, args: argparse.Namespace) -> dict:
+    """The flags of ``add_field_args(…, cls)`` that were given, by field name (a list flag as a tuple)."""
+    names = (f.name for f in dataclasses.fields(cls) if "cli" in f.metadata)
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return {n: tuple(v) if isinstance(v, list) else v for n, v in given.items()}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -93,8 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def build_recover_config(args: argparse.Namespace):
     from ..recover import RecoverConfig
 
-    given = {f: getattr(args, f) for f in _FIELDS if getattr(args, f, None) is not None}
-    return RecoverConfig(**given)
+    return RecoverConfig(**field_values(RecoverConfig, args))
 
 
 def checkpoint_dir(out: str) -> Path:
@@ -296,20 +277,19 @@ def chain_config(args: argparse.Namespace):
     """The RecoverConfig of ``prune --recover`` (``None`` without it), validated before any work."""
     from ..recover import RecoverConfig
     from ..recover.data import load_documents
+
     opts = _yaml_values(getattr(args, "recover_option", None))
     if not getattr(args, "recover", False):
         if opts:
             raise ConfigError("--recover-option given without --recover")
         return None
-    import dataclasses
-
-    known = {f.name for f in dataclasses.fields(RecoverConfig)}
-    unknown = sorted(set(opts) - known)
+    defaults = {f.name: f.default for f in dataclasses.fields(RecoverConfig)}
+    unknown = sorted(set(opts) - set(defaults))
     if unknown:
-        raise ConfigError(f"--recover-option {unknown[0]!r} is not a recovery setting; choose from: {', '.join(sorted(known))}")
-    for key in ("hidden_layers", "betas"):
-        if key in opts and not isinstance(opts[key], (list, tuple)):
-            opts[key] = [opts[key]]
+        raise ConfigError(f"--recover-option {unknown[0]!r} is not a recovery setting; choose from: {', '.join(sorted(defaults))}")
+    for key, value in opts.items():  # a lone value for a list setting (hidden_layers=-2) is a list of one
+        if isinstance(defaults[key], tuple) and not isinstance(value, (list, tuple)):
+            opts[key] = [value]
     cfg = RecoverConfig(**opts)
     load_documents(cfg)
     return cfg

@@ -34,6 +34,13 @@ def _float(name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool
         raise ConfigError(f"{name}={value!r} is invalid: it must be a number in {rng}")
 
 
+def _flag(default: Any, help: str, **cli: Any) -> Any:
+    """A field that is also a command-line flag. Its metadata holds the flag's ``help`` and, where needed,
+    ``choices`` and ``flag`` (when the flag is not ``--field-name``); the flag's type and nargs follow from
+    the default. ``prunekit.cli.recover`` builds the flags and the config from these fields alone."""
+    return dataclasses.field(default=default, metadata={"cli": {"help": help, **cli}})
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not one of: {', '.join(allowed)}")
@@ -80,45 +87,47 @@ class RecoverConfig:
         checkpoint_every: write a resumable checkpoint every N optimizer steps (0: never).
     """
 
-    data: str = "austen"
-    text_field: str = "text"
-    tokens: int = 262_144
-    seqlen: int = 1024
-    batch_size: int = 1
-    grad_accum: int = 8
-    val_windows: int = 8
-    val_every: int = 0
-    kl_weight: float = 1.0
-    ce_weight: float = 0.0
-    hidden_weight: float = 0.0
-    temperature: float = 1.0
-    hidden_layers: tuple[int, ...] = (-1,)
-    loss_chunk: int = 256
-    trainable: str = "full"
-    train_embeddings: bool = False
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    optimizer: str = "adamw"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
+    data: str = _flag("austen", "training text: registered dataset (its training split) or .txt/.jsonl file "
+                      "(default austen); never an evaluation split")
+    text_field: str = _flag("text", "JSONL field holding the text (default text)")
+    tokens: int = _flag(262_144, "training budget in tokens (default 262144)")
+    seqlen: int = _flag(1024, "tokens per training window (default 1024)")
+    batch_size: int = _flag(1, "windows per forward/backward (default 1)")
+    grad_accum: int = _flag(8, "micro-batches per optimizer step (default 8)")
+    val_windows: int = _flag(8, "held-out windows for validation (default 8)")
+    val_every: int = _flag(0, "validate every N steps (default: before/after only)")
+    kl_weight: float = _flag(1.0, "weight of T^2*KL distillation (default 1)")
+    ce_weight: float = _flag(0.0, "weight of next-token cross-entropy (default 0)")
+    hidden_weight: float = _flag(0.0, "weight of hidden-state MSE (default 0)")
+    temperature: float = _flag(1.0, "distillation temperature T (default 1)")
+    hidden_layers: tuple[int, ...] = _flag((-1,), "hidden states to match (default -1)")
+    loss_chunk: int = _flag(256, "positions per logits chunk (default 256)")
+    trainable: str = _flag("full", "full (masked) or lora (default full)", choices=TRAINABLE)
+    train_embeddings: bool = _flag(False, "also train embeddings / LM head")
+    lora_rank: int = _flag(16, "LoRA rank (default 16)")
+    lora_alpha: float = _flag(32.0, "LoRA alpha (default 32)")
+    lora_dropout: float = _flag(0.0, "LoRA dropout (default 0)")
+    optimizer: str = _flag("adamw", "adamw, galore or spam (default adamw)", choices=OPTIMIZERS)
+    lr: float = _flag(1e-4, "peak learning rate (default 1e-4)")
+    weight_decay: float = _flag(0.0, "decoupled weight decay on matrices (default 0)")
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
-    warmup_ratio: float = 0.05
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    galore_rank: int = 128
-    galore_update_gap: int = 200
-    galore_scale: float = 1.0
-    spam_threshold: float = 5000.0
-    spam_reset_interval: int = 500
-    spam_warmup: int = 150
-    spam_clip_delay: int = 20
-    bf16: bool = False
-    teacher_dtype: str = "auto"
-    seed: int = 0
-    checkpoint_every: int = 0
+    max_grad_norm: float | None = _flag(1.0, "gradient-norm clip (default 1)")
+    warmup_ratio: float = _flag(0.05, "fraction of steps of linear warm-up (default 0.05)")
+    schedule: str = _flag("cosine", "decay after warm-up (default cosine)", choices=SCHEDULES)
+    min_lr_ratio: float = _flag(0.1, "final lr / peak lr (default 0.1)")
+    galore_rank: int = _flag(128, "GaLore projection rank (default 128)")
+    galore_update_gap: int = _flag(200, "steps between GaLore SVDs (default 200)")
+    galore_scale: float = _flag(1.0, "GaLore update scale alpha (default 1)")
+    spam_threshold: float = _flag(5000.0, "SPAM spike threshold theta (default 5000)")
+    spam_reset_interval: int = _flag(500, "SPAM momentum reset interval (default 500)")
+    spam_warmup: int = _flag(150, "SPAM warm-up steps after a reset (default 150)")
+    spam_clip_delay: int = _flag(20, "steps after a reset before clipping (default 20)")
+    bf16: bool = _flag(False, "bfloat16 autocast for the student's compute")
+    teacher_dtype: str = _flag("auto", "teacher weights dtype (default auto: bfloat16 where the CPU has bf16 units)",
+                               choices=TEACHER_DTYPES)
+    seed: int = _flag(0, "seed of data order and LoRA init (default 0)")
+    checkpoint_every: int = _flag(0, "write a resumable checkpoint beside --out every N steps (default: never)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_layers", tuple(self.hidden_layers))
