@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from prunekit.errors import ConfigError
-from prunekit.export import atomic
-from prunekit.export.atomic import atomic_folder, reserve_output, step
+from prunekit.formats import atomic
+from prunekit.formats.atomic import atomic_folder, reserve_output, step
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
 

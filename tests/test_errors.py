@@ -10,7 +10,7 @@ from conftest import save_tiny, tiny_model
 from prunekit import PruneConfig, prune
 from prunekit.cli import main
 from prunekit.config import CalibConfig, EvalConfig
-from prunekit.export import atomic_folder
+from prunekit.formats import atomic_folder
 from prunekit.models import UnsupportedModelError, find_blocks
 
 

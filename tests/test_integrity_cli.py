@@ -43,13 +43,13 @@ def no_weights(monkeypatch):
     """Fails the test if model weights are loaded: the error must come before."""
     import transformers
 
-    import prunekit.models.loading as loading
+    import prunekit.formats.compressed as compressed
 
     def fail(*a, **k):
         pytest.fail("the weights were loaded before the error")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fail)
-    monkeypatch.setattr(loading, "load_compressed_model", fail)
+    monkeypatch.setattr(compressed, "load_compressed_model", fail)
 
 
 # ------------------------------------------------------------------------------ loading

@@ -10,7 +10,7 @@ import torch
 from conftest import save_tiny, tiny_model, tiny_tokenizer
 from prunekit import PruneConfig, load_model, prune
 from prunekit.cli import main
-from prunekit.export import save_model
+from prunekit.formats import save_model
 from prunekit.models import decoder_linears
 from prunekit.recover.trainer import Trainer
 

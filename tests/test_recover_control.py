@@ -10,7 +10,7 @@ import torch
 from conftest import save_tiny
 from prunekit import PruneConfig, load_model, prune
 from prunekit.cli import main
-from prunekit.export import save_model
+from prunekit.formats import save_model
 from prunekit.recover import RecoverConfig
 from prunekit.recover.control import compare, train_control
 from prunekit.recover.trainer import Trainer

@@ -101,7 +101,7 @@ def save_with_thresholds(model: nn.Module, tokenizer, out_dir, report: dict | No
     """
     import os
 
-    from ..export import atomic_folder, save_folder
+    from ..formats import atomic_folder, save_folder
     from .base import state_of
 
     state = state_of(model)
@@ -117,7 +117,7 @@ def save_with_thresholds(model: nn.Module, tokenizer, out_dir, report: dict | No
         write_side_files(state, tmp)
         how.append(sentence)
 
-    from ..export import model_bytes
+    from ..formats import model_bytes
 
     out = atomic_folder(out_dir, write, overwrite, needed_bytes=model_bytes(model))
     return out, (f"{how[0]}; activation thresholds ({state.method}) in {MANIFEST} / {TENSORS}: prunekit.load_model "

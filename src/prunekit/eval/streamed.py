@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..calibration.context import calibration_forward_context, capture_batches, logits_from_last_hidden
 from ..models import find_blocks
-from ..models.lazy import LazyModel, module_name
+from ..formats.lazy import LazyModel, module_name
 
 log = logging.getLogger(__name__)
 
