@@ -192,6 +192,45 @@ def test_the_checker_sees_in_function_root_and_relative_imports_but_not_shim_get
     assert _cycles({("a", "b"): [], ("b", "c"): [], ("c", "a"): [], ("c", "d"): []}) == [["a", "b", "c"]]
 
 
+def _from_imports(path: Path):
+    """``(imported module, names)`` of every ``from prunekit... import`` in ``path``, a name that is a
+    submodule counted as that module (not in shim getattrs; the root excluded)."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for top in tree.body if _is_shim_getattr(top) for n in ast.walk(top)}
+    for node in ast.walk(tree):
+        if id(node) in skip or not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            target = ".".join(base + ([node.module] if node.module else []))
+        else:
+            target = node.module or ""
+        if not target.startswith("prunekit."):
+            continue
+        for a in node.names:
+            sub = PKG.parent / f"{target}.{a.name}".replace(".", "/")
+            yield (f"{target}.{a.name}", []) if sub.is_dir() or sub.with_suffix(".py").is_file() else (target, [a.name])
+
+
+def test_no_import_cycle_between_modules():
+    """Finer than packages: no two modules import each other (export/lowrank <-> export/structured did,
+    through an in-function import)."""
+    edges = {(_module_name(p), target): [] for p in PKG.rglob("*.py") for target, _ in _from_imports(p)
+             if target != _module_name(p)}
+    assert not _cycles(edges), f"import cycles between modules: {_cycles(edges)}"
+
+
+def test_no_private_name_is_imported_from_the_model_and_format_packages():
+    """``_name`` is private to its module: nothing takes one from prunekit.models, .formats or .export."""
+    owned = ("prunekit.models", "prunekit.formats", "prunekit.export", "prunekit.codec")
+    bad = sorted(f"{_module_name(p)} imports {target}.{n}" for p in PKG.rglob("*.py")
+                 for target, names in _from_imports(p) if target.startswith(owned) and target != _module_name(p)
+                 for n in names if n.startswith("_"))
+    assert not bad, bad
+
+
 # ------------------------------------------------------------------------------ (c) file names only in formats/
 
 
