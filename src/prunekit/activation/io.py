@@ -94,7 +94,7 @@ def _has_module(model: nn.Module, name: str) -> bool:
 
 def save_with_thresholds(model: nn.Module, tokenizer, out_dir, report: dict | None = None, overwrite: bool = False,
                          merge_lowrank: bool = False, save_format: str = "dense") -> tuple[Path, str]:
-    """:func:`prunekit.export.save_folder` plus the threshold side files, in one atomic folder.
+    """:func:`prunekit.formats.save_folder` plus the threshold side files, in one atomic folder.
 
     The weights are written by the format's own writer into a subfolder of the atomic temporary
     folder, moved up beside the side files, and the whole folder is swapped in at once.

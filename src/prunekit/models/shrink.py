@@ -4,7 +4,7 @@ Every function here builds *new*, smaller ``nn.Linear`` (or GPT-2 ``Conv1D``) mo
 kept rows/columns — no masks, no padding — and keeps the attributes the modules' forward reads
 consistent (``num_key_value_groups``, ``num_heads``, GPT-2's ``split_size``, ``layer_idx``), and
 the config's per-layer facts (``num_hidden_layers``, ``layer_types`` and any other per-layer list)
-when blocks go. The model's config is *not* changed for widths here; :mod:`prunekit.export.structured`
+when blocks go. The model's config is *not* changed for widths here; :mod:`prunekit.formats.structured`
 decides whether a stock config can express the result.
 """
 
