@@ -113,7 +113,8 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from prunekit.models.loading import _gguf_cache_dir, resolve_source
+    from prunekit.formats.gguf_read import gguf_cache_dir as _gguf_cache_dir
+    from prunekit.formats.sources import resolve_source
     from prunekit.report import environment
 
     prunekit_load = __import__("prunekit").load_model

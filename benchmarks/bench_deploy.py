@@ -50,7 +50,7 @@ import llamacpp_tools as lt  # noqa: E402
 from common import cpu_flags, load_json, write_results  # noqa: E402
 from deploy_render import render  # noqa: E402
 from prunekit.eval.perplexity import eval_token_ids, perplexity  # noqa: E402
-from prunekit.formats import llamacpp  # noqa: E402
+from prunekit.formats import llamacpp, read_report  # noqa: E402
 from prunekit.report import environment  # noqa: E402
 from prunekit.structured.summary import param_count  # noqa: E402
 
@@ -119,8 +119,7 @@ def stage_quality(row: dict, ctx: dict) -> None:
     with torch.no_grad():
         logits = model(ids[None]).logits[0].float().numpy()
     np.save(ctx["work"] / "logits" / f"{_slug(row['label'])}.npy", logits)
-    st = (json.loads(Path(row["model"], "prunekit_report.json").read_text()).get("extra", {}).get("structure")
-          if Path(row["model"], "prunekit_report.json").is_file() else None)
+    st = (read_report(row["model"]) or {}).get("extra", {}).get("structure")
     if st:
         row["structure"] = {k: st.get(k) for k in ("uniform_widths", "plan") if k in st}
     del model

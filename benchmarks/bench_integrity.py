@@ -33,8 +33,8 @@ RESULTS = HERE / "results"
 def _folders(tmp: Path) -> dict[str, Path]:
     from prunekit import PruneConfig, load_model, prune
     from prunekit.calibration import run_sequential
-    from prunekit.export import save_folder
-    from prunekit.export.lowrank import save_lowrank
+    from prunekit.formats import save_folder
+    from prunekit.formats.lowrank import save_lowrank
     from prunekit.methods import Target, build_method
     from prunekit.models import decoder_linears
 
@@ -49,8 +49,8 @@ def _folders(tmp: Path) -> dict[str, Path]:
 
 def _load_times(folder: Path, reps: int) -> dict[str, list[float]]:
     from prunekit.formats import checksum
-    from prunekit.models.compressed import is_compressed_folder, load_compressed_model
-    from prunekit.models.lowrank import load_lowrank_model
+    from prunekit.formats.compressed_read import is_compressed_folder, load_compressed_model
+    from prunekit.formats.lowrank import load_lowrank_model
 
     from safetensors.torch import load_file
 

@@ -29,7 +29,7 @@ import prunekit
 from prunekit import CalibConfig, PruneConfig
 from prunekit.data import calibration_ids
 from prunekit.eval import perplexity
-from prunekit.export.lowrank import save_compressed
+from prunekit.formats import save_compressed
 from prunekit.models import decoder_linears
 from prunekit.report import environment
 

@@ -71,7 +71,7 @@ def folder(row_id: str) -> Path:
 def prune_row(row_id: str, row: Row) -> dict:
     """Prune (in memory or streamed), save to the cache; the row's prune facts."""
     import prunekit
-    from prunekit.export import save_folder
+    from prunekit.formats import save_folder
 
     cfg = row.config()
     out = folder(row_id)
@@ -86,7 +86,9 @@ def prune_row(row_id: str, row: Row) -> dict:
         out.mkdir(parents=True)
         rep = prune_streamed(lazy, cfg, out, tok, calib=ids, save_format="compressed")
         tok.save_pretrained(out)
-        (out / "prunekit_report.json").write_text(rep.to_json())
+        from prunekit.formats import REPORT_FILE
+
+        (out / REPORT_FILE).write_text(rep.to_json())
     else:
         model, tok = prunekit.load_model(MODELS[row.model])
         ids, digest = calib_ids(row.model, row, tok)

@@ -150,7 +150,7 @@ def prepare_student(key: str, args) -> dict:
 
     import prunekit
     from prunekit.config import CalibConfig
-    from prunekit.export.lowrank import save_compressed
+    from prunekit.formats import save_compressed
 
     folder = Path(args.cache) / key
     if key == "dense":
@@ -205,7 +205,7 @@ def run_row(name: str, args) -> dict:
     import torch
 
     import prunekit
-    from prunekit.export.lowrank import save_compressed
+    from prunekit.formats import save_compressed
     from prunekit.recover import RecoverConfig, recover
 
     student_key, recipe, data, tokens = args.row_spec

@@ -65,7 +65,7 @@ def run_one(model: str, mode: str, nsamples: int, seqlen: int, windows: int) -> 
         state, (path, blocks) = m.state_dict(), find_blocks(m)
     else:
         from prunekit.eval import perplexity
-        from prunekit.models.lazy import LazyModel, SafetensorsSource
+        from prunekit.formats.lazy import LazyModel, SafetensorsSource
         from prunekit.streaming import open_lazy, prune_streamed
 
         lazy, tok = open_lazy(model)

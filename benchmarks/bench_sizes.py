@@ -65,8 +65,8 @@ def child(folder: str, how: str, dtype: str) -> dict:
     import transformers  # noqa: F401 - imported before the baseline, as the load needs it
 
     import prunekit  # noqa: F401
-    from prunekit.models.compressed import load_compressed_model
-    from prunekit.models.loading import resolve_dtype
+    from prunekit.formats.compressed_read import load_compressed_model
+    from prunekit.models.runtime import resolve_dtype
 
     def load():
         t = time.perf_counter()
@@ -127,8 +127,9 @@ def linear_bytes(model, manifest: dict | None) -> tuple[int, int, int]:
 
 def run_config(model, tok, pattern, sparsity, dtype, tmp: Path, dense_ref: int | None, reps: int) -> list[dict]:
     import prunekit
-    from prunekit.export import save_folder
-    from prunekit.export.save import folder_bytes, weights_bytes
+    from prunekit.formats import save_folder
+    from prunekit.formats.compressed_read import read_manifest
+    from prunekit.formats.sizes import folder_bytes, weights_bytes
 
     if pattern != "dense":
         prunekit.prune(model, prunekit.PruneConfig(method="magnitude", sparsity=sparsity, pattern=pattern))
@@ -149,7 +150,7 @@ def run_config(model, tok, pattern, sparsity, dtype, tmp: Path, dense_ref: int |
                "baseline_rss_mb": max(r["baseline_rss_mb"] for r in runs),
                "identical": all(r["hashes"] == hashes for r in runs),
                "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
-        manifest = json.loads((out / "prunekit_compressed.json").read_text()) if fmt == "compressed" else None
+        manifest = read_manifest(out) if fmt == "compressed" else None
         if manifest:
             row["encodings"] = manifest["sizes"]["encodings"]
         row["linear_stored_bytes"], row["linear_dense_bytes"], row["linear_weights"] = linear_bytes(model, manifest)
@@ -180,7 +181,7 @@ def main() -> None:
         print("RESULT " + json.dumps(child(*json.loads(args.child))))
         return
     import prunekit
-    from prunekit.export import model_bytes
+    from prunekit.formats import model_bytes
     from prunekit.report import environment
 
     rows = []

@@ -40,9 +40,10 @@ OUT = Path(os.environ.get("SPARSE_DECODE_JSON", RESULTS / "sparse_decode.json"))
 os.environ.setdefault("PRUNEKIT_DATA", str(HERE.parents[1] / "shared" / "data"))
 sys.path.insert(0, str(HERE))
 
+import prunekit  # noqa: E402, F401  (registers the kernels and aliases)
 from common import load_json, median_time, save_json  # noqa: E402
 from prunekit.kernels import ops  # noqa: E402
-from prunekit.models.loading import cache_root  # noqa: E402
+from prunekit.formats.sources import cache_root  # noqa: E402
 from prunekit.report import environment  # noqa: E402
 
 SHAPES = {"smollm2-135m": [(576, 1536), (1536, 576)], "qwen2.5-coder-1.5b": [(1536, 8960), (8960, 1536)]}

@@ -43,7 +43,7 @@ from prunekit import CalibConfig, PruneConfig  # noqa: E402
 from prunekit.data import calibration_ids  # noqa: E402
 from prunekit.eval import perplexity  # noqa: E402
 from prunekit.eval.tasks import TaskSettings, prepare_tasks, run_tasks  # noqa: E402
-from prunekit.export.lowrank import save_compressed  # noqa: E402
+from prunekit.formats import save_compressed  # noqa: E402
 from prunekit.models import decoder_linears, weight_view  # noqa: E402
 from prunekit.report import environment  # noqa: E402
 from prunekit.structured.summary import param_count  # noqa: E402

@@ -13,7 +13,7 @@ from prunekit.activation import read_side_files, write_side_files
 from prunekit.data import calibration_ids
 from prunekit.eval import perplexity
 from prunekit.eval.tasks import TaskSettings, prepare_tasks, run_tasks
-from prunekit.export import save_model
+from prunekit.formats import save_model
 from prunekit.kernels.bench import bench_decode
 from prunekit.kernels.generate import decode_seconds, interleaved, prefill_seconds
 from prunekit.report import environment
@@ -89,7 +89,7 @@ def build(label: str, name: str, dtype: str, args, tok=None, ids=None):
             prunekit.prune(model, PruneConfig(method="shortgpt", pattern="blocks", sparsity=k / n,
                                               calib=CalibConfig("austen", args.nsamples, 1024, 0, batch_size=4)),
                            calib=ids if ids is not None else _calib(args, tok))
-            from prunekit.export import save_folder
+            from prunekit.formats import save_folder
 
             save_folder(model, tok, folder)
     return model, tok
@@ -121,7 +121,7 @@ def quality_row(label: str, name: str, args, ids) -> dict:
 def stage_quality(args, data: dict) -> None:
     name = args.model
     tab = data["quality"].setdefault(name, {})
-    tok = prunekit.models.loading.load_tokenizer(name)
+    tok = prunekit.formats.load_tokenizer(name)
     ids = _calib(args, tok)
     for label in args.rows or QUALITY[name]:
         if label in tab and not args.redo:

@@ -183,20 +183,20 @@ def no_weights(monkeypatch):
     """Fails the test if model weights are loaded (plain or compressed): the error must come before."""
     import transformers
 
-    import prunekit.models.loading as loading
+    import prunekit.formats.compressed as compressed
 
     def fail(*a, **k):
         pytest.fail("the weights were loaded before the error")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fail)
-    monkeypatch.setattr(loading, "load_compressed_model", fail)
+    monkeypatch.setattr(compressed, "load_compressed_model", fail)
 
 
 @pytest.fixture
 def pruned_folders(tmp_path):
     """(dense folder, its 50%-magnitude-pruned copy, a training ``.txt``) for recovery runs."""
     from prunekit import PruneConfig, load_model, prune
-    from prunekit.export import save_model
+    from prunekit.formats import save_model
 
     dense = save_tiny(tmp_path / "dense")
     model, tok = load_model(str(dense))
@@ -210,7 +210,7 @@ def pruned_folders(tmp_path):
 @contextlib.contextmanager
 def held_by_another_run(out):
     """``out`` reserved by another process (a forked child) until the block ends; yields the child's pid."""
-    from prunekit.export import reserve_output
+    from prunekit.formats.atomic import reserve_output
 
     held_r, held_w = os.pipe()
     done_r, done_w = os.pipe()

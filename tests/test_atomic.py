@@ -8,8 +8,8 @@ import pytest
 
 from conftest import held_by_another_run
 from prunekit.errors import ConfigError
-from prunekit.export import atomic
-from prunekit.export.atomic import atomic_folder, reserve_output, step
+from prunekit.formats import atomic
+from prunekit.formats.atomic import atomic_folder, reserve_output, step
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_model, tiny_tokenizer
-from prunekit import codec
+from prunekit.formats import codec
 from prunekit.masks import nm_mask
 from prunekit.methods import apply_keep_mask
 from prunekit.models import decoder_linears, weight_view
@@ -176,14 +176,14 @@ def assert_same_model(a: nn.Module, b: nn.Module, ids: torch.Tensor) -> None:
 
 def save_load(model, tmp_path, tok=None, dtype=None):
     import prunekit
-    from prunekit.export import save_folder
+    from prunekit.formats import save_folder
 
     out, how = save_folder(model, tok, tmp_path / "c", {"note": "test"}, save_format="compressed")
     assert "prunekit.load_model" in how and "dense-equivalent" in how
     if tok is not None:
         back, _ = prunekit.load_model(str(out), dtype=dtype or model.dtype)
     else:
-        from prunekit.models.compressed import load_compressed_model
+        from prunekit.formats.compressed_read import load_compressed_model
 
         back = load_compressed_model(out, dtype or model.dtype)
     return out, back

@@ -9,10 +9,10 @@ import torch
 
 from conftest import tiny_model, tiny_tokenizer
 from prunekit.cli import main
-from prunekit.export import REPORT_FILE, save_folder
-from prunekit.export.save import weights_bytes
-from prunekit.models import load_model
-from prunekit.models.compressed import (MANIFEST, CompressedReader, CorruptCheckpointError, block_file,
+from prunekit.formats import REPORT_FILE, save_folder
+from prunekit.formats.sizes import weights_bytes
+from prunekit.formats import load_model
+from prunekit.formats.compressed_read import (MANIFEST, CompressedReader, CorruptCheckpointError, block_file,
                                        load_compressed_model)
 from test_compressed import assert_same_model, prune_mixed, same_bits
 

@@ -10,9 +10,9 @@ import torch
 
 from prunekit import PruneConfig, load_model, prune
 from prunekit.cli import main
-from prunekit.export import save_folder
-from prunekit.models.compressed import MANIFEST, CompressedSource
-from prunekit.models.lazy import LazyModel
+from prunekit.formats import save_folder
+from prunekit.formats.compressed_read import MANIFEST, CompressedSource
+from prunekit.formats.lazy import LazyModel
 from prunekit.streaming import model_bytes_on_disk, open_lazy, prune_streamed
 from test_compressed import same_bits
 

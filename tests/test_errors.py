@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from conftest import run_cli, save_tiny, tiny_model
 from prunekit import PruneConfig, prune
 from prunekit.config import CalibConfig, EvalConfig
-from prunekit.export import atomic_folder
+from prunekit.formats import atomic_folder
 from prunekit.models import UnsupportedModelError, find_blocks
 
 

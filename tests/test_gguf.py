@@ -339,7 +339,7 @@ def test_llamacpp_runs_a_middle_block_without_ffn(tok, tmp_path):
 def test_every_saved_format_exports_with_its_weights(tok, tmp_path, kind):
     """A folder in each prunekit format -> load_model -> GGUF: the GGUF holds the weights the loaded model runs."""
     from prunekit import PruneConfig, load_model, prune
-    from prunekit.export import save_folder
+    from prunekit.formats import save_folder
 
     m = _model("llama", tok)
     calib = torch.randint(0, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))

@@ -7,7 +7,7 @@ import torch
 
 from prunekit import EvalConfig, PruneConfig, evaluate, prune
 from prunekit.cli import main
-from prunekit.export import REPORT_FILE
+from prunekit.formats import REPORT_FILE
 from prunekit.models import decoder_linears, weight_view
 
 pytestmark = pytest.mark.integration

@@ -13,9 +13,9 @@ import pytest
 from conftest import tiny_model, tiny_tokenizer
 from prunekit.cli import main
 from prunekit.errors import ConfigError
-from prunekit.export import save_folder
-from prunekit.models import load_model
-from prunekit.models.compressed import MANIFEST as COMPRESSED, block_file
+from prunekit.formats import save_folder
+from prunekit.formats import load_model
+from prunekit.formats.compressed_read import MANIFEST as COMPRESSED, block_file
 from test_compressed import prune_mixed
 
 
@@ -120,8 +120,8 @@ def test_compressed_checksums_cover_every_stored_part(compressed):
 @pytest.fixture
 def structured(tmp_path):
     from prunekit import PruneConfig, prune
-    from prunekit.export.lowrank import save_compressed
-    from prunekit.export.structured import PRUNEKIT
+    from prunekit.formats import save_compressed
+    from prunekit.formats.structured import PRUNEKIT
     from test_structured import _ids, arch_model
 
     model = arch_model("llama")
@@ -135,7 +135,7 @@ def structured(tmp_path):
 @pytest.fixture
 def lowrank(tmp_path):
     from prunekit.calibration import run_sequential
-    from prunekit.export.lowrank import save_lowrank
+    from prunekit.formats.lowrank import save_lowrank
     from prunekit.methods import Target, build_method
     from prunekit.models import decoder_linears
 
@@ -178,7 +178,7 @@ def test_streamed_lowrank_shards_are_checked(tmp_path):
     from prunekit.calibration import run_sequential
     from prunekit.methods import Target, build_method
     from prunekit.models import decoder_linears, find_blocks
-    from prunekit.models.shards import ShardWriter, outside_blocks
+    from prunekit.formats.shards import ShardWriter, outside_blocks
 
     tok = tiny_tokenizer(320)
     model = tiny_model("llama", vocab_size=len(tok))

@@ -69,8 +69,8 @@ def test_a_save_time_refusal_falls_back_to_prunekits_format(tmp_path, monkeypatc
 
     from conftest import tiny_model
     from prunekit import PruneConfig, prune
-    from prunekit.export.lowrank import save_compressed
-    from prunekit.models.structured import load_structured_model
+    from prunekit.formats import save_compressed
+    from prunekit.formats.structured import load_structured_model
 
     model = tiny_model()
     prune(model, PruneConfig(method="magnitude", pattern="channels", sparsity=0.25, method_options={"multiple": 8}))
@@ -126,8 +126,8 @@ def test_free_space_is_checked_before_the_work_with_a_proportional_margin(tmp_pa
 
 def test_estimates_follow_the_output_format():
     from conftest import tiny_model
-    from prunekit.export.save import model_bytes
-    from prunekit.export.space import estimate_output_bytes
+    from prunekit.formats.sizes import model_bytes
+    from prunekit.formats.space import estimate_output_bytes
     from prunekit.models import decoder_linears
 
     model = tiny_model()
@@ -293,7 +293,7 @@ def test_a_teacher_with_another_tokenizer_of_the_same_size_is_refused_before_loa
 
 def test_tokenizer_differences():
     from conftest import tiny_tokenizer
-    from prunekit.models.tokenizer_match import tokenizer_differences
+    from prunekit.formats.tokenizer_match import tokenizer_differences
 
     a, b = tiny_tokenizer(320), tiny_tokenizer(320)
     assert tokenizer_differences(a, b) == []

@@ -160,7 +160,7 @@ def test_saved_lowrank_model_reloads_and_reproduces_outputs(lowrank_tiny, tmp_pa
     from transformers import AutoModelForCausalLM
 
     import prunekit
-    from prunekit.export.lowrank import save_compressed
+    from prunekit.formats import save_compressed
 
     model, tok = lowrank_tiny
     ids = calib_ids[:2]
@@ -183,7 +183,7 @@ def test_cli_export_merges(lowrank_tiny, tmp_path, calib_ids):
     from transformers import AutoModelForCausalLM
 
     from prunekit.cli import main
-    from prunekit.export.lowrank import save_lowrank
+    from prunekit.formats.lowrank import save_lowrank
 
     model, tok = lowrank_tiny
     src = save_lowrank(model, tok, tmp_path / "lr")

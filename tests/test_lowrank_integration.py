@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from prunekit.cli import main
-from prunekit.export import REPORT_FILE
-from prunekit.models import load_model
+from prunekit.formats import REPORT_FILE
+from prunekit.formats import load_model
 from prunekit.models.lowrank import LowRankLinear, lowrank_modules
 
 pytestmark = pytest.mark.integration

@@ -15,15 +15,15 @@ from safetensors.torch import load_file, save_file
 
 from conftest import REPO, calib_text, held_by_another_run, prune_argv, run_cli, save_tiny
 from prunekit.cli import main
-from prunekit.export import reserve_output
+from prunekit.formats import reserve_output
 
 
 @pytest.fixture
 def no_load(monkeypatch):
     """Fails the test if a model is loaded: the error must come before any work."""
-    import prunekit.models.loading as loading
+    import prunekit.formats as formats
 
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the error"))
+    monkeypatch.setattr(formats, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the error"))
 
 
 def _leftovers(parent):

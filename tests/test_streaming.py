@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from conftest import save_tiny
 from prunekit import EvalConfig, PruneConfig, evaluate, load_model, prune
 from prunekit.cli import main
-from prunekit.models.lazy import LazyModel, SafetensorsSource
+from prunekit.formats.lazy import LazyModel, SafetensorsSource
 from prunekit.streaming import open_lazy, prune_streamed
 
 

@@ -8,7 +8,7 @@ import torch
 
 from test_structured_save import _plain_diff
 from prunekit import CalibConfig, PruneConfig, load_model, prune
-from prunekit.export.lowrank import save_compressed
+from prunekit.formats import save_compressed
 
 pytestmark = pytest.mark.integration
 

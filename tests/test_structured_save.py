@@ -12,10 +12,11 @@ from conftest import save_tiny, tiny_tokenizer
 from test_structured import _ids, _logits, arch_model
 from prunekit import PruneConfig, load_model, prune
 from prunekit.cli import main
-from prunekit.export.lowrank import save_compressed
-from prunekit.export.structured import PRUNEKIT, is_restructured, plain_config
+from prunekit.formats import save_compressed
+from prunekit.formats.structured import PRUNEKIT
+from prunekit.formats.structured_plain import is_restructured, plain_config
 from prunekit.models import find_blocks
-from prunekit.models.structured import MANIFEST
+from prunekit.formats.structured import MANIFEST
 
 _PLAIN_CHECK = """
 import sys, torch

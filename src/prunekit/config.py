@@ -198,7 +198,7 @@ class ActivationSparsityConfig:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not (0.0 <= float(s) < 1.0):
             raise ConfigError(f"activation sparsity={s!r} is out of range: it must be a fraction in [0, 1), e.g. 0.4")
         object.__setattr__(self, "sparsity", float(s))
-        from .activation.base import ACTIVATION_METHODS
+        from .registry import ACTIVATION_METHODS
 
         object.__setattr__(self, "method", str(self.method).lower())
         ACTIVATION_METHODS.get(self.method)  # unknown name: one line naming the choices

@@ -79,3 +79,5 @@ MODEL_ALIASES: Registry = Registry("model alias")
 REFINERS: Registry = Registry("refiner")
 #: criteria for structured patterns (channels, heads, width, blocks, ffn); names may repeat METHODS'
 STRUCTURED: Registry = Registry("structured criterion")
+#: activation methods by name (``teal``, ``cats``, ``chess``); each registers itself in prunekit.activation
+ACTIVATION_METHODS: Registry = Registry("activation method")

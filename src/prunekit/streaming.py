@@ -1,6 +1,6 @@
 """Compress and evaluate models bigger than memory, one decoder block at a time.
 
-:func:`open_lazy` builds a :class:`~prunekit.models.lazy.LazyModel` (a skeleton whose weights stay
+:func:`open_lazy` builds a :class:`~prunekit.formats.lazy.LazyModel` (a skeleton whose weights stay
 in the checkpoint); :func:`prune_streamed` runs the same engine as :func:`prunekit.prune` —
 same statistics, same compression, bit-identical weights — but reads each block from the
 checkpoint when its turn comes and writes it to the output shards as soon as it is compressed.
@@ -25,12 +25,13 @@ from .calibration import BlockEvent, run_sequential
 from .calibration.residency import Streamed
 from .config import PruneConfig, to_dict
 from .errors import ConfigError
-from .export.compressed import CompressedWriter
-from .models.shards import ShardWriter
-from .models import find_blocks, resolve_dtype, resolve_source
-from .models.lazy import GGUFSource, LazyModel, SafetensorsSource
-from .models.compressed import CompressedSource, is_compressed_folder
-from .models.lowrank import is_lowrank_folder, read_manifest
+from .formats.compressed_read import CompressedSource, is_compressed_folder
+from .formats.compressed_write import CompressedWriter
+from .formats.lazy import GGUFSource, LazyModel, SafetensorsSource, safetensors_header
+from .formats.lowrank import is_lowrank_folder, read_manifest
+from .formats.shards import ShardWriter
+from .formats.sources import resolve_source
+from .models import find_blocks, resolve_dtype
 from .report import Report, RunInfo
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,6 @@ def model_bytes_on_disk(spec: str, dtype: str | torch.dtype) -> int | None:
         from gguf import GGUFReader
 
         return sum(int(t.n_elements) for t in GGUFReader(str(Path(src.path) / src.gguf_file)).tensors) * size
-    from .models.lazy import safetensors_header
-
     if is_compressed_folder(src.path):  # the stored parts are smaller than the tensors they decode to
         reader = CompressedSource(src.path).reader
         return sum(reader.numel(n) for n in reader.tensors) * size

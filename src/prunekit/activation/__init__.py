@@ -10,7 +10,7 @@ from .api import check_activation, sparsify_activations
 from .base import ACTIVATION_METHODS, ActivationState, Site, state_of
 from .io import MANIFEST, TENSORS, attach_saved, has_saved, read_side_files, save_with_thresholds, write_side_files
 
-from ..models.loading import LOAD_HOOKS
+from ..formats.load import LOAD_HOOKS
 
 if attach_saved not in LOAD_HOOKS:
     LOAD_HOOKS.append(attach_saved)

@@ -23,12 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..registry import Registry
+from ..registry import ACTIVATION_METHODS  # noqa: F401  (re-exported: the methods register through it)
 
 log = logging.getLogger(__name__)
-
-#: activation methods by name (``teal``, ``cats``, ``chess``); each registers itself in its own file
-ACTIVATION_METHODS: Registry = Registry("activation method")
 
 INPUT, GATE = "input", "gate"
 

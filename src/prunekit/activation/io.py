@@ -94,14 +94,14 @@ def _has_module(model: nn.Module, name: str) -> bool:
 
 def save_with_thresholds(model: nn.Module, tokenizer, out_dir, report: dict | None = None, overwrite: bool = False,
                          merge_lowrank: bool = False, save_format: str = "dense") -> tuple[Path, str]:
-    """:func:`prunekit.export.save_folder` plus the threshold side files, in one atomic folder.
+    """:func:`prunekit.formats.save_folder` plus the threshold side files, in one atomic folder.
 
     The weights are written by the format's own writer into a subfolder of the atomic temporary
     folder, moved up beside the side files, and the whole folder is swapped in at once.
     """
     import os
 
-    from ..export import atomic_folder, save_folder
+    from ..formats import atomic_folder, save_folder
     from .base import state_of
 
     state = state_of(model)
@@ -117,7 +117,7 @@ def save_with_thresholds(model: nn.Module, tokenizer, out_dir, report: dict | No
         write_side_files(state, tmp)
         how.append(sentence)
 
-    from ..export import model_bytes
+    from ..formats import model_bytes
 
     out = atomic_folder(out_dir, write, overwrite, needed_bytes=model_bytes(model))
     return out, (f"{how[0]}; activation thresholds ({state.method}) in {MANIFEST} / {TENSORS}: prunekit.load_model "

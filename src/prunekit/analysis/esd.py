@@ -210,7 +210,7 @@ def weight_hash(w: Tensor) -> str:
 
 
 def _cache_dir() -> Path:
-    from ..models.loading import cache_root
+    from ..formats.sources import cache_root
 
     return cache_root() / "esd"
 

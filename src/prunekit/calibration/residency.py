@@ -4,7 +4,7 @@
 from the model's (``--device cuda`` with the model on the CPU), each block visits the device while
 it is processed, and the embedding stage visits it for the capture.
 
-:class:`Streamed`: the model is a :class:`~prunekit.models.lazy.LazyModel` skeleton; the modules
+:class:`Streamed`: the model is a :class:`~prunekit.formats.lazy.LazyModel` skeleton; the modules
 outside the blocks are read once, each block is read from the checkpoint when its turn comes,
 handed to ``on_done`` (which writes it to the output shards) and released. Only one block's
 weights are in memory at a time.
@@ -96,7 +96,7 @@ class _LazyLinears(Mapping):
 
 
 class Streamed:
-    """Blocks read from a :class:`~prunekit.models.lazy.LazyModel` one at a time, handed to ``on_done``
+    """Blocks read from a :class:`~prunekit.formats.lazy.LazyModel` one at a time, handed to ``on_done``
     after compression (to be written out), then released."""
 
     def __init__(self, lazy, blocks_path: str, on_done: Callable[[int, nn.Module], None] | None = None,

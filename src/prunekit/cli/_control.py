@@ -26,7 +26,7 @@ def check_control(args: argparse.Namespace) -> None:
 
 def run_control(args: argparse.Namespace, cfg, teacher, tok, evaluator, report, progress_bar) -> dict:
     """Train and evaluate a fresh copy of the dense model; print the comparison; return it for the report."""
-    from ..models import load_model
+    from ..formats import load_model
     from ..recover.control import compare, train_control
 
     print(f"control: training a copy of {args.teacher} with the same recipe ({cfg.steps} steps)")

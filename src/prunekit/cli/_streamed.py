@@ -57,11 +57,8 @@ def _evaluate(lazy, tok, args, seqlen: int, label: str, tokens: dict) -> dict:
 def run_streamed(args: argparse.Namespace, config, tasks: dict, settings, prune_progress, print_summary) -> int:
     """The streamed pipeline; ``prune_progress`` wraps the prune in a progress bar."""
     from ..eval import check_seqlen
-    from ..export import atomic_folder
-    from ..export.atomic import check_free_space
-    from ..export.formats import describe
-    from ..export.save import dense_weights_bytes, storage, write_report
-    from ..models.lowrank import lowrank_modules
+    from ..formats import atomic_folder, describe_streamed, finish_streamed
+    from ..formats.atomic import check_free_space
     from ..streaming import model_bytes_on_disk, open_lazy, prune_streamed
     from ._tasks import run_with_progress
 
@@ -91,18 +88,13 @@ def run_streamed(args: argparse.Namespace, config, tasks: dict, settings, prune_
             report.evaluation["tasks"] = {"dense": {k: r.to_dict() for k, r in dense_tasks.items()},
                                           "pruned": {k: r.to_dict() for k, r in pruned_tasks.items()}}
         report.extra.update(model=args.model, dtype=args.dtype, offload="disk")
-        fmt = args.save_format if args.save_format == "compressed" or not lowrank_modules(lazy.model) else "lowrank"
-        dense_bytes = dense_weights_bytes(lazy.model)
-        write_report(tmp, report.to_dict(), dense_bytes, fmt)
-        result.update(report=report, pruned=pruned, tasks=pruned_tasks, storage=(dense_bytes, fmt))
+        storage = finish_streamed(tmp, report.to_dict(), lazy.model, args.save_format)
+        result.update(report=report, pruned=pruned, tasks=pruned_tasks, storage=storage)
 
     out = atomic_folder(args.out, write, args.overwrite, needed_bytes=needed)
     args.saved = out
     print_summary(result["report"], dense, result["pruned"], dense_tasks, result["tasks"])
-    what = {"compressed": "prunekit compressed format", "lowrank": "prunekit low-rank format",
-            "dense": "plain safetensors shards"}[result["storage"][1]]
-    sizes = describe(storage(out, *result["storage"]))
-    print(f"saved to {out} (written block by block while pruning: {what}; {sizes})")
+    print(f"saved to {out} (written block by block while pruning: {describe_streamed(out, *result['storage'])})")
     if args.json:
         Path(args.json).expanduser().write_text(result["report"].to_json())
     return 0

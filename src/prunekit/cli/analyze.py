@@ -61,7 +61,7 @@ def _analyze(spec: str, args: argparse.Namespace, label: str):
     from tqdm import tqdm
 
     from ..analysis.esd import analyze_model
-    from ..models import load_model
+    from ..formats import load_model
 
     t0 = time.perf_counter()
     model, tok = load_model(spec, args.dtype, args.device, args.trust_remote_code, args.allow_pickle)

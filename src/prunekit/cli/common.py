@@ -56,16 +56,9 @@ def check_out_folder(path, what: str = "--out") -> None:
 def check_save_space(out, model, spec: str, save_format: str = "dense", sparsity: float = 0.0,
                      structured: bool = False, linears: dict | None = None) -> None:
     """Before the work: fail in one line if the disk under ``out`` cannot hold what the save will write."""
-    from ..export.atomic import check_free_space
-    from ..export.space import estimate_output_bytes, tokenizer_bytes
-    from ..models.loading import model_folder
+    from ..formats import check_save_space as check
 
-    try:
-        folder = model_folder(spec)
-    except (OSError, ConfigError):
-        folder = None
-    check_free_space(out, estimate_output_bytes(model, save_format, sparsity, structured, linears),
-                     tokenizer_bytes(folder))
+    check(out, model, spec, save_format, sparsity, structured, linears)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -132,7 +125,7 @@ def setup_threads(args: argparse.Namespace) -> None:
 
 def load_from_args(args: argparse.Namespace):
     """``(model, tokenizer)`` from the model arguments every subcommand shares."""
-    from ..models import load_model
+    from ..formats import load_model
 
     return load_model(args.model, args.dtype, args.device, args.trust_remote_code, args.allow_pickle)
 

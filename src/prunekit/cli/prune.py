@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..formats import SAVE_FORMATS
 from ..registry import ALLOCATORS, METHODS, REFINERS, STRUCTURED
 from ._tasks import add_task_args, prepare, run_with_progress, task_settings
 from .common import (add_eval_args, add_model_args, check_json_path, check_save_space, fmt_ppl, load_from_args,
@@ -52,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="save the pruned model here (atomic; safetensors + report)")
     p.add_argument("--merge-lowrank", action="store_true",
                    help="save low-rank factors merged into dense weights (plain transformers; no size saving)")
-    p.add_argument("--save-format", default="dense", choices=["dense", "compressed"],
+    p.add_argument("--save-format", default="dense", choices=list(SAVE_FORMATS),
                    help="dense: plain HF folder (default); compressed: non-zeros + bitmask / N:M indices, "
                         "as small as the sparsity, reloaded by prunekit.load_model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -109,7 +110,7 @@ def _check_inputs(args: argparse.Namespace):
     """Everything that can be checked without the model, before it is loaded."""
     from ..api import build_components
     from ..data import get_dataset
-    from ..export import check_output_dir
+    from ..formats import check_output_dir, check_save_format
 
     from ._activation import activation_config, weight_pruning_requested
 
@@ -132,10 +133,7 @@ def _check_inputs(args: argparse.Namespace):
         raise ConfigError("--activation-sparsity calibrates the whole model in memory: drop --offload disk")
     if config is None:
         return None
-    if config.pattern_obj.is_structured and args.save_format == "compressed":
-        raise ConfigError(f"--save-format compressed stores the zeros of a sparse model compactly; --pattern "
-                          f"{config.pattern} removes them outright (the saved model is already smaller): drop "
-                          "--save-format compressed")
+    check_save_format(args.save_format, config.pattern_obj.is_structured, config.pattern)
     if config.pattern_obj.is_structured and args.offload == "disk":
         raise ConfigError(f"--pattern {config.pattern} reshapes the model as a whole and needs it in memory: use "
                           "--offload none (or auto), or an unstructured / N:M pattern to stream")
@@ -143,7 +141,7 @@ def _check_inputs(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import reserve_output
+    from ..formats import reserve_output
 
     config = _check_inputs(args)
     with contextlib.ExitStack() as stack:

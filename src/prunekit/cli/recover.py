@@ -123,21 +123,17 @@ def progress_bar(total: int):
 
 def prior_report(model_spec: str) -> dict | None:
     """The compression report saved beside the student (``prunekit prune --out``), if any."""
-    from ..export import REPORT_FILE
+    from ..formats import read_report
 
-    f = Path(model_spec).expanduser() / REPORT_FILE
-    if not f.is_file():
-        return None
-    try:
-        rep = json.loads(f.read_text())
-    except (OSError, ValueError):
+    rep = read_report(model_spec)
+    if rep is None:
         return None
     keep = ("method", "target_sparsity", "pattern", "allocation", "summary", "config", "evaluation")
     return {k: rep[k] for k in keep if k in rep}
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import reserve_output
+    from ..formats import reserve_output
 
     setup_threads(args)
     cfg = build_recover_config(args)  # every bad value fails here, before anything loads
@@ -147,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, cfg) -> int:
     from ..data import get_dataset
-    from ..models import load_model
+    from ..formats import load_model
     from ..recover.data import load_documents
 
     check_json_path(args.json)
@@ -167,7 +163,7 @@ def _run(args: argparse.Namespace, cfg) -> int:
         shutil.rmtree(ckpt)
 
     if cfg.needs_teacher:  # the same vocabulary size is not the same tokenizer: compared before any weights load
-        from ..models.tokenizer_match import check_same_tokenizer
+        from ..formats.tokenizer_match import check_same_tokenizer
 
         check_same_tokenizer(args.model, args.teacher, args.trust_remote_code)
     t0 = time.perf_counter()
@@ -183,7 +179,7 @@ def _run(args: argparse.Namespace, cfg) -> int:
 
 def train_and_save(args, cfg, student, teacher, tok, tasks, settings, ckpt: Path, prior: dict | None) -> int:
     """Recover, print the summary, save atomically, drop the checkpoint (shared with ``prune --recover``)."""
-    from ..export.lowrank import save_compressed
+    from ..formats import save_compressed
     from ..recover import recover
 
     bar, on_step = progress_bar(cfg.steps)

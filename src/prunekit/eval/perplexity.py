@@ -164,7 +164,7 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of ``model`` on a registered dataset's evaluation split (or a text file).
 
-    A model streamed from disk (:class:`~prunekit.models.lazy.LazyModel`) is evaluated one block at
+    A model streamed from disk (:class:`~prunekit.formats.lazy.LazyModel`) is evaluated one block at
     a time, with the same numbers.
     """
     ids = eval_token_ids(tokenizer, dataset, seqlen, data_dir, cache=token_cache)

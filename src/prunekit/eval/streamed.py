@@ -2,7 +2,7 @@
 
 The same protocols and the same numbers as the in-memory evaluation (the sequences are batched the
 same way and every block runs the same computation on them), but only one block's weights are in
-memory at a time (:class:`~prunekit.models.lazy.LazyModel`). Sequences are processed in chunks
+memory at a time (:class:`~prunekit.formats.lazy.LazyModel`). Sequences are processed in chunks
 whose hidden states fit a memory budget; each chunk reads the blocks once more. Perplexity and
 log-likelihood scoring (multiple-choice tasks) work this way; greedy generation cannot (every new
 token needs every block) and says so.
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..calibration.context import calibration_forward_context, capture_batches, logits_from_last_hidden
 from ..models import find_blocks
-from ..models.lazy import LazyModel, module_name
+from ..formats.lazy import LazyModel, module_name
 
 log = logging.getLogger(__name__)
 

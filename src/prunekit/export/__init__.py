@@ -1,8 +1,9 @@
-"""Saving compressed models (atomic, safetensors): plain HF folders, low-rank folders, the compressed format."""
+"""Deprecated import path: moved to prunekit.formats; importing names from here warns."""
 
-from .atomic import OutputExistsError, atomic_folder, check_output_dir, reserve_output
-from .formats import SAVE_FORMATS, save_folder
-from .save import REPORT_FILE, model_bytes, save_model
+from .._deprecated import moved
 
-__all__ = ["REPORT_FILE", "SAVE_FORMATS", "OutputExistsError", "atomic_folder", "check_output_dir", "model_bytes",
-           "reserve_output", "save_folder", "save_model"]
+
+def __getattr__(name: str):
+    from .. import formats
+
+    return moved(__name__, name, formats)

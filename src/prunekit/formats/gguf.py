@@ -41,8 +41,14 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.lowrank import lowrank_modules, merge_lowrank
+from .base import FORMATS, Format
+from .dense import DENSE
 from .gguf_arch import Layout, Tensor_, describe, permute_rows
+from .gguf_read import materialized
 from .gguf_vocab import vocab_from_tokenizer
+from .sources import ModelSource
+from .structured import MANIFEST as STRUCTURED_MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +288,7 @@ def _ffn_widths(folder: Path, cfg: dict) -> list[int]:
     """Per-layer FFN widths from a prunekit structured manifest, else the config's one width."""
     import json
 
-    from ..models.structured import MANIFEST
-
-    man = folder / MANIFEST
+    man = folder / STRUCTURED_MANIFEST
     if man.is_file():
         lin = json.loads(man.read_text()).get("linears", {})
         return [v["in"] for k, v in sorted(lin.items(), key=lambda kv: _layer_of(kv[0])) if k.endswith("down_proj")]
@@ -312,8 +316,6 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, opts: GGUFO
         raise ConfigError(f"output {str(out)!r} exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise ConfigError(f"output folder {str(out.parent)!r} does not exist")
-    from ..models.lowrank import lowrank_modules, merge_lowrank
-
     if lowrank_modules(model):
         log.info("merged %d low-rank modules into dense weights for GGUF", merge_lowrank(model))
     layout = describe(model)
@@ -366,3 +368,34 @@ def verify(model: nn.Module, tokenizer, path: str | os.PathLike, tokens: int = 1
     got = logits(path, ids.numpy(), threads=threads)
     return {"top1": float((got.argmax(-1) == ref.argmax(-1)).mean()), "max_abs": float(np.abs(got - ref).max()),
             "positions": int(len(ids))}
+
+
+class GGUFFormat(Format):
+    """One ``.gguf`` file: written for llama.cpp by :func:`export_gguf`, read (dequantized once into a
+    cached safetensors folder) by :func:`prunekit.formats.gguf_read.materialized`."""
+
+    name = "gguf"
+    order = 40
+    loader = "llama.cpp, or prunekit.load_model (dequantized once into the prunekit cache)"
+
+    def detect(self, path: str | os.PathLike) -> bool:
+        p = Path(path)
+        return p.is_file() and p.suffix == ".gguf"
+
+    def check(self, path: str | os.PathLike, allow_pickle: bool = False) -> None:
+        """Nothing before loading: the file is read by transformers' GGUF reader, which checks it."""
+
+    def save(self, model: nn.Module, tokenizer, out_dir: str | os.PathLike, report: dict | None = None,
+             overwrite: bool = False) -> tuple[Path, str]:
+        """Write ``out_dir`` (a file name ending in ``.gguf``) as float32 GGUF; the report is not stored."""
+        rep = export_gguf(model, tokenizer, out_dir, overwrite=overwrite)
+        return Path(rep.path), f"GGUF ({rep.arch}, {rep.quant}): run it with {self.loader}"
+
+    def load(self, path: str | os.PathLike, dtype: torch.dtype, trust_remote_code: bool = False,
+             allow_pickle: bool = False) -> nn.Module:
+        p = Path(path)
+        folder = materialized(ModelSource(str(p.parent), p.name)).path
+        return DENSE.load(folder, dtype, trust_remote_code, allow_pickle)
+
+
+GGUF = FORMATS.add("gguf", GGUFFormat(), help="one .gguf file for llama.cpp (prunekit export --to gguf)")

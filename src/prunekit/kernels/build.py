@@ -53,7 +53,7 @@ def cache_key() -> str:
 
 
 def _build_dir() -> Path:
-    from ..models.loading import cache_root
+    from ..formats.sources import cache_root
 
     return cache_root() / "kernels" / cache_key()
 

@@ -1,6 +1,7 @@
-"""Model loading, decoder-block discovery and the linear-layer view; nothing else in prunekit
-knows where a model keeps its blocks."""
+"""Decoder-block discovery, the linear-layer view, the low-rank module and run-time helpers; nothing else
+in prunekit knows where a model keeps its blocks. (Loading moved to :mod:`prunekit.formats`.)"""
 
+from .._deprecated import moved
 from .blocks import (
     UnsupportedModelError,
     block_lookup,
@@ -12,11 +13,22 @@ from .blocks import (
 )
 from .checks import check_finite
 from .linear import in_features, is_linear, out_features, set_weight, weight_fp32, weight_view
-from .loading import clear_quantizer, load_model, model_device, resolve_device, resolve_dtype, resolve_source
+from .runtime import clear_quantizer, model_device, resolve_device, resolve_dtype
 
 __all__ = [
     "UnsupportedModelError", "block_lookup", "check_finite", "block_linears", "clear_quantizer", "context_length",
-    "decoder_linears", "find_blocks", "in_features", "is_linear", "load_model", "out_features",
-    "model_device", "resolve_device", "resolve_dtype", "resolve_source", "set_module", "set_weight",
+    "decoder_linears", "find_blocks", "in_features", "is_linear", "out_features",
+    "model_device", "resolve_device", "resolve_dtype", "set_module", "set_weight",
     "weight_fp32", "weight_view",
 ]
+
+_MOVED = ("load_model", "resolve_source", "load_tokenizer", "model_folder", "ModelSource", "cache_root", "LOAD_HOOKS")
+
+
+def __getattr__(name: str):
+    """``load_model`` and ``resolve_source`` moved to :mod:`prunekit.formats` (deprecated here)."""
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .. import formats
+
+    return moved(__name__, name, formats)

@@ -1,35 +1,18 @@
-"""The factorized linear layer low-rank methods produce, and loading folders that contain it.
+"""The factorized linear layer low-rank methods produce (saved and loaded by :mod:`prunekit.formats.lowrank`).
 
 A :class:`LowRankLinear` computes ``y = B (A x) + b`` with ``A = sqrt(S_k) V_k^T`` (``[k, in]``)
 and ``B = U_k sqrt(S_k)`` (``[out, k]``): two ordinary matmuls whose parameter count
 ``k (in + out)`` is below the dense ``in * out`` exactly when ``k < in*out / (in + out)``.
-
-Saved prunekit low-rank folders (see :mod:`prunekit.export.lowrank`) hold ``config.json``, the
-tokenizer, a manifest :data:`MANIFEST` naming every factorized module and its rank, and the
-state dict in :data:`WEIGHTS` (not ``model.safetensors``, so plain transformers refuses the
-folder loudly instead of silently re-initialising the missing dense weights). The manifest's
-``integrity`` entry (:mod:`prunekit.formats.checksum`) holds the CRC-32 of every tensor and of
-the manifest; the loader checks them while it reads.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
-from .blocks import set_module
+from .._deprecated import moved
 from ..errors import ConfigError
-from ..formats import checksum
-
-log = logging.getLogger(__name__)
-
-MANIFEST = "prunekit_lowrank.json"
-WEIGHTS = "prunekit_lowrank.safetensors"
-FORMAT = "prunekit-lowrank"
+from .blocks import set_module
 
 
 class LowRankLinear(nn.Module):
@@ -105,61 +88,13 @@ def merge_lowrank(model: nn.Module) -> int:
     return len(mods)
 
 
-def is_lowrank_folder(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+_MOVED = ("MANIFEST", "WEIGHTS", "FORMAT", "is_lowrank_folder", "read_manifest", "load_lowrank_model")
 
 
-def read_manifest(path: str | Path) -> dict:
-    f = Path(path) / MANIFEST
-    try:
-        data = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise checksum.IntegrityError(f"{f}: unreadable manifest ({e}); save the folder again") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("modules"), dict):
-        raise ConfigError(f"{f} is not a prunekit low-rank manifest (format {data.get('format')!r}); "
-                         "was the folder written by another tool?")
-    return data
+def __getattr__(name: str):
+    """The low-rank folder format moved to :mod:`prunekit.formats.lowrank` (deprecated here)."""
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from ..formats import lowrank
 
-
-def _read_weights(path: Path, sums: dict[str, str] | None) -> dict:
-    """The state dict of a low-rank folder: one file, or shards written block by block (streamed);
-    every tensor checked against its recorded checksum as it is read (``sums=None``: an old folder)."""
-    index = path / "prunekit_lowrank.safetensors.index.json"
-    if (path / WEIGHTS).is_file():
-        return checksum.read_verified(path / WEIGHTS, sums)
-    if index.is_file():
-        state = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(checksum.read_verified(path / shard, sums))
-        return state
-    raise ConfigError(f"low-rank folder {str(path)!r} has a manifest but no {WEIGHTS} (nor shards with an index); "
-                      "the save was incomplete: save it again")
-
-
-def load_lowrank_model(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    """Rebuild a model saved by :func:`prunekit.export.lowrank.save_lowrank`.
-
-    The architecture comes from ``config.json``; every module named in the manifest becomes a
-    :class:`LowRankLinear` of the recorded rank before the state dict is loaded (strictly: a
-    missing or unexpected tensor is an error, except tied weights).
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(path)
-    manifest = read_manifest(path)
-    sums = checksum.verify_manifest(manifest, path / MANIFEST)  # before anything is built from it
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    for name, spec in manifest["modules"].items():
-        set_module(model, name, LowRankLinear(int(spec["in_features"]), int(spec["out_features"]), int(spec["rank"]),
-                                              bool(spec.get("bias", False)), dtype=dtype))
-    state = _read_weights(path, sums)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    ptrs = {p.data_ptr() for k, p in model.state_dict().items() if k in state}
-    params = model.state_dict()
-    real_missing = [k for k in missing if params[k].data_ptr() not in ptrs]  # tied weights share storage
-    if unexpected or real_missing:
-        raise ConfigError(f"low-rank folder {str(path)!r} does not match its manifest: missing {real_missing[:5]}, "
-                         f"unexpected {list(unexpected)[:5]}")
-    log.info("loaded %d low-rank modules from %s", len(manifest["modules"]), path)
-    return model.eval()
+    return moved(__name__, name, lowrank)

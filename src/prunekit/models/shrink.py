@@ -4,7 +4,7 @@ Every function here builds *new*, smaller ``nn.Linear`` (or GPT-2 ``Conv1D``) mo
 kept rows/columns — no masks, no padding — and keeps the attributes the modules' forward reads
 consistent (``num_key_value_groups``, ``num_heads``, GPT-2's ``split_size``, ``layer_idx``), and
 the config's per-layer facts (``num_hidden_layers``, ``layer_types`` and any other per-layer list)
-when blocks go. The model's config is *not* changed for widths here; :mod:`prunekit.export.structured`
+when blocks go. The model's config is *not* changed for widths here; :mod:`prunekit.formats.structured`
 decides whether a stock config can express the result.
 """
 
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .blocks import find_blocks, set_module
-from .linear import _is_conv1d, weight_view
+from .linear import is_conv1d, weight_view
 from .structure import AttentionParts, FFNParts
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ HEAD_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_ke
 def new_linear_like(module: nn.Module, out_f: int, in_f: int, bias: bool) -> nn.Module:
     """An empty module of ``module``'s class (Linear or Conv1D), dtype and device with the given shape."""
     w = module.weight
-    if _is_conv1d(module) and out_f and in_f:  # a zero-width Conv1D cannot run (it reshapes to [-1, 0])
+    if is_conv1d(module) and out_f and in_f:  # a zero-width Conv1D cannot run (it reshapes to [-1, 0])
         new = type(module)(out_f, in_f)
         new.to(device=w.device, dtype=w.dtype)
         if not bias:
@@ -65,7 +65,7 @@ def sliced_linear(module: nn.Module, rows: Tensor | None = None, cols: Tensor | 
         b = bias
     new = new_linear_like(module, w.shape[0], w.shape[1], b is not None)
     with torch.no_grad():
-        if _is_conv1d(new):
+        if is_conv1d(new):
             new.weight.copy_(w.t())
         else:
             new.weight.copy_(w)

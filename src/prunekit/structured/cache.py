@@ -36,7 +36,7 @@ def cached_scores(model: nn.Module, ids: Tensor, tag: str, compute: Callable[[],
     """``compute()`` (a JSON-serialisable dict), read from / written to the cache when ``use``."""
     if not use:
         return compute()
-    from ..models.loading import cache_root
+    from ..formats.sources import cache_root
 
     path = Path(cache_root()) / "structured" / f"{_key(model, ids, tag)}.json"
     if path.is_file():

@@ -19,12 +19,12 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 
 from ..allocation.base import Allocator
 from ..calibration import run_sequential
 from ..errors import ConfigError
+from ..formats.structured import heads_refusal, save_plan
 from ..masks import Pattern
 from ..methods.base import Target
 from ..methods.refine import RefinedMethod
@@ -37,7 +37,6 @@ from .drop import candidates, drop_ranked, how_many
 from .global_plan import global_plan
 from .method import UnitPruner
 from .plan import BlockPlan, UnitCosts, plan_blocks, resolve_multiple, unit_costs
-from ..export.structured import plain_config_why
 from .summary import param_count, structure_summary
 
 log = logging.getLogger(__name__)
@@ -193,10 +192,6 @@ def prune_structured(model: nn.Module, pattern: Pattern, target: float, criterio
 def _predict_save(model: nn.Module, costs: list[UnitCosts], plans: dict[int, BlockPlan]) -> dict:
     """The head counts the plan leaves, checked before pruning: GQA groups whole, and whether a stock config
     can say them (else the result is saved in prunekit's format, and the user is told now, not at the save)."""
-    import copy
-
-    from ..export.structured import config_refusal
-
     left = set()
     for c in costs:
         if c.attn is None:
@@ -210,14 +205,10 @@ def _predict_save(model: nn.Module, costs: list[UnitCosts], plans: dict[int, Blo
     if len(left) != 1:
         return {}
     heads, kv, d = left.pop()
-    cfg = copy.deepcopy(model.config)
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if heads == text.num_attention_heads:
         return {}
-    text.num_attention_heads, text.head_dim = heads, d
-    if hasattr(text, "num_key_value_heads"):
-        text.num_key_value_heads = kv
-    why = config_refusal(cfg)
+    why = heads_refusal(model.config, heads, kv, d)
     if why is None:
         return {}
     log.warning("the plan leaves %d query heads / %d key-value heads per block, which transformers refuses in a "
@@ -227,21 +218,7 @@ def _predict_save(model: nn.Module, costs: list[UnitCosts], plans: dict[int, Blo
 
 
 def _save_format(model: nn.Module) -> dict:
-    """How the model will be saved, and the parameters the saved folder holds (exact).
-
-    A plain folder may hold a few more: when bias compensation added biases to the output
-    projections, the config's bias switch also gives q/k/v (or gate/up) biases, saved as zeros.
-    """
-    cfg, zeros, why = plain_config_why(model)
-    if cfg is None:
-        return {"format": "prunekit-structured", "loader": "prunekit.load_model", "why": why}
-    extra = 0
-    if zeros:
-        from ..export.structured import _meta_shapes
-
-        meta = _meta_shapes(cfg)
-        extra = sum(int(torch.Size(meta[k]).numel()) for k in zeros)
-    return {"format": "plain", "loader": "transformers.AutoModelForCausalLM.from_pretrained",
-            "zero_biases_added": len(zeros), "zero_bias_params": extra, "params_saved": param_count(model) + extra}
+    """How the model will be saved, and the parameters the saved folder holds (exact)."""
+    return save_plan(model, param_count(model))
 
 

@@ -39,7 +39,8 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..eval.tasks import Task, TaskSettings
-from ..models.loading import load_model, load_tokenizer, model_folder, resolve_dtype
+from ..formats.load import load_model, load_tokenizer, model_folder
+from ..models.runtime import resolve_dtype
 from .config import SweepConfig, cell_key
 from .results import knees, save_results, signature_for
 from .run import OnCell, add_row, calibration_for, dense_row, needs_calibration, resume_results, run_cell

@@ -252,7 +252,7 @@ def _add_scores(chunk, logits, out) -> None:
 def _score_full(model, prepared, order, out, batch_size, dev, pad, use_pos, counter) -> None:
     """Reference path: every context+continuation scored as its own right-padded sequence.
 
-    A model streamed from disk (:class:`~prunekit.models.lazy.LazyModel`) is scored this way, all
+    A model streamed from disk (:class:`~prunekit.formats.lazy.LazyModel`) is scored this way, all
     sequences through one block at a time (no prefix reuse: that needs every block per step).
     """
     batches = list(_full_batches(prepared, order, batch_size, pad, use_pos))
