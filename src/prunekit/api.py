@@ -20,7 +20,7 @@ from .allocation.base import Allocator
 from .calibration import BlockEvent
 from .config import EvalConfig, PruneConfig
 from .eval import PerplexityResult, perplexity
-from .families import Family, compress, prepare, select_linears  # noqa: F401  (select_linears: re-exported)
+from .families.base import Family, compress, prepare, select_linears  # noqa: F401  (select_linears: re-exported)
 from .methods import Method
 from .report import Report
 from .structured import StructuredCriterion

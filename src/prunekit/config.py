@@ -11,40 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .masks import Pattern
+from .data.calibration import CalibConfig
 from .errors import ConfigError
-
-
-def _check_int(name: str, value: int, lo: int, hi: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ConfigError(f"{name}={value!r} is invalid: it must be an integer {rng}")
-
-
-@dataclass(frozen=True)
-class CalibConfig:
-    """Calibration data: ``nsamples`` windows of ``seqlen`` tokens drawn from ``dataset``.
-
-    ``dataset`` is a registered name (``austen``, ``gsm8k``, ``c4``, ``wikitext2`` …) or a path to
-    a ``.txt`` / ``.jsonl`` file (``text_field`` picks the JSONL field).
-    """
-
-    dataset: str = "austen"
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    batch_size: int = 8
-    text_field: str = "text"
-    #: cut windows from the concatenated documents (None: the dataset's default)
-    packing: bool | None = None
-
-    def __post_init__(self) -> None:
-        if not self.dataset:
-            raise ConfigError("calibration dataset is empty: pass a dataset name (see `prunekit ls`) or a file path")
-        _check_int("nsamples", self.nsamples, 1)
-        _check_int("seqlen", self.seqlen, 2)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("seed", self.seed, 0)
+from .masks import Pattern
+from .options import check_int as _check_int
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..config import CalibConfig, PruneConfig
-from ..data import calibration_ids
+from ..data import CalibConfig, calibration_ids
 from ..errors import ConfigError
 from ..eval import check_seqlen
 from ..masks import Pattern
@@ -174,8 +173,8 @@ def prepare(config: FamilyConfig | Family) -> Family:
     """The handler for ``config``'s type, its components built (a handler is returned as it is)."""
     if isinstance(config, Family):
         return config
-    if isinstance(config, PruneConfig):  # the compatible front
-        config = config.family()
+    if not isinstance(config, FamilyConfig) and callable(getattr(config, "family", None)):
+        config = config.family()  # PruneConfig, the flat compatible front
     return handler_class(config)(config)
 
 
