@@ -20,7 +20,7 @@ from .allocation.base import Allocator
 from .calibration import BlockEvent
 from .config import EvalConfig, PruneConfig
 from .eval import PerplexityResult, perplexity
-from .families.base import Family, compress, prepare, select_linears  # noqa: F401  (select_linears: re-exported)
+from .families.base import Family, FamilyConfig, compress, prepare, select_linears  # noqa: F401  (select_linears: re-exported)
 from .methods import Method
 from .report import Report
 from .structured import StructuredCriterion
@@ -53,7 +53,7 @@ def check_model(model: nn.Module, config: PruneConfig | Family) -> dict[str, nn.
 
 def prune(
     model: nn.Module,
-    config: PruneConfig,
+    config: PruneConfig | FamilyConfig | Family,
     calib: Tensor | None = None,
     tokenizer=None,
     device: torch.device | str | None = None,

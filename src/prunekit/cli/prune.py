@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, config) -> int:
-    from ..families import compress
+    from ..api import prune
     from ._streamed import run_streamed, wants_streaming
 
     act = getattr(args, "act_config", None)
@@ -192,8 +192,8 @@ def _run(args: argparse.Namespace, config) -> int:
     teacher = dense_teacher(model, recover_cfg)
     report = None
     if config is not None:
-        report = _progress_bar(config)(lambda cb: compress(model, args.compression, tokenizer=tok, callback=cb,
-                                                           data_dir=args.data_dir))
+        report = _progress_bar(config)(lambda cb: prune(model, args.compression, tokenizer=tok, callback=cb,
+                                                        data_dir=args.data_dir))  # the handler, as built
     if act is not None:
         from ._activation import activation_only_report, run_activation
 
