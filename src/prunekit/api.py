@@ -39,7 +39,7 @@ def build_components(config: PruneConfig) -> tuple[Method | StructuredCriterion,
         ConfigError: an unknown name, a bad option, or a pattern the method cannot produce.
     """
     handler = prepare(config)
-    return getattr(handler, "method", None) or handler.criterion, handler.allocator
+    return (handler.method if hasattr(handler, "method") else handler.criterion), handler.allocator
 
 
 def check_model(model: nn.Module, config: PruneConfig | Family) -> dict[str, nn.Module]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
@@ -152,8 +153,6 @@ class Family(ABC):
     def compress(self, model: nn.Module, calib: Tensor | None = None, tokenizer=None, device=None, callback=None,
                  data_dir=None) -> Report:
         """Check, calibrate and run: :func:`prunekit.compress` for this handler."""
-        import time
-
         t0 = time.perf_counter()
         linears = self.check(model)
         check_finite(model)
