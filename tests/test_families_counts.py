@@ -47,11 +47,13 @@ def test_prune_builds_each_component_once(builds, kwargs):
 
 
 @pytest.mark.parametrize("flags", [["--method", "wanda", "--sparsity", "0.5"],
+                                   ["--method", "wanda", "--sparsity", "0.5", "--offload", "disk"],
                                    ["--pattern", "width", "--sparsity", "0.25", "--option", "multiple=8"]])
-def test_cli_prune_builds_each_component_once(builds, tiny_folder, data_dir, flags, capsys):
+def test_cli_prune_builds_each_component_once(builds, tiny_folder, data_dir, flags, capsys, tmp_path):
     from prunekit.cli import main
 
-    rc = main(["prune", str(tiny_folder), *flags, "--nsamples", "2", "--seqlen", "32", "--eval", "none",
+    out = ["--out", str(tmp_path / "out")] if "disk" in flags else []  # streaming writes as it goes
+    rc = main(["prune", str(tiny_folder), *flags, *out, "--nsamples", "2", "--seqlen", "32", "--eval", "none",
                "--no-dense-eval"])
     assert rc == 0, capsys.readouterr().err
     assert builds and all(n == 1 for n in builds.values()), dict(builds)
