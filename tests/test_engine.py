@@ -115,7 +115,7 @@ def test_architectures_end_to_end(arch, method, calib_ids):
         assert all(b.rel_error is not None and b.rel_error > 0 for b in report.blocks)
 
 
-@pytest.mark.parametrize("allocation", [n for n in ALLOCATORS.names() if not getattr(ALLOCATORS.get(n), "structured_only", False)])
+@pytest.mark.parametrize("allocation", ALLOCATORS.names())
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
 def test_method_pattern_allocation_matrix(allocation, method, pattern, calib_ids):

@@ -18,7 +18,7 @@ from prunekit.registry import ALLOCATORS
 FAST_RECON = {"epochs": 1, "lr": 1e-3, "lstsq_iters": 5}
 NEW = [("alps", None, {}), ("ria", None, {}), ("wanda", "swaps", {}), ("magnitude", "reconstruct", FAST_RECON)]
 METHOD_OPTS = {"alps": {"max_iter": 30}}  # the tiny layers' supports settle late; 30 iterations suffice here
-ALLOCS = [n for n in ALLOCATORS.names() if not getattr(ALLOCATORS.get(n), "structured_only", False)]
+ALLOCS = ALLOCATORS.names()  # per-layer allocators ("global" is the structured family's own)
 
 
 def _config(method, refine, ropts, **kw):

@@ -11,40 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .masks import Pattern
+from .data.calibration import CalibConfig
 from .errors import ConfigError
-
-
-def _check_int(name: str, value: int, lo: int, hi: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ConfigError(f"{name}={value!r} is invalid: it must be an integer {rng}")
-
-
-@dataclass(frozen=True)
-class CalibConfig:
-    """Calibration data: ``nsamples`` windows of ``seqlen`` tokens drawn from ``dataset``.
-
-    ``dataset`` is a registered name (``austen``, ``gsm8k``, ``c4``, ``wikitext2`` …) or a path to
-    a ``.txt`` / ``.jsonl`` file (``text_field`` picks the JSONL field).
-    """
-
-    dataset: str = "austen"
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    batch_size: int = 8
-    text_field: str = "text"
-    #: cut windows from the concatenated documents (None: the dataset's default)
-    packing: bool | None = None
-
-    def __post_init__(self) -> None:
-        if not self.dataset:
-            raise ConfigError("calibration dataset is empty: pass a dataset name (see `prunekit ls`) or a file path")
-        _check_int("nsamples", self.nsamples, 1)
-        _check_int("seqlen", self.seqlen, 2)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("seed", self.seed, 0)
+from .masks import Pattern
+from .options import check_int as _check_int
 
 
 @dataclass(frozen=True)
@@ -80,62 +50,24 @@ class PruneConfig:
     refine_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.refine in ("", "none"):
-            object.__setattr__(self, "refine", None)
-        if self.refine_options and self.refine is None:
-            raise ConfigError(f"refine_options={dict(self.refine_options)} given without a refiner: add --refine dsnot")
+        from .families import to_family  # the families validate; this front only normalises its own fields
+
         pat = Pattern.parse(self.pattern)  # raises a clear ValueError
         object.__setattr__(self, "pattern", str(pat))
-        if self.method is None:
-            from .structured.defaults import default_criterion
-
-            object.__setattr__(self, "method", default_criterion(pat.kind) if pat.is_structured else "wanda")
-        if pat.is_structured and self.refine is not None:
-            from .registry import REFINERS
-
-            if not getattr(REFINERS.get(self.refine), "structured", False):
-                raise ConfigError(f"refine={self.refine!r} works on unstructured masks, not on pattern {pat}; drop "
-                                  "--refine (after structured pruning: --refine reconstruct)")
-            if pat.kind in ("blocks", "ffn"):
-                raise ConfigError(f"refine={self.refine!r} refits the linears left in a block; pattern {pat} removes "
-                                  "whole blocks or FFNs: use channels, heads or width, or drop --refine")
         for key in ("include", "exclude"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
-            for rx in getattr(self, key):
-                try:
-                    re.compile(rx)
-                except re.error as e:
-                    raise ConfigError(f"--{key} regex {rx!r} is invalid ({e}); fix it, e.g. 'mlp' or 'self_attn'") from None
-        if self.sparsity is None:
-            if not pat.is_nm:
-                raise ConfigError(f"sparsity is required for pattern {pat}: e.g. --sparsity 0.5")
-            object.__setattr__(self, "sparsity", pat.sparsity)
-        s = self.sparsity
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (0.0 <= float(s) < 1.0):
-            raise ConfigError(f"sparsity={s!r} is out of range: it must be a fraction in [0, 1), e.g. 0.5 for 50%")
-        object.__setattr__(self, "sparsity", float(s))
-        if pat.is_nm and self.allocation == "uniform" and abs(self.sparsity - pat.sparsity) > 1e-9:
-            raise ConfigError(
-                f"sparsity={self.sparsity} contradicts pattern {pat} (which is {pat.sparsity:.0%} sparse); "
-                "drop --sparsity or use a non-uniform --allocation for mixed N:M"
-            )
         if not isinstance(self.calib, CalibConfig):
             object.__setattr__(self, "calib", CalibConfig(**dict(self.calib)))
-        self._typed_options()
+        family = to_family(self)
+        front = family.front()
+        for key in ("method", "sparsity", "method_options", "allocation_options", "refine", "refine_options"):
+            object.__setattr__(self, key, front[key])
+        object.__setattr__(self, "_family", family)
 
-    def _typed_options(self) -> None:
-        """Names checked and option values converted by each component's declared ``Options``."""
-        from .registry import ALLOCATORS, METHODS, REFINERS, STRUCTURED
-
-        _check_family(self.method, self.pattern_obj)
-        methods = STRUCTURED if self.pattern_obj.is_structured else METHODS
-        for reg, name, key in ((methods, self.method, "method_options"), (ALLOCATORS, self.allocation,
-                               "allocation_options"), (REFINERS, self.refine, "refine_options")):
-            raw = dict(getattr(self, key))
-            if name is None:
-                continue
-            opts = reg.get(name).Options.parse(raw, f"{reg.kind} {name!r}")
-            object.__setattr__(self, key, {k.replace("-", "_"): getattr(opts, k.replace("-", "_")) for k in raw})
+    def family(self):
+        """The typed family config this flat config says (:class:`~prunekit.families.SparseConfig`,
+        :class:`~prunekit.families.StructuredConfig` or :class:`~prunekit.families.LowRankConfig`)."""
+        return self._family
 
     @property
     def pattern_obj(self) -> Pattern:
@@ -242,18 +174,3 @@ def save_yaml(cfg: PruneConfig, path: str | Path) -> None:
     import yaml
 
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def _check_family(method: str, pattern: Pattern) -> None:
-    """A weight-pruning method with a structured pattern, or a structured criterion without one: name what fits."""
-    from .registry import METHODS, STRUCTURED
-
-    if pattern.is_structured and method not in STRUCTURED and method in METHODS:
-        serving = [n for n in STRUCTURED.names() if pattern.kind in STRUCTURED.get(n).patterns]
-        raise ConfigError(f"method {method!r} prunes single weights (unstructured or N:M); --pattern {pattern} removes "
-                          f"whole units: use one of {', '.join(serving)} as --method, or drop --pattern")
-    if not pattern.is_structured and method in STRUCTURED and method not in METHODS:
-        kinds = STRUCTURED.get(method).patterns
-        units = "whole blocks or FFNs" if set(kinds) <= {"blocks", "ffn"} else "whole heads/channels"
-        raise ConfigError(f"{method!r} removes {units}: use it with --pattern {' / '.join(kinds)}; for --pattern "
-                          f"{pattern} choose a --method from: {', '.join(METHODS.names())}")

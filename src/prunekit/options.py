@@ -223,3 +223,10 @@ def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
             raise ConfigError(f"{what} option {item!r} is not KEY=VALUE, e.g. percdamp=0.01")
         out[key.strip().replace("-", "_")] = value
     return out
+
+
+def check_int(name: str, value: int, lo: int, hi: int | None = None) -> None:
+    """``value`` is an integer in ``[lo, hi]`` (``hi=None``: no upper bound), or a one-line ``ConfigError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{name}={value!r} is invalid: it must be an integer {rng}")

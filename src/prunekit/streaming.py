@@ -20,10 +20,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .api import _calibration, _targets, build_components, select_linears
 from .calibration import BlockEvent, run_sequential
 from .calibration.residency import Streamed
-from .config import PruneConfig, to_dict
+from .config import PruneConfig
 from .errors import ConfigError
 from .formats.compressed_read import CompressedSource, is_compressed_folder
 from .formats.compressed_write import CompressedWriter
@@ -31,8 +30,9 @@ from .formats.lazy import GGUFSource, LazyModel, SafetensorsSource, safetensors_
 from .formats.lowrank import is_lowrank_folder, read_manifest
 from .formats.shards import ShardWriter
 from .formats.sources import resolve_source
+from .families import Family, FamilyConfig, prepare
 from .models import find_blocks, resolve_dtype
-from .report import Report, RunInfo
+from .report import Report
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def fits_in_memory(spec: str, dtype: str | torch.dtype, share: float = 0.5) -> b
 
 def prune_streamed(
     lazy: LazyModel,
-    config: PruneConfig,
+    config: PruneConfig | FamilyConfig | Family,
     out_folder: str | Path,
     tokenizer=None,
     calib: Tensor | None = None,
@@ -151,29 +151,30 @@ def prune_streamed(
 ) -> Report:
     """:func:`prunekit.prune` for a :class:`LazyModel`: the compressed model is written to ``out_folder``
     (shards + index + config; the caller adds tokenizer and report) block by block, as a plain
-    sharded HF folder (``save_format="dense"``) or in prunekit's compressed format (``"compressed"``)."""
+    sharded HF folder (``save_format="dense"``) or in prunekit's compressed format (``"compressed"``).
+
+    ``config``: a flat or family config, or a handler from :func:`prunekit.families.prepare` (its
+    components are used as built). Families that reshape the model as a whole cannot stream."""
     if save_format not in ("dense", "compressed"):
         raise ConfigError(f"save format {save_format!r} is not one of: dense, compressed")
-    if config.pattern_obj.is_structured:
-        raise ConfigError(f"pattern {config.pattern!r} reshapes the model as a whole and cannot stream: load the "
-                          "model in memory (prunekit.load_model + prunekit.prune), or use an unstructured / N:M pattern")
     t0 = time.perf_counter()
-    method, allocator = build_components(config)
+    job = prepare(config)
+    if not job.streams:
+        raise ConfigError(f"pattern {job.config.front()['pattern']!r} reshapes the model as a whole and cannot stream: "
+                          "load the model in memory (prunekit.load_model + prunekit.prune), or use an unstructured / "
+                          "N:M pattern")
     model = lazy.model
     path, blocks = find_blocks(model)
-    linears = select_linears(model, config)
+    linears = job.select(model)
     residency = Streamed(lazy, path, None, spill_dir=out_folder)  # reads (and checks) everything outside the blocks
-    calib_info: dict = {}
-    if method.needs_calibration or allocator.needs_calibration:
-        calib, calib_info = _calibration(model, config, calib, tokenizer, data_dir)
+    calib, calib_info = job.calibration(model, calib, tokenizer, data_dir)
     with lazy.autoload(path):  # OWL's dense forward reads each block as it runs
-        targets, alloc_summary = _targets(model, config, allocator, linears, calib, residency.linears(linears))
+        targets, alloc_summary = job.targets(model, linears, calib, residency.linears(linears))
     writer = (CompressedWriter if save_format == "compressed" else ShardWriter)(out_folder, path)
     residency.on_done = writer.write_block
-    info = RunInfo(config.method, config.sparsity, config.pattern, config.allocation, calib_info, to_dict(config),
-                   {"allocation": alloc_summary, "streamed": True}, started=t0)
-    report = run_sequential(model, calib if method.needs_calibration else None, method, targets,
-                            config.calib.batch_size, None, callback, info=info, residency=residency)
+    info = job.run_info(calib_info, {"allocation": alloc_summary, "streamed": True}, t0)
+    report = run_sequential(model, calib if job.method.needs_calibration else None, job.method, targets,
+                            job.config.calib.batch_size, None, callback, info=info, residency=residency)
     lazy.write_outside(writer, path)
     writer.finish(model)
     log.info("pruned (streamed) to %.4f sparsity in %.1fs", report.sparsity, report.seconds)

@@ -1,7 +1,7 @@
 """Layerwise sparsity allocation strategies (each module registers itself), and the per-linear
 targets they lead to."""
 
-from . import alpha, global_threshold, owl, uniform  # noqa: F401  (self-registering)
+from . import alpha, owl, uniform  # noqa: F401  (self-registering)
 from .base import Allocator, build_allocator, nm_allocation, project_to_mean, weighted_mean
 from .targets import allocation_summary, make_targets
 

@@ -76,7 +76,8 @@ def run_streamed(args: argparse.Namespace, config, tasks: dict, settings, prune_
     result: dict = {}
 
     def write(tmp: Path) -> None:
-        report = prune_progress(lambda cb: prune_streamed(lazy, config, tmp, tok, callback=cb, data_dir=args.data_dir,
+        job = getattr(args, "compression", None) or config  # the handler prune built its components on, once
+        report = prune_progress(lambda cb: prune_streamed(lazy, job, tmp, tok, callback=cb, data_dir=args.data_dir,
                                                           save_format=args.save_format))
         tok.save_pretrained(tmp)
         pruned_lazy, _ = open_lazy(str(tmp), args.dtype, args.device)

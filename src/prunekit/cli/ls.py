@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from ..eval import tasks  # noqa: F401
 
     from .. import structured  # noqa: F401
+    from ..families import STRUCTURED_ALLOCATIONS
 
     sections = [("methods", registry.METHODS), ("structured criteria (--pattern channels|heads|width|blocks|ffn)",
                 registry.STRUCTURED), ("refiners", registry.REFINERS), ("allocations", registry.ALLOCATORS),
@@ -34,9 +35,12 @@ def run(args: argparse.Namespace) -> int:
         if not len(reg):
             continue
         print(f"{title}:")
-        for name in reg.names():
-            print(f"  {name:<14} {reg.help(name)}")
-            for line in option_lines(reg.get(name)):
+        rows = [(name, reg.help(name), reg.get(name)) for name in reg.names()]
+        if reg is registry.ALLOCATORS:  # and the structured family's own (global), in one list
+            rows = sorted(rows + [(name, text, None) for name, text in STRUCTURED_ALLOCATIONS.items()])
+        for name, text, cls in rows:
+            print(f"  {name:<14} {text}")
+            for line in option_lines(cls):
                 print(line)
         if title == "methods":
             print("patterns:\n  unstructured   zeros anywhere\n  N:M            N kept in every M consecutive inputs (2:4, 4:8, …)"

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..families import allocation_names
 from ..formats import SAVE_FORMATS
-from ..registry import ALLOCATORS, METHODS, REFINERS, STRUCTURED
+from ..registry import METHODS, REFINERS, STRUCTURED
 from ._tasks import add_task_args, prepare, run_with_progress, task_settings
 from .common import (add_eval_args, add_model_args, check_json_path, check_save_space, fmt_ppl, load_from_args,
                      options_epilog, run_perplexity, setup_threads, table)
@@ -29,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "structured: fraction of the selected decoder-linear weights removed")
     p.add_argument("--pattern", default=None, help="unstructured (default), N:M (2:4, 4:8), or structured: channels, "
                                                    "heads, width, blocks, ffn (the model gets smaller)")
-    p.add_argument("--allocation", default=None, choices=ALLOCATORS.names(), help="layerwise sparsity allocation")
+    p.add_argument("--allocation", default=None, choices=allocation_names(), help="layerwise sparsity allocation")
     p.add_argument("--alloc-option", action="append", metavar="K=V", help="allocation option (repeatable)")
     p.add_argument("--option", action="append", metavar="K=V", help="method option, e.g. percdamp=0.01 (repeatable)")
     p.add_argument("--width-multiple", type=int, default=None, metavar="N",
@@ -107,20 +108,24 @@ def build_config(args: argparse.Namespace):
 
 
 def _check_inputs(args: argparse.Namespace):
-    """Everything that can be checked without the model, before it is loaded."""
-    from ..api import build_components
+    """Everything that can be checked without the model, before it is loaded.
+
+    The compression family's handler (its components built, once for the whole run) is kept in
+    ``args.compression``; ``None`` when only activations are sparsified."""
     from ..data import get_dataset
-    from ..formats import check_output_dir, check_save_format
+    from ..families import prepare
+    from ..formats import check_output_dir
 
     from ._activation import activation_config, weight_pruning_requested
 
     setup_threads(args)
     config = build_config(args)
     args.act_config = activation_config(args, config.calib)  # None without --activation-sparsity
+    args.compression = None
     if not weight_pruning_requested(args):
         config = None  # --activation-sparsity alone: the weights stay dense
     else:
-        build_components(config)  # names, options and method/pattern compatibility
+        args.compression = prepare(config)  # names, options and method/pattern compatibility
     calib = config.calib if config is not None else args.act_config.calib
     for name in [calib.dataset, *args.eval_datasets]:
         get_dataset(name, args.data_dir, text_field=calib.text_field)
@@ -133,8 +138,10 @@ def _check_inputs(args: argparse.Namespace):
         raise ConfigError("--activation-sparsity calibrates the whole model in memory: drop --offload disk")
     if config is None:
         return None
-    check_save_format(args.save_format, config.pattern_obj.is_structured, config.pattern)
-    if config.pattern_obj.is_structured and args.offload == "disk":
+    job = args.compression
+    if args.save_format not in job.save_formats:
+        raise ConfigError(job.save_format_refusal(args.save_format))
+    if not job.streams and args.offload == "disk":
         raise ConfigError(f"--pattern {config.pattern} reshapes the model as a whole and needs it in memory: use "
                           "--offload none (or auto), or an unstructured / N:M pattern to stream")
     return config
@@ -165,7 +172,7 @@ def _run(args: argparse.Namespace, config) -> int:
         if act is not None:
             raise ConfigError(f"{args.model} does not fit in memory ({args.dtype}), and --activation-sparsity "
                               "calibrates the whole model in memory: use --dtype bfloat16 or a machine with more memory")
-        if config.pattern_obj.is_structured:
+        if not args.compression.streams:
             raise ConfigError(f"{args.model} does not fit in memory ({args.dtype}), and --pattern {config.pattern} "
                               "needs the whole model in memory: use an unstructured / N:M pattern, which streams, "
                               "or a machine with more memory")
@@ -186,8 +193,8 @@ def _run(args: argparse.Namespace, config) -> int:
     teacher = dense_teacher(model, recover_cfg)
     report = None
     if config is not None:
-        report = _progress_bar(config)(lambda cb: prune(model, config, tokenizer=tok, callback=cb,
-                                                        data_dir=args.data_dir))
+        report = _progress_bar(config)(lambda cb: prune(model, args.compression, tokenizer=tok, callback=cb,
+                                                        data_dir=args.data_dir))  # the handler, as built
     if act is not None:
         from ._activation import activation_only_report, run_activation
 
@@ -224,18 +231,17 @@ def _check_loaded(args: argparse.Namespace, model, config, act, eval_seqlen: int
 
     ``config`` is ``None`` when only activations are sparsified (``act``), the weights staying dense.
     """
-    from ..api import build_components, check_model
     from ..eval import check_seqlen
     from ..models import check_finite
 
     check_finite(model)  # a NaN anywhere makes every number below meaningless
     if config is not None:
-        linears = check_model(model, config)  # architecture x pattern, include/exclude, structured rounding
+        job = args.compression
+        linears = job.check(model)  # architecture x pattern, include/exclude, structured rounding
         if args.out:  # a disk too small for the result is found now, not after the prune
-            check_save_space(args.out, model, args.model, args.save_format, config.sparsity,
-                             config.pattern_obj.is_structured, linears)
-        method, allocator = build_components(config)
-        if method.needs_calibration or allocator.needs_calibration:  # named by the flag the user gave
+            check_save_space(args.out, model, args.model, args.save_format, config.sparsity, job.removes_units,
+                             linears)
+        if job.needs_calibration:  # named by the flag the user gave
             check_seqlen(model, config.calib.seqlen, "--seqlen")
     elif args.out:  # activation sparsity alone: the weights are saved as they are
         check_save_space(args.out, model, args.model, args.save_format, 0.0, False, {})

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..config import CalibConfig
 from ..errors import ConfigError
+from ..options import check_int as _check_int
 from .base import TextDataset, get_dataset
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,32 @@ log = logging.getLogger(__name__)
 
 class CalibrationError(ConfigError):
     """Not enough calibration text for the requested windows."""
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data: ``nsamples`` windows of ``seqlen`` tokens drawn from ``dataset``.
+
+    ``dataset`` is a registered name (``austen``, ``gsm8k``, ``c4``, ``wikitext2`` …) or a path to
+    a ``.txt`` / ``.jsonl`` file (``text_field`` picks the JSONL field).
+    """
+
+    dataset: str = "austen"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 8
+    text_field: str = "text"
+    #: cut windows from the concatenated documents (None: the dataset's default)
+    packing: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not self.dataset:
+            raise ConfigError("calibration dataset is empty: pass a dataset name (see `prunekit ls`) or a file path")
+        _check_int("nsamples", self.nsamples, 1)
+        _check_int("seqlen", self.seqlen, 2)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("seed", self.seed, 0)
 
 
 def tokenize(tokenizer, text: str) -> list[int]:

@@ -151,6 +151,9 @@ class Method(ABC):
     patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm")
     #: the method decides for a whole block at once (overrides :meth:`compress_block`)
     block_level: ClassVar[bool] = False
+    #: low-rank methods: the option (values ``"rank"`` / ``"params"``) saying what ``Target.sparsity``
+    #: removes; ``None`` for methods that zero weights (see :class:`prunekit.families.LowRankConfig`)
+    rank_budget_option: ClassVar[str | None] = None
 
     def __init__(self, options: Options | None = None) -> None:
         self.opts = options if options is not None else self.Options()

@@ -24,6 +24,7 @@ class TruncatedSVD(Method):
     Options = LowRankOptions
     needs_calibration = False
     patterns = ("unstructured",)  # removes rank, not weights
+    rank_budget_option = "budget"
 
     def compress(self, name: str, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
         w = weight_view(linear)

@@ -78,6 +78,7 @@ class SVDLLM(Method):
     Options = SVDLLMOptions
     needs_hessian = True
     patterns = ("unstructured",)  # removes rank, not weights
+    rank_budget_option = "budget"
 
     def compress(self, name: str, linear: nn.Module, stats: InputStats | None, target: Target) -> CompressResult:
         if stats is None or stats.count == 0:

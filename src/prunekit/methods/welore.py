@@ -96,6 +96,7 @@ class WeLore(Method):
     Options = WeLoreOptions
     needs_calibration = False
     patterns = ("unstructured",)  # removes rank, not weights
+    rank_budget_option = "objective"
 
     def __init__(self, options: WeLoreOptions | None = None) -> None:
         super().__init__(options)

@@ -140,18 +140,21 @@ def _targets(costs: list[UnitCosts], plans: dict[int, BlockPlan], pattern: Patte
 
 
 def prune_structured(model: nn.Module, pattern: Pattern, target: float, criterion: StructuredCriterion,
-                     allocator: Allocator, selected: dict[str, nn.Module], calib: Tensor | None, info: RunInfo,
+                     allocator: Allocator | None, selected: dict[str, nn.Module], calib: Tensor | None, info: RunInfo,
                      batch_size: int = 8, device=None, callback: Callable | None = None, refiner=None) -> Report:
     """Remove ``target`` of the ``selected`` decoder-linear weights as whole units; the model shrinks in place.
 
+    ``allocator``: per-block rates from a registered allocator, or ``None`` for ``--allocation global``
+    (one threshold over every block's standardised unit scores, :mod:`.global_plan`).
     ``refiner``: a :class:`~prunekit.methods.refine.Refiner` that works on structured blocks (block
     reconstruction) run on each block after its units are zeroed, before it is propagated.
     """
     dense_params = param_count(model)
-    parts = check_structured(model, pattern, criterion, selected, target, uniform=allocator.name == "uniform")
+    allocation = "global" if allocator is None else allocator.name
+    parts = check_structured(model, pattern, criterion, selected, target, uniform=allocation == "uniform")
     if isinstance(criterion, BlockCriterion):
-        if allocator.name != "uniform":
-            raise ConfigError(f"allocation {allocator.name!r} gives per-layer rates; pattern {pattern} removes whole "
+        if allocation != "uniform":
+            raise ConfigError(f"allocation {allocation!r} gives per-layer rates; pattern {pattern} removes whole "
                               f"{'blocks' if pattern.kind == 'blocks' else 'FFNs'} ranked by {criterion.name}: use "
                               "--allocation uniform")
         report = drop_ranked(model, parts, selected, pattern.kind, criterion, target, calib, batch_size, info)
@@ -162,7 +165,7 @@ def prune_structured(model: nn.Module, pattern: Pattern, target: float, criterio
     costs = unit_costs(model, parts, selected, pattern.kind, criterion.opts.gqa)
     multiple = resolve_multiple(criterion.opts.multiple, costs)
     plan_info: dict = {}
-    if getattr(allocator, "structured_only", False):
+    if allocator is None:
         plans, plan_info = global_plan(model, criterion, costs, target, multiple, calib, batch_size)
     else:
         rates = _rates(model, allocator, selected, target, pattern, calib)
