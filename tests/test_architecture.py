@@ -41,7 +41,7 @@ LAYERS = [
     {"models"},
     {"formats", "export", "codec"},
     {"data", "config", "calibration", "methods", "allocation", "analysis", "eval", "structured", "activation",
-     "recover", "kernels"},
+     "recover", "kernels", "families"},
     {"api", "streaming", "sweep"},
     {"cli"},
 ]
