@@ -17,7 +17,7 @@ Layers, lowest first; a unit may import its own layer (if that makes no cycle) a
 3. ``formats`` — everything on disk (and the deprecated ``export``, ``codec`` paths into it)
 4. ``data``, ``config``, ``calibration``, ``methods``, ``allocation``, ``analysis``, ``eval``,
    ``structured``, ``activation``, ``recover``, ``kernels`` — compressing and measuring
-5. ``api``, ``streaming``, ``sweep`` — the pipelines
+5. ``api``, ``streaming``, ``sweep``, ``pipeline`` — the pipelines
 6. ``cli`` — parses, asks the library, prints
 """
 
@@ -42,7 +42,7 @@ LAYERS = [
     {"formats", "export", "codec"},
     {"data", "config", "calibration", "methods", "allocation", "analysis", "eval", "structured", "activation",
      "recover", "kernels", "families"},
-    {"api", "streaming", "sweep"},
+    {"api", "streaming", "sweep", "pipeline"},
     {"cli"},
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}

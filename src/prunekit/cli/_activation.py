@@ -62,39 +62,9 @@ def activation_config(args: argparse.Namespace, calib):
     return ActivationSparsityConfig(**kw)
 
 
-def run_activation(model, tok, cfg, args):
-    """Calibrate and install the thresholds with a per-block progress bar; returns the state."""
-    from tqdm import tqdm
-
-    from ..activation import sparsify_activations
-
-    bar = tqdm(total=None, desc=f"{cfg.method} activations {cfg.sparsity:g}", unit="block")
-
-    def on_block(ev) -> None:
-        bar.total = ev.total
-        err = "" if ev.rel_error is None else f"err {ev.rel_error:.3f} "
-        bar.set_postfix_str(f"{err}{ev.seconds:.1f}s {ev.peak_rss_mb:.0f}MB")
-        bar.update(1)
-
-    try:
-        return sparsify_activations(model, cfg, tokenizer=tok, data_dir=args.data_dir, callback=on_block)
-    finally:
-        bar.close()
-
-
 def summary_rows(r: dict) -> list[list[str]]:
     """Rows for the prune summary table: what the thresholds reach on the calibration data (``state.report``)."""
     return [[f"activation sparsity ({r['method']}, {r['allocation']}; calibration)", "0.0000",
              f"{r['mean_sparsity']:.4f}"],
             ["activation target", "", f"{r['target']:.4f}"],
             ["decoder-linear weight reads a kernel skips", "0.0000", f"{r['skipped_fraction']:.4f}"]]
-
-
-def activation_only_report(state, model_name: str, dtype: str):
-    """A :class:`~prunekit.report.Report` for a run that pruned no weights (activation sparsity alone)."""
-    from ..report import Report
-
-    report = Report(method="none", target_sparsity=0.0, pattern="unstructured", seconds=state.report["seconds"],
-                    calibration=state.report["calibration"])
-    report.extra.update(model=model_name, dtype=dtype, activation=state.report)
-    return report

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..pipeline.checks import check_json_path  # noqa: F401  (the subcommands' --json check)
 
 
 def friendly(e: BaseException) -> str | None:
@@ -25,20 +26,6 @@ def friendly(e: BaseException) -> str | None:
             return f"{text}: {path}{other}"
         return text
     return None
-
-
-def check_json_path(path: str | None) -> None:
-    """Fail now (not after the prune) if ``--json`` cannot be written."""
-    if not path:
-        return
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise ConfigError(f"--json {path!r} is a folder; give a file name such as report.json")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(f"--json {path!r}: folder {str(parent)!r} does not exist; create it or choose another path")
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise ConfigError(f"--json {path!r} is not writable; choose another path")
 
 
 def check_out_folder(path, what: str = "--out") -> None:

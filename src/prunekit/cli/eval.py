@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from ._streamed import check_streamable_tasks, wants_streaming
+from ..pipeline.checks import check_streamable_tasks, wants_streaming
 from ._tasks import add_task_args, prepare, print_results, run_with_progress, task_settings
 from .common import (add_eval_args, add_model_args, check_json_path, fmt_ppl, load_from_args, run_perplexity,
                      setup_threads, table)

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
-from pathlib import Path
 
 from ..errors import ConfigError
 from ..families import allocation_names
 from ..formats import SAVE_FORMATS
+from ..pipeline import Events
 from ..registry import METHODS, REFINERS, STRUCTURED
-from ._tasks import add_task_args, prepare, run_with_progress, task_settings
-from .common import (add_eval_args, add_model_args, check_json_path, check_save_space, fmt_ppl, load_from_args,
-                     options_epilog, run_perplexity, setup_threads, table)
+from ._tasks import add_task_args, run_with_progress, task_settings
+from .common import add_eval_args, add_model_args, fmt_ppl, options_epilog, run_perplexity, table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -107,172 +105,113 @@ def build_config(args: argparse.Namespace):
     return PruneConfig(**base, calib=CalibConfig(**calib))
 
 
-def _check_inputs(args: argparse.Namespace):
-    """Everything that can be checked without the model, before it is loaded.
-
-    The compression family's handler (its components built, once for the whole run) is kept in
-    ``args.compression``; ``None`` when only activations are sparsified."""
-    from ..data import get_dataset
-    from ..families import prepare
-    from ..formats import check_output_dir
-
+def build_spec(args: argparse.Namespace):
+    """The :class:`~prunekit.pipeline.RunSpec` the flags ask for; every flag's own mistake fails here."""
+    from ..pipeline import RunSpec
     from ._activation import activation_config, weight_pruning_requested
+    from .recover import chain_config
 
-    setup_threads(args)
     config = build_config(args)
-    args.act_config = activation_config(args, config.calib)  # None without --activation-sparsity
-    args.compression = None
+    act = activation_config(args, config.calib)  # None without --activation-sparsity
     if not weight_pruning_requested(args):
         config = None  # --activation-sparsity alone: the weights stay dense
-    else:
-        args.compression = prepare(config)  # names, options and method/pattern compatibility
-    calib = config.calib if config is not None else args.act_config.calib
-    for name in [calib.dataset, *args.eval_datasets]:
-        get_dataset(name, args.data_dir, text_field=calib.text_field)
-    if args.out:
-        check_output_dir(args.out, args.overwrite)
-    check_json_path(args.json)
-    if args.max_windows is not None and args.max_windows < 1:
-        raise ConfigError(f"--max-windows={args.max_windows} must be >= 1")
-    if args.act_config is not None and args.offload == "disk":
-        raise ConfigError("--activation-sparsity calibrates the whole model in memory: drop --offload disk")
-    if config is None:
-        return None
-    job = args.compression
-    if args.save_format not in job.save_formats:
-        raise ConfigError(job.save_format_refusal(args.save_format))
-    if not job.streams and args.offload == "disk":
-        raise ConfigError(f"--pattern {config.pattern} reshapes the model as a whole and needs it in memory: use "
-                          "--offload none (or auto), or an unstructured / N:M pattern to stream")
-    return config
+    eval_seqlen = args.eval_seqlen or (config.calib if config is not None else act.calib).seqlen
+    return RunSpec(model=args.model, compression=config, activation=act, eval_datasets=tuple(args.eval_datasets),
+                   eval_seqlen=args.eval_seqlen, max_windows=args.max_windows, eval_batch_size=args.eval_batch_size,
+                   dense_eval=not args.no_dense_eval, tasks=tuple(args.tasks or ()),
+                   task_settings=task_settings(args, eval_seqlen, args.max_windows, args.eval_batch_size),
+                   out=args.out, save_format=args.save_format, overwrite=args.overwrite,
+                   merge_lowrank=args.merge_lowrank, report_json=args.json, offload=args.offload,
+                   recover=chain_config(args), dtype=args.dtype, device=args.device, threads=args.threads,
+                   trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, data_dir=args.data_dir)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..formats import reserve_output
+    from ..pipeline import run as run_pipeline
 
-    config = _check_inputs(args)
-    with contextlib.ExitStack() as stack:
-        if args.out:  # held from now until the save: a second run to the same --out fails at once
-            stack.enter_context(reserve_output(args.out, args.overwrite))
-        return _run(args, config)
-
-
-def _run(args: argparse.Namespace, config) -> int:
-    from ..api import prune
-    from ._streamed import run_streamed, wants_streaming
-
-    act = getattr(args, "act_config", None)
-    eval_seqlen = args.eval_seqlen or (config.calib if config is not None else act.calib).seqlen
-    settings = task_settings(args, eval_seqlen, args.max_windows, args.eval_batch_size)
-    tasks = prepare(args)  # bad task names / files fail before the model loads
-    from .recover import chain_after_prune, chain_config, dense_teacher
-
-    recover_cfg = chain_config(args)  # --recover settings fail before the model loads too
-    if wants_streaming(args):
-        if act is not None:
-            raise ConfigError(f"{args.model} does not fit in memory ({args.dtype}), and --activation-sparsity "
-                              "calibrates the whole model in memory: use --dtype bfloat16 or a machine with more memory")
-        if not args.compression.streams:
-            raise ConfigError(f"{args.model} does not fit in memory ({args.dtype}), and --pattern {config.pattern} "
-                              "needs the whole model in memory: use an unstructured / N:M pattern, which streams, "
-                              "or a machine with more memory")
-        if recover_cfg is not None:
-            raise ConfigError("--recover trains the whole model in memory, so it cannot follow a streamed prune; "
-                              "prune with --offload disk, then run prunekit recover where the model fits")
-        return run_streamed(args, config, tasks, settings, _progress_bar(config), print_summary)
-    t0 = time.perf_counter()
-    model, tok = load_from_args(args)
-    print(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.dtype}, "
-          f"{args.device}) in {time.perf_counter() - t0:.1f}s")
-    _check_loaded(args, model, config, act, eval_seqlen)
-    tokens: dict = {}
-    evaluate = (lambda label: run_perplexity(model, tok, args.eval_datasets, eval_seqlen, args.max_windows,
-                                             args.eval_batch_size, label, args.data_dir, tokens))
-    dense = {} if args.no_dense_eval else evaluate("dense")
-    dense_tasks = {} if args.no_dense_eval else run_with_progress(model, tok, tasks, settings, "dense")
-    teacher = dense_teacher(model, recover_cfg)
-    report = None
-    if config is not None:
-        report = _progress_bar(config)(lambda cb: prune(model, args.compression, tokenizer=tok, callback=cb,
-                                                        data_dir=args.data_dir))  # the handler, as built
-    if act is not None:
-        from ._activation import activation_only_report, run_activation
-
-        state = run_activation(model, tok, act, args)
-        if report is None:
-            report = activation_only_report(state, args.model, args.dtype)
-        else:
-            report.extra["activation"] = state.report
-    pruned = evaluate("pruned")
-    pruned_tasks = run_with_progress(model, tok, tasks, settings, "pruned")
-    report.evaluation = {"dense": {k: v.to_dict() for k, v in dense.items()},
-                         "pruned": {k: v.to_dict() for k, v in pruned.items()}}
-    if tasks:
-        report.evaluation["tasks"] = {"dense": {k: r.to_dict() for k, r in dense_tasks.items()},
-                                      "pruned": {k: r.to_dict() for k, r in pruned_tasks.items()}}
-    report.extra.update(model=args.model, dtype=args.dtype)
-    print_summary(report, dense, pruned, dense_tasks, pruned_tasks)
-    if recover_cfg is not None:
-        chain_after_prune(args, recover_cfg, model, teacher, tok, report, tasks, settings)
-    if args.out:  # the model first: a finished prune must not be lost to a bad report path
-        from ..activation import save_with_thresholds  # the plain save when there are no thresholds
-
-        out, how = save_with_thresholds(model, tok, args.out, report.to_dict(), args.overwrite, args.merge_lowrank,
-                                        args.save_format)
-        args.saved = out
-        print(f"saved to {out} ({how})")
-    if args.json:
-        Path(args.json).expanduser().write_text(report.to_json())
+    run_pipeline(build_spec(args), Printed(args))
     return 0
 
 
-def _check_loaded(args: argparse.Namespace, model, config, act, eval_seqlen: int) -> None:
-    """Everything about the loaded model that can fail, before the dense baseline and the prune.
+class Printed(Events):
+    """The pipeline's events as the command line shows them: lines on stdout, progress bars on stderr."""
 
-    ``config`` is ``None`` when only activations are sparsified (``act``), the weights staying dense.
-    """
-    from ..eval import check_seqlen
-    from ..models import check_finite
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
 
-    check_finite(model)  # a NaN anywhere makes every number below meaningless
-    if config is not None:
-        job = args.compression
-        linears = job.check(model)  # architecture x pattern, include/exclude, structured rounding
-        if args.out:  # a disk too small for the result is found now, not after the prune
-            check_save_space(args.out, model, args.model, args.save_format, config.sparsity, job.removes_units,
-                             linears)
-        if job.needs_calibration:  # named by the flag the user gave
-            check_seqlen(model, config.calib.seqlen, "--seqlen")
-    elif args.out:  # activation sparsity alone: the weights are saved as they are
-        check_save_space(args.out, model, args.model, args.save_format, 0.0, False, {})
-    if act is not None:
-        from ..activation import check_activation
+    def loaded(self, spec, model, seconds: float) -> None:
+        print(f"loaded {spec.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {spec.dtype}, "
+              f"{spec.device}) in {seconds:.1f}s")
 
-        check_activation(model, act)  # cats/chess need a gated MLP: before the dense baseline
-        check_seqlen(model, act.calib.seqlen, "--seqlen")
-    if args.eval_datasets:
-        check_seqlen(model, eval_seqlen, "--eval-seqlen" if args.eval_seqlen else "--seqlen")
+    def streaming(self, spec) -> None:
+        print(f"streaming {spec.model} one block at a time ({spec.dtype}, {spec.device}): its weights stay on disk")
 
+    def perplexity(self, model, tokenizer, spec, label: str, token_cache: dict) -> dict:
+        return run_perplexity(model, tokenizer, list(spec.eval_datasets), spec.seqlen, spec.max_windows,
+                              spec.eval_batch_size, label, spec.data_dir, token_cache)
 
-def _progress_bar(config):
-    """``run(fn)``: calls ``fn(callback)`` with a per-block progress bar as the callback."""
-    from tqdm import tqdm
+    def streamed_perplexity(self, label: str, dataset: str, result) -> None:
+        print(f"{label} {dataset}: ppl {result.ppl:.3f} ({result.windows} windows, streamed)")
 
-    def run(fn):
-        bar = tqdm(total=None, desc=f"{config.method} {config.pattern}", unit="block")
+    def tasks(self, model, tokenizer, tasks: dict, settings, label: str) -> dict:
+        return run_with_progress(model, tokenizer, tasks, settings, label)
 
-        def on_block(ev) -> None:
-            bar.total = ev.total
-            err = "" if ev.record.rel_error is None else f"err {ev.record.rel_error:.3f} "
-            bar.set_postfix_str(f"{err}{ev.record.seconds:.1f}s {ev.record.peak_rss_mb:.0f}MB")
-            bar.update(1)
+    def compressing(self, method: str, pattern: str):
+        return _block_bar(f"{method} {pattern}", lambda ev: ev.record)
 
+    def sparsifying_activations(self, config):
+        return _block_bar(f"{config.method} activations {config.sparsity:g}", lambda ev: ev)
+
+    @contextlib.contextmanager
+    def recovering(self, steps: int):
+        from .recover import progress_bar
+
+        bar, on_step = progress_bar(steps)
         try:
-            return fn(on_block)
+            yield on_step
         finally:
             bar.close()
 
-    return run
+    def evaluated(self, result) -> None:
+        print_summary(result.report, result.dense, result.compressed, result.dense_tasks,
+                      result.tasks)
+
+    def recover_interrupted(self, checkpoint) -> None:
+        from .recover import interrupted_note
+
+        self.args.interrupted_note = interrupted_note(checkpoint, "rerun the same command (the prune is redone, "
+                                                                  "the same)")
+
+    def recovered(self, report, perplexity: dict) -> None:
+        from .recover import print_summary as print_recovery
+
+        print_recovery(report)
+        for ds, r in perplexity.items():
+            print(f"{ds} ppl after recovery (seqlen {r.seqlen}, {r.windows} win): {fmt_ppl(r.ppl)}")
+
+    def saved(self, out, how: str) -> None:
+        self.args.saved = out
+        print(f"saved to {out} ({how})")
+
+
+@contextlib.contextmanager
+def _block_bar(desc: str, record):
+    """A per-block progress bar; yields its callback. ``record(event)``: the event's timing record."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, desc=desc, unit="block")
+
+    def on_block(ev) -> None:
+        bar.total = ev.total
+        rec = record(ev)
+        err = "" if rec.rel_error is None else f"err {rec.rel_error:.3f} "
+        bar.set_postfix_str(f"{err}{rec.seconds:.1f}s {rec.peak_rss_mb:.0f}MB")
+        bar.update(1)
+
+    try:
+        yield on_block
+    finally:
+        bar.close()
 
 
 def print_summary(report, dense: dict, pruned: dict, dense_tasks: dict | None = None,

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..pipeline.run import checkpoint_dir
 from ._control import add_control_arg, check_control, run_control
 from ._tasks import add_task_args, prepare, run_with_progress, task_settings
 from ..errors import ConfigError
@@ -76,12 +77,6 @@ def build_recover_config(args: argparse.Namespace):
     from ..recover import RecoverConfig
 
     return RecoverConfig(**field_values(RecoverConfig, args))
-
-
-def checkpoint_dir(out: str) -> Path:
-    """Checkpoints live beside the output folder: ``OUT.checkpoint``."""
-    o = Path(out).expanduser()
-    return o.with_name(o.name + ".checkpoint")
 
 
 def make_evaluator(tok, args, tasks, settings):
@@ -272,7 +267,6 @@ def _yaml_values(items: list[str] | None) -> dict:
 def chain_config(args: argparse.Namespace):
     """The RecoverConfig of ``prune --recover`` (``None`` without it), validated before any work."""
     from ..recover import RecoverConfig
-    from ..recover.data import load_documents
 
     opts = _yaml_values(getattr(args, "recover_option", None))
     if not getattr(args, "recover", False):
@@ -286,41 +280,4 @@ def chain_config(args: argparse.Namespace):
     for key, value in opts.items():  # a lone value for a list setting (hidden_layers=-2) is a list of one
         if isinstance(defaults[key], tuple) and not isinstance(value, (list, tuple)):
             opts[key] = [value]
-    cfg = RecoverConfig(**opts)
-    load_documents(cfg)
-    return cfg
-
-
-def dense_teacher(model, cfg):
-    """A copy of the still-dense model to distill from (``None`` when no objective needs one)."""
-    import copy
-
-    return copy.deepcopy(model) if cfg is not None and cfg.needs_teacher else None
-
-
-def chain_after_prune(args, cfg, model, teacher, tok, report, tasks, settings) -> None:
-    """Recover the just-pruned ``model`` in place; its report goes to ``report.extra['recover']``."""
-    from ..recover import recover
-
-    bar, on_step = progress_bar(cfg.steps)
-    ckpt = checkpoint_dir(args.out) if args.out and cfg.checkpoint_every else None
-    try:
-        rep = recover(model, teacher, tok, cfg, checkpoint_dir=ckpt, callback=on_step)
-    except KeyboardInterrupt:
-        args.interrupted_note = interrupted_note(ckpt, "rerun the same command (the prune is redone, the same)")
-        raise
-    finally:
-        bar.close()
-    eval_seqlen = args.eval_seqlen or report.calibration.get("seqlen") or cfg.seqlen
-    ppl = run_perplexity(model, tok, args.eval_datasets, eval_seqlen, args.max_windows, args.eval_batch_size,
-                         "recovered")
-    res = run_with_progress(model, tok, tasks, settings, "recovered")
-    report.evaluation["recovered"] = {k: v.to_dict() for k, v in ppl.items()}
-    if res:
-        report.evaluation.setdefault("tasks", {})["recovered"] = {k: r.to_dict() for k, r in res.items()}
-    report.extra["recover"] = rep.to_dict()
-    print_summary(rep)
-    for ds, r in ppl.items():
-        print(f"{ds} ppl after recovery (seqlen {r.seqlen}, {r.windows} win): {fmt_ppl(r.ppl)}")
-    if ckpt is not None and ckpt.exists():
-        shutil.rmtree(ckpt, ignore_errors=True)
+    return RecoverConfig(**opts)  # its training text is read by the pipeline, before the model loads

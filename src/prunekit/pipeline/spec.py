@@ -1,0 +1,116 @@
+"""What one run is asked to do (:class:`RunSpec`) and what it gives back (:class:`RunResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+OFFLOAD = ("auto", "none", "disk")
+
+
+@dataclass
+class RunSpec:
+    """One prune → evaluate → save → report run, checked field by field when it is made.
+
+    Attributes:
+        model: HF folder, ``.gguf`` file, hub id or alias.
+        compression: a :class:`~prunekit.config.PruneConfig`, a family config (``SparseConfig`` …) or a
+            handler from :func:`prunekit.families.prepare`; ``None`` when only activations are sparsified.
+        activation: an :class:`~prunekit.config.ActivationSparsityConfig` (thresholds calibrated after
+            the weights are compressed), or ``None``.
+        eval_datasets: perplexity datasets; ``eval_seqlen`` ``None``: the calibration seqlen.
+        dense_eval: score the dense model first (the baseline the report compares with).
+        tasks / task_settings: downstream task names and their settings (``None``: defaults).
+        out / save_format / overwrite / merge_lowrank: where and how the result is saved (atomically).
+        report_json: also write the report JSON to this file.
+        offload: ``disk``: stream the model one block at a time; ``none``: in memory; ``auto``: stream
+            only when it would not fit in memory.
+        recover: a :class:`~prunekit.recover.RecoverConfig` to train the compressed model back after
+            the prune (in memory only), or ``None``.
+        dtype / device / threads / trust_remote_code / allow_pickle / data_dir: as for ``load_model``.
+    """
+
+    model: str
+    compression: Any = None
+    activation: Any = None
+    eval_datasets: tuple[str, ...] = ("wikitext2",)
+    eval_seqlen: int | None = None
+    max_windows: int | None = None
+    eval_batch_size: int = 1
+    dense_eval: bool = True
+    tasks: tuple[str, ...] = ()
+    task_settings: Any = None
+    out: str | Path | None = None
+    save_format: str = "dense"
+    overwrite: bool = False
+    merge_lowrank: bool = False
+    report_json: str | Path | None = None
+    offload: str = "auto"
+    recover: Any = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    data_dir: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        from ..formats import SAVE_FORMATS
+
+        self.eval_datasets, self.tasks = tuple(self.eval_datasets), tuple(self.tasks)
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError(f"model {self.model!r} is not a model: give a folder, .gguf file, hub id or alias")
+        if self.compression is None and self.activation is None:
+            raise ConfigError("nothing to do: give a compression config, an activation sparsity config, or both")
+        if self.offload not in OFFLOAD:
+            raise ConfigError(f"offload={self.offload!r} is not one of {', '.join(OFFLOAD)}")
+        if self.save_format not in SAVE_FORMATS:
+            raise ConfigError(f"save_format={self.save_format!r} is not one of {', '.join(SAVE_FORMATS)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads={self.threads} is invalid: give a positive number of CPU threads, "
+                              "e.g. --threads 2")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise ConfigError(f"--max-windows={self.max_windows} must be >= 1")
+
+    @property
+    def calib(self):
+        """The calibration settings: the compression's, else the activation sparsity's."""
+        config = self.compression
+        if config is not None:
+            return getattr(config, "calib", None) or config.config.calib  # a handler keeps its config
+        return self.activation.calib
+
+    @property
+    def seqlen(self) -> int:
+        """The perplexity window: ``eval_seqlen``, else the calibration seqlen."""
+        return self.eval_seqlen or self.calib.seqlen
+
+    @property
+    def seqlen_flag(self) -> str:
+        """The flag a too-long evaluation window is reported under."""
+        return "--eval-seqlen" if self.eval_seqlen else "--seqlen"
+
+
+@dataclass
+class RunResult:
+    """What :func:`prunekit.pipeline.run` did.
+
+    ``model`` / ``tokenizer``: the compressed model in memory (``None`` when streamed: it is in ``saved``).
+    ``dense`` / ``compressed``: perplexity per dataset; ``dense_tasks`` / ``tasks``: task results.
+    ``saved``: the output folder (``None`` without ``out``); ``saved_how``: what was written there.
+    """
+
+    report: Any
+    dense: dict = field(default_factory=dict)
+    compressed: dict = field(default_factory=dict)
+    dense_tasks: dict = field(default_factory=dict)
+    tasks: dict = field(default_factory=dict)
+    streamed: bool = False
+    model: Any = None
+    tokenizer: Any = None
+    recovered: dict = field(default_factory=dict)
+    saved: Path | None = None
+    saved_how: str = ""
