@@ -13,6 +13,8 @@ from pathlib import Path
 from .checks import check_before_loading, check_loaded, check_streamable, names, wants_streaming
 from .events import Events
 from .spec import RunResult, RunSpec
+from .steps import activation_only_report, record_evaluation, task_settings, write_report
+from .streamed import run_streamed
 
 
 def run(spec: RunSpec, events: Events | None = None) -> RunResult:
@@ -35,8 +37,6 @@ def run(spec: RunSpec, events: Events | None = None) -> RunResult:
 
             load_documents(spec.recover)  # the training text too
         if wants_streaming(spec):
-            from .streamed import run_streamed
-
             check_streamable(spec, job, tasks)
             return run_streamed(spec, job, tasks, events)
         return run_in_memory(spec, job, tasks, events)
@@ -46,15 +46,6 @@ def _prepare_tasks(spec: RunSpec) -> dict:
     from ..eval.tasks import prepare_tasks
 
     return prepare_tasks(list(spec.tasks), spec.data_dir) if spec.tasks else {}
-
-
-def task_settings(spec: RunSpec):
-    """``spec.task_settings``, or the defaults with the run's perplexity window."""
-    from ..eval.tasks import TaskSettings
-
-    if spec.task_settings is not None:
-        return spec.task_settings
-    return TaskSettings(None, (), 16, None, spec.seqlen, spec.max_windows, spec.eval_batch_size, spec.data_dir)
 
 
 def run_in_memory(spec: RunSpec, job, tasks: dict, events: Events) -> RunResult:
@@ -109,31 +100,6 @@ def _compress(spec: RunSpec, job, model, tok, events: Events):
             report.extra["activation"] = state.report
     report.extra.update(model=spec.model, dtype=spec.dtype)
     return report
-
-
-def activation_only_report(state, model_name: str, dtype: str):
-    """A :class:`~prunekit.report.Report` for a run that pruned no weights (activation sparsity alone)."""
-    from ..report import Report
-
-    report = Report(method="none", target_sparsity=0.0, pattern="unstructured", seconds=state.report["seconds"],
-                    calibration=state.report["calibration"])
-    report.extra.update(model=model_name, dtype=dtype, activation=state.report)
-    return report
-
-
-def record_evaluation(result: RunResult, spec: RunSpec, tasks: dict) -> None:
-    """Dense and compressed scores into the report."""
-    report = result.report
-    report.evaluation = {"dense": {k: v.to_dict() for k, v in result.dense.items()},
-                         "pruned": {k: v.to_dict() for k, v in result.compressed.items()}}
-    if tasks:
-        report.evaluation["tasks"] = {"dense": {k: r.to_dict() for k, r in result.dense_tasks.items()},
-                                      "pruned": {k: r.to_dict() for k, r in result.tasks.items()}}
-
-
-def write_report(spec: RunSpec, report) -> None:
-    if spec.report_json:
-        Path(spec.report_json).expanduser().write_text(report.to_json())
 
 
 def checkpoint_dir(out) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .checks import names
 from .events import Events
-from .run import record_evaluation, task_settings, write_report
+from .steps import record_evaluation, task_settings, write_report
 from .spec import RunResult, RunSpec
 
 
