@@ -365,6 +365,10 @@ OLD_PATHS = [
     ("prunekit.models.lowrank", "load_lowrank_model", "prunekit.formats.lowrank", "load_lowrank_model"),
     ("prunekit.models", "load_model", "prunekit.formats", "load_model"),
     ("prunekit.models", "resolve_source", "prunekit.formats", "resolve_source"),
+    ("prunekit.activation.base", "ActivationState", "prunekit.models.activation", "ActivationState"),
+    ("prunekit.activation.base", "state_of", "prunekit.models.activation", "state_of"),
+    ("prunekit.activation.base", "GateMask", "prunekit.models.activation", "GateMask"),
+    ("prunekit.activation.base", "keep_mask", "prunekit.models.activation", "keep_mask"),
 ]
 
 

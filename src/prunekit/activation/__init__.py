@@ -7,7 +7,8 @@ weights of zero activations.
 
 from . import cats, chess, teal  # noqa: F401  (self-registering)
 from .api import check_activation, sparsify_activations
-from .base import ACTIVATION_METHODS, ActivationState, Site, state_of
+from ..models.activation import ActivationState, Site, state_of
+from .base import ACTIVATION_METHODS
 from .io import MANIFEST, TENSORS, attach_saved, has_saved, read_side_files, save_with_thresholds, write_side_files
 
 from ..formats.load import LOAD_HOOKS

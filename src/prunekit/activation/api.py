@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from ..config import ActivationSparsityConfig, to_dict
 from ..errors import ConfigError
 from ..models import decoder_linears, weight_view
-from .base import ACTIVATION_METHODS, ActivationState, state_of
+from ..models.activation import ActivationState, state_of
+from .base import ACTIVATION_METHODS
 from .calibrate import BlockDone, calibrate, model_sites
 
 log = logging.getLogger(__name__)

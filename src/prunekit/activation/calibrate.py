@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from ..calibration import BlockInputs, calibration_forward_context, capture_block_inputs, peak_rss_mb
 from ..models import find_blocks, model_device
 from ..models.structure import block_parts
-from .base import INPUT, ActivationMethod, ActivationState, Counter, Site, gated_mlp
+from ..models.activation import INPUT, ActivationState, Counter, Site, gated_mlp
+from .base import ActivationMethod
 from .greedy import greedy_sparsities, threshold_at
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..models import weight_view
-from .base import ACTIVATION_METHODS, GATE, ActivationMethod, Site, gated_mlp, quantile_threshold
+from ..models.activation import gated_mlp
+from .base import ACTIVATION_METHODS, GATE, ActivationMethod, Site, quantile_threshold
 
 
 def gate_site(block: nn.Module, parts, channelwise: bool = False) -> Site:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..calibration import BlockInputs
-from .base import InputMask, Site
+from ..models.activation import InputMask, Site
 
 MAX_SPARSITY = 0.99
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ConfigError
-from .base import ActivationState, Site
+from ..models.activation import ActivationState, Site
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def save_with_thresholds(model: nn.Module, tokenizer, out_dir, report: dict | No
     import os
 
     from ..formats import atomic_folder, save_folder
-    from .base import state_of
+    from ..models.activation import state_of
 
     state = state_of(model)
     if state is None:

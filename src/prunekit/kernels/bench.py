@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from ..activation.base import state_of
+from ..models.activation import state_of
 from .generate import decode_seconds, interleaved, prefill_seconds
 from .runtime import prepare_decode
 

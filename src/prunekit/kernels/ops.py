@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..activation.base import keep_mask
+from ..models.activation import keep_mask
 from .build import extension
 
 NO_THRESHOLD = torch.tensor([-1.0])  # |x| > -1 keeps every entry, exact zeros included

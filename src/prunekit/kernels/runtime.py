@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..activation.base import GATE, INPUT, GateMask, apply_threshold, gated_mlp, state_of
+from ..models.activation import GATE, INPUT, GateMask, apply_threshold, gated_mlp, state_of
 from ..errors import ConfigError
 from ..models import decoder_linears, set_module
 from . import ops
