@@ -9,7 +9,7 @@ import torch
 
 import prunekit
 from prunekit import ActivationSparsityConfig, CalibConfig, PruneConfig
-from prunekit.activation import read_side_files, write_side_files
+from prunekit.formats.activation import ACTIVATION, read_side_files, write_side_files
 from prunekit.data import calibration_ids
 from prunekit.eval import perplexity
 from prunekit.eval.tasks import TaskSettings, prepare_tasks, run_tasks
@@ -72,7 +72,7 @@ def build(label: str, name: str, dtype: str, args, tok=None, ids=None):
     act = {"act": label, "both": "act/teal/uniform/0.4"}.get(kind)
     if act is not None:
         folder = _dir(name, label)
-        if (folder / "activation_sparsity.json").is_file() and not args.redo:
+        if ACTIVATION.detect(folder) and not args.redo:
             read_side_files(folder).install(model)
         else:
             st = prunekit.sparsify_activations(model, _act_cfg(act, args), calib=ids if ids is not None else _calib(args, tok))

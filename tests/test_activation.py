@@ -7,7 +7,8 @@ import torch
 
 import prunekit
 from prunekit import ActivationSparsityConfig
-from prunekit.activation import read_side_files, state_of, write_side_files
+from prunekit.activation import state_of
+from prunekit.formats.activation import read_side_files, write_side_files
 from prunekit.activation.base import quantile_threshold
 from prunekit.activation.chess import channel_thresholds
 from prunekit.errors import ConfigError
@@ -120,7 +121,7 @@ def test_save_load_round_trip(tmp_path):
     with torch.no_grad():
         masked = model(ids).logits
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
-    from prunekit.activation import save_with_thresholds
+    from prunekit.formats import save_with_thresholds
 
     out, how = save_with_thresholds(model, tok, tmp_path / "m")
     assert "from_pretrained loads the dense model" in how and (out / "activation_sparsity.json").is_file()

@@ -57,6 +57,8 @@ ON_DISK = {
     "prunekit_lowrank.safetensors.index.json": ("lowrank", "SHARD_INDEX"),
     "prunekit_structured.json": ("structured", "MANIFEST"),
     "prunekit_structured.safetensors": ("structured", "WEIGHTS"),
+    "activation_sparsity.json": ("activation", "MANIFEST"),
+    "activation_sparsity.safetensors": ("activation", "TENSORS"),
 }
 #: what a name may contain to count as an on-disk name (block shards are ``prunekit-compressed-block-NNNNN``)
 ON_DISK_PATTERNS = [*ON_DISK, "prunekit-compressed-block-", "prunekit_lowrank-"]
@@ -253,18 +255,21 @@ def test_on_disk_names_occur_only_in_formats():
 
 
 FORMAT_MODULES = ["dense", "compressed", "lowrank", "structured", "gguf"]
+#: formats that sit beside another format's weights (load_model attaches them once the weights are loaded)
+OVERLAY_MODULES = ["activation"]
 
 
 def test_every_format_module_registers_one_format():
-    from prunekit.formats import FORMATS, Format
+    from prunekit.formats import FORMATS, Format, detection_order, overlays
 
-    for name in FORMAT_MODULES:
+    for name in FORMAT_MODULES + OVERLAY_MODULES:
         module = importlib.import_module(f"prunekit.formats.{name}")
         mine = [v for v in vars(module).values() if isinstance(v, Format) and type(v).__module__ == module.__name__]
         assert len(mine) == 1 and FORMATS.get(name) is mine[0] and mine[0].name == name, name
         for method in ("detect", "save", "load"):
             assert method in type(mine[0]).__dict__, f"{name} does not define {method}"
-    assert sorted(FORMATS.names()) == sorted(FORMAT_MODULES)
+    assert sorted(FORMATS.names()) == sorted(FORMAT_MODULES + OVERLAY_MODULES)
+    assert [f.name for f in overlays()] == OVERLAY_MODULES and not {f.name for f in detection_order()} & set(OVERLAY_MODULES)
 
 
 @pytest.fixture(scope="module")
@@ -319,6 +324,39 @@ def test_detect_recognises_what_the_format_saved(name, tok, tmp_path):
             torch.testing.assert_close(again(ids).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("weights", ["dense", "compressed"])
+def test_the_activation_overlay_is_detected_beside_the_weights_and_attached_on_load(weights, tok, tmp_path):
+    """Thresholds saved beside dense or compressed weights: the weights' format is still what detect() names,
+    the overlay recognises its files, and load_model (or the overlay's own load) installs them again."""
+    from prunekit import ActivationSparsityConfig, sparsify_activations
+    from prunekit.formats import ACTIVATION, FORMATS, detect, load_model, save_with_thresholds
+    from prunekit.models.activation import state_of
+
+    model = _llama(tok)
+    ids = torch.randint(0, len(tok), (2, 16), generator=torch.Generator().manual_seed(0))
+    sparsify_activations(model, ActivationSparsityConfig(sparsity=0.4, max_tokens=64), calib=ids)
+    with torch.no_grad():
+        masked = model(ids).logits
+    if weights == "dense":
+        saved, how = ACTIVATION.save(model, tok, tmp_path / "m")
+    else:
+        saved, how = save_with_thresholds(model, tok, tmp_path / "m", save_format=weights)
+    assert "activation thresholds" in how and ACTIVATION.detect(saved) and detect(saved) is FORMATS.get(weights)
+    for again in (load_model(str(saved))[0], ACTIVATION.load(saved, torch.float32)):
+        assert state_of(again) is not None and state_of(again).thresholds.keys() == state_of(model).thresholds.keys()
+        with torch.no_grad():
+            torch.testing.assert_close(again(ids).logits, masked)
+
+
+def test_the_activation_overlay_refuses_a_model_without_thresholds(tok, tmp_path):
+    from prunekit.errors import ConfigError
+    from prunekit.formats import ACTIVATION
+
+    with pytest.raises(ConfigError, match="carries no activation thresholds"):
+        ACTIVATION.save(_llama(tok), tok, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
 # ------------------------------------------------------------------------------ (e) the old paths
 
 
@@ -369,6 +407,13 @@ OLD_PATHS = [
     ("prunekit.activation.base", "state_of", "prunekit.models.activation", "state_of"),
     ("prunekit.activation.base", "GateMask", "prunekit.models.activation", "GateMask"),
     ("prunekit.activation.base", "keep_mask", "prunekit.models.activation", "keep_mask"),
+    ("prunekit.activation.io", "save_with_thresholds", "prunekit.formats.activation", "save_with_thresholds"),
+    ("prunekit.activation.io", "read_side_files", "prunekit.formats.activation", "read_side_files"),
+    ("prunekit.activation.io", "attach_saved", "prunekit.formats.activation", "attach_saved"),
+    ("prunekit.activation.io", "MANIFEST", "prunekit.formats.activation", "MANIFEST"),
+    ("prunekit.activation", "save_with_thresholds", "prunekit.formats.activation", "save_with_thresholds"),
+    ("prunekit.activation", "write_side_files", "prunekit.formats.activation", "write_side_files"),
+    ("prunekit.activation", "has_saved", "prunekit.formats.activation", "has_saved"),
 ]
 
 

@@ -1,21 +1,29 @@
 """Activation sparsity (TEAL, CATS, CHESS): thresholds calibrated on text, applied at inference.
 
 :func:`sparsify_activations` calibrates and installs the thresholds (the masked model, for
-measuring quality exactly); :mod:`prunekit.kernels` runs them with CPU kernels that skip the
-weights of zero activations.
+measuring quality exactly); :class:`~prunekit.families.ActivationSparsityConfig` makes it a
+compression family (``prunekit.compress``); :mod:`prunekit.formats.activation` saves them beside
+the weights and ``load_model`` installs them again; :mod:`prunekit.kernels` runs them with CPU
+kernels that skip the weights of zero activations.
 """
 
+from .._deprecated import moved
+from ..models.activation import ActivationState, Site, state_of
 from . import cats, chess, teal  # noqa: F401  (self-registering)
 from .api import check_activation, sparsify_activations
-from ..models.activation import ActivationState, Site, state_of
 from .base import ACTIVATION_METHODS
-from .io import MANIFEST, TENSORS, attach_saved, has_saved, read_side_files, save_with_thresholds, write_side_files
 
-from ..formats.load import LOAD_HOOKS
+__all__ = ["ACTIVATION_METHODS", "ActivationState", "Site", "check_activation", "sparsify_activations", "state_of"]
 
-if attach_saved not in LOAD_HOOKS:
-    LOAD_HOOKS.append(attach_saved)
+#: the side-file names and functions, now the registered format prunekit.formats.activation
+_MOVED = ("MANIFEST", "TENSORS", "attach_saved", "has_saved", "read_side_files", "save_with_thresholds",
+          "write_side_files")
 
-__all__ = ["ACTIVATION_METHODS", "ActivationState", "MANIFEST", "Site", "TENSORS", "attach_saved", "check_activation",
-           "has_saved", "read_side_files", "save_with_thresholds", "sparsify_activations", "state_of",
-           "write_side_files"]
+
+def __getattr__(name: str):
+    """The side files moved to :mod:`prunekit.formats.activation` (deprecated here)."""
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from ..formats import activation
+
+    return moved(__name__, name, activation)

@@ -5,6 +5,10 @@ which format a folder is in.
 A format module defines one subclass and registers one instance::
 
     FORMATS.add("lowrank", LowRankFormat(), help="...")
+
+An *overlay* format keeps something beside the weights of any other format (the activation
+thresholds): :func:`detect` never answers it, and ``load_model`` asks every overlay, once the
+weights are loaded and on their device, to :meth:`Format.attach` what it finds.
 """
 
 from __future__ import annotations
@@ -30,11 +34,14 @@ class Format(ABC):
         order: detection order: formats with a manifest come before the plain folder, which
             recognises any Hugging Face folder and is asked last.
         loader: one phrase saying what reads a saved folder back.
+        overlay: the format sits beside another format's weights (it is asked by :func:`overlays`,
+            never by :func:`detect`).
     """
 
     name: str = ""
     order: int = 50
     loader: str = "prunekit.load_model"
+    overlay: bool = False
 
     @abstractmethod
     def detect(self, path: str | os.PathLike) -> bool:
@@ -54,14 +61,22 @@ class Format(ABC):
         """Refuse, before any weight is read, what cannot be loaded safely (default: the weight files)."""
         check_weight_files(Path(path), allow_pickle)
 
+    def attach(self, model: nn.Module, path: str | os.PathLike) -> None:
+        """An overlay: install on the loaded ``model`` what it keeps in ``path`` (weight formats: nothing)."""
+
 
 #: every on-disk format, by name (each format module registers its own)
 FORMATS: Registry[Format] = Registry("format")
 
 
 def detection_order() -> list[Format]:
-    """The registered formats in the order :func:`detect` asks them."""
-    return sorted((FORMATS.get(n) for n in FORMATS.names()), key=lambda f: f.order)
+    """The registered weight formats in the order :func:`detect` asks them (overlays are not among them)."""
+    return sorted((f for f in map(FORMATS.get, FORMATS.names()) if not f.overlay), key=lambda f: f.order)
+
+
+def overlays() -> list[Format]:
+    """The registered overlay formats, in their order (``load_model`` asks each after the weights load)."""
+    return sorted((f for f in map(FORMATS.get, FORMATS.names()) if f.overlay), key=lambda f: f.order)
 
 
 def detect(path: str | os.PathLike) -> Format:
@@ -69,7 +84,8 @@ def detect(path: str | os.PathLike) -> Format:
     for fmt in detection_order():
         if fmt.detect(path):
             return fmt
-    raise FileNotFoundError(f"{str(path)!r} is in no format prunekit reads ({', '.join(FORMATS.names())}): pass a "
+    names = ", ".join(f.name for f in detection_order())
+    raise FileNotFoundError(f"{str(path)!r} is in no format prunekit reads ({names}): pass a "
                             "Hugging Face model folder (as written by save_pretrained), a prunekit folder or a .gguf file")
 
 

@@ -2,8 +2,9 @@
 
 :func:`load_model` resolves what the user typed (:mod:`.sources`), turns a GGUF file into its cached
 safetensors folder (:mod:`.gguf_read`), asks every registered format (:data:`~.base.FORMATS`, in
-order) which one the folder is in, lets that format refuse what it cannot load safely, and loads.
-Weights are loaded from safetensors; remote code only runs when the caller asks for it.
+order) which one the folder is in, lets that format refuse what it cannot load safely, and loads;
+then every overlay format (the activation thresholds) installs what it keeps in the folder. Weights
+are loaded from safetensors; remote code only runs when the caller asks for it.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ import torch
 
 from ..errors import ConfigError
 from ..models.runtime import resolve_device, resolve_dtype
-from .base import Format, detect, pickle_files
+from .base import Format, detect, overlays, pickle_files
 from .dense import DENSE
 from .gguf_read import materialized
 from .sources import ModelSource, resolve_source
 
 log = logging.getLogger(__name__)
 
-#: called as ``hook(model, folder)`` after :func:`load_model` read a local folder (prunekit.activation
-#: registers the one that installs saved activation thresholds)
+#: called as ``hook(model, folder)`` after :func:`load_model` read a local folder and the overlay formats
+#: attached theirs (none is registered by prunekit itself)
 LOAD_HOOKS: list = []
 
 
@@ -111,6 +112,9 @@ def load_model(spec: str, dtype: "str | torch.dtype" = "float32", device=None, t
         raise
     model.to(dev).eval()
     if not src.hub:
+        for overlay in overlays():  # after the move: thresholds are put on the device of their weights
+            if overlay.detect(src.path):
+                overlay.attach(model, Path(src.path))
         for hook in LOAD_HOOKS:
             hook(model, Path(src.path))
     return model, _pad_with_eos(tok)

@@ -71,7 +71,7 @@ def run_in_memory(spec: RunSpec, job, tasks: dict, events: Events) -> RunResult:
     if spec.recover is not None:
         _recover(spec, model, teacher, tok, result, tasks, settings, events)
     if spec.out:  # the model first: a finished prune must not be lost to a bad report path
-        from ..activation import save_with_thresholds  # the plain save when there are no thresholds
+        from ..formats import save_with_thresholds  # the plain save when there are no thresholds
 
         result.saved, result.saved_how = save_with_thresholds(model, tok, spec.out, result.report.to_dict(),
                                                               spec.overwrite, spec.merge_lowrank, spec.save_format)
