@@ -40,7 +40,13 @@ from prunekit.report import environment  # noqa: E402
 TARGETS = [b for b in BINARIES if b.startswith("llama-")]
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-               "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_UI=OFF", "-DGGML_BACKEND_DL=OFF"]
+               "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_UI=OFF", "-DGGML_BACKEND_DL=OFF",
+               # AMX off: with -march=native on the Xeon hosts here (AMX flags, kernel permission granted) this
+               # llama.cpp's AMX matmul (ggml_backend_amx_mul_mat) segfaults on every q8_0 / K-quant model at
+               # the first prompt batch (llama-bench, llama-perplexity, our logits dumper; f32/bf16 unaffected);
+               # explicit -mno-amx-* wins over -march=native in gcc, the AVX-512 kernels are used instead
+               *([f"-DCMAKE_{lang}_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" for lang in ("C", "CXX")]
+                 if platform.machine() in ("x86_64", "AMD64") else [])]
 
 
 def sh(cmd: list[str], cwd: Path | None = None, log=None) -> None:
@@ -97,8 +103,10 @@ def link_logits(src: Path, build: Path, out: Path, log) -> None:
 def build(args) -> None:
     root = cache_dir()
     if all(available(b) for b in BINARIES) and not args.force:
-        print(f"already built: {bin_dir()} (--force to rebuild)")
-        return
+        if _built_flags() == CMAKE_FLAGS:
+            print(f"already built: {bin_dir()} (--force to rebuild)")
+            return
+        print(f"the build in {bin_dir()} used other cmake flags than {CMAKE_FLAGS}: rebuilding")
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tarball = sdist(root)
@@ -132,6 +140,14 @@ def build(args) -> None:
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(info, indent=1))
     print(f"built {len(BINARIES)} binaries into {bin_dir()} in {info['build_s']:.0f} s")
+
+
+def _built_flags() -> list[str] | None:
+    f = cache_dir() / "build.json"
+    try:
+        return json.loads(f.read_text()).get("cmake_flags")
+    except (OSError, ValueError):
+        return None
 
 
 def _version(cmd: list[str]) -> str:
