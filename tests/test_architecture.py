@@ -328,13 +328,13 @@ def test_detect_recognises_what_the_format_saved(name, tok, tmp_path):
 def test_the_activation_overlay_is_detected_beside_the_weights_and_attached_on_load(weights, tok, tmp_path):
     """Thresholds saved beside dense or compressed weights: the weights' format is still what detect() names,
     the overlay recognises its files, and load_model (or the overlay's own load) installs them again."""
-    from prunekit import ActivationSparsityConfig, sparsify_activations
+    from prunekit import ActivationSparsityConfig, compress
     from prunekit.formats import ACTIVATION, FORMATS, detect, load_model, save_with_thresholds
     from prunekit.models.activation import state_of
 
     model = _llama(tok)
     ids = torch.randint(0, len(tok), (2, 16), generator=torch.Generator().manual_seed(0))
-    sparsify_activations(model, ActivationSparsityConfig(sparsity=0.4, max_tokens=64), calib=ids)
+    compress(model, ActivationSparsityConfig(sparsity=0.4, max_tokens=64), calib=ids)
     with torch.no_grad():
         masked = model(ids).logits
     if weights == "dense":

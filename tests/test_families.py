@@ -14,7 +14,8 @@ import prunekit
 from prunekit import LowRankConfig, PruneConfig, SparseConfig, StructuredConfig, compress, prune
 from prunekit.config import to_dict
 from prunekit.errors import ConfigError
-from prunekit.families import HANDLERS, LowRankFamily, SparseFamily, StructuredFamily, allocation_names, prepare
+from prunekit.families import (HANDLERS, ActivationFamily, ActivationSparsityConfig, LowRankFamily, SparseFamily,
+                               StructuredFamily, allocation_names, prepare)
 from prunekit.masks import STRUCTURED_KINDS
 from prunekit.models import decoder_linears, weight_view
 from prunekit.registry import ALLOCATORS, METHODS, STRUCTURED
@@ -154,8 +155,9 @@ def test_lowrank_config_compresses_as_the_flat_config_does():
 # ---------------------------------------------------------------- dispatch by type
 
 def test_each_family_type_has_one_handler():
-    assert HANDLERS == {SparseConfig: SparseFamily, StructuredConfig: StructuredFamily, LowRankConfig: LowRankFamily}
-    assert (SparseFamily.streams, StructuredFamily.streams) == (True, False)
+    assert HANDLERS == {SparseConfig: SparseFamily, StructuredConfig: StructuredFamily, LowRankConfig: LowRankFamily,
+                        ActivationSparsityConfig: ActivationFamily}
+    assert (SparseFamily.streams, StructuredFamily.streams, ActivationFamily.streams) == (True, False, False)
     assert StructuredFamily.save_formats == ("dense",) and "compressed" in SparseFamily.save_formats
 
 
@@ -179,7 +181,8 @@ def test_compress_dispatches_by_type_as_prune_does(family, flat):
 
 
 def test_compress_refuses_what_is_not_a_family_config():
-    with pytest.raises(ConfigError, match="is not a compression family config; pass one of: LowRankConfig") as e:
+    with pytest.raises(ConfigError, match="is not a compression family config; pass one of: ActivationSparsityConfig, "
+                                          "LowRankConfig") as e:
         compress(tiny_model("llama"), {"method": "wanda"})
     assert "\n" not in str(e.value)
 

@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 from .api import evaluate, prune, sparsify_activations  # noqa: E402
-from .config import ActivationSparsityConfig, CalibConfig, EvalConfig, PruneConfig  # noqa: E402
-from .families import LowRankConfig, SparseConfig, StructuredConfig, compress  # noqa: E402
+from .config import CalibConfig, EvalConfig, PruneConfig  # noqa: E402
+from .families import ActivationSparsityConfig, LowRankConfig, SparseConfig, StructuredConfig, compress  # noqa: E402
 from .masks import Pattern  # noqa: E402
 from .formats import load_model  # noqa: E402
 from .recover import RecoverConfig, RecoverReport, recover  # noqa: E402

@@ -5,16 +5,14 @@ Every check raises ``ValueError`` naming the field, the bad value and what is al
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from .data.calibration import CalibConfig
-from .errors import ConfigError
+from ._deprecated import moved
 from .masks import Pattern
-from .options import check_int as _check_int
+from .options import check_int as _check_int, to_dict
 
 
 @dataclass(frozen=True)
@@ -91,76 +89,6 @@ class EvalConfig:
             _check_int("max_windows", self.max_windows, 1)
 
 
-@dataclass(frozen=True)
-class ActivationSparsityConfig:
-    """Training-free activation sparsity: zero the small entries of activations at inference.
-
-    Attributes:
-        sparsity: target fraction of the thresholded activations that are zero, in [0, 1). For
-            ``teal`` it is the parameter-weighted mean over every decoder linear's input (the
-            fraction of weight reads a sparse kernel skips); for ``cats`` / ``chess`` the fraction
-            of the gated MLP's intermediate channels (and, for ``chess``, of the q/o inputs).
-        method: registered activation method: ``teal`` (every linear's input, one threshold per
-            linear), ``cats`` (the gate activation of the MLP), ``chess`` (channel-wise gate
-            thresholds plus the inputs of q and o).
-        allocation: ``uniform`` (every site at ``sparsity``) or ``greedy`` (TEAL's block-wise
-            greedy search; ``teal`` only).
-        calib: calibration text (thresholds are quantiles of its activations).
-        max_tokens: calibration tokens sampled per site for the quantiles (evenly spread, seeded).
-        greedy_tokens: tokens of the first calibration sequence the greedy search scores blocks on.
-        greedy_step: the greedy search's step, in effective sparsity of one average linear.
-        propagate: calibrate block i+1 on block i's sparsified outputs (what inference sees);
-            ``False``: every block on the dense model's activations (TEAL's reference code).
-        include / exclude: regexes on qualified names of the sites (linears for ``teal``).
-    """
-
-    sparsity: float = 0.4
-    method: str = "teal"
-    allocation: str = "uniform"
-    calib: CalibConfig = field(default_factory=CalibConfig)
-    max_tokens: int = 4096
-    greedy_tokens: int = 512
-    greedy_step: float = 0.05
-    propagate: bool = True
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        s = self.sparsity
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (0.0 <= float(s) < 1.0):
-            raise ConfigError(f"activation sparsity={s!r} is out of range: it must be a fraction in [0, 1), e.g. 0.4")
-        object.__setattr__(self, "sparsity", float(s))
-        from .registry import ACTIVATION_METHODS
-
-        object.__setattr__(self, "method", str(self.method).lower())
-        ACTIVATION_METHODS.get(self.method)  # unknown name: one line naming the choices
-        if self.allocation not in ("uniform", "greedy"):
-            raise ConfigError(f"activation allocation={self.allocation!r} is unknown; choose uniform or greedy")
-        if self.allocation == "greedy" and not ACTIVATION_METHODS.get(self.method).supports_greedy:
-            raise ConfigError(f"activation allocation 'greedy' works with method teal, not {self.method!r}; "
-                              "use --act-allocation uniform or --act-method teal")
-        if not isinstance(self.calib, CalibConfig):
-            object.__setattr__(self, "calib", CalibConfig(**dict(self.calib)))
-        _check_int("activation max_tokens", self.max_tokens, 16)
-        _check_int("activation greedy_tokens", self.greedy_tokens, 2)
-        g = self.greedy_step
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not (0.0 < float(g) <= 0.5):
-            raise ConfigError(f"activation greedy_step={g!r} is out of range: it must be in (0, 0.5], e.g. 0.05")
-        for key in ("include", "exclude"):
-            object.__setattr__(self, key, tuple(getattr(self, key)))
-            for rx in getattr(self, key):
-                try:
-                    re.compile(rx)
-                except re.error as e:
-                    raise ConfigError(f"activation {key} regex {rx!r} is invalid ({e}); fix it, e.g. 'mlp'") from None
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain, JSON/YAML-serialisable dict of a config (nested configs included)."""
-    return {k: (dict(v) if isinstance(v, Mapping) else list(v) if isinstance(v, tuple) else v)
-            for k, v in dataclasses.asdict(cfg).items()}
-
-
 def load_yaml(path: str | Path) -> PruneConfig:
     """Read a :class:`PruneConfig` from YAML (keys as in :func:`to_dict`)."""
     import yaml
@@ -174,3 +102,12 @@ def save_yaml(cfg: PruneConfig, path: str | Path) -> None:
     import yaml
 
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def __getattr__(name: str):
+    """``ActivationSparsityConfig`` is a compression family now: :mod:`prunekit.families.activation` (deprecated here)."""
+    if name != "ActivationSparsityConfig":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .families import activation
+
+    return moved(__name__, name, activation)

@@ -230,3 +230,9 @@ def check_int(name: str, value: int, lo: int, hi: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ConfigError(f"{name}={value!r} is invalid: it must be an integer {rng}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, JSON/YAML-serialisable dict of a config dataclass (nested configs included)."""
+    return {k: (dict(v) if isinstance(v, Mapping) else list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(cfg).items()}

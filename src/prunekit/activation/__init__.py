@@ -10,10 +10,11 @@ kernels that skip the weights of zero activations.
 from .._deprecated import moved
 from ..models.activation import ActivationState, Site, state_of
 from . import cats, chess, teal  # noqa: F401  (self-registering)
-from .api import check_activation, sparsify_activations
+from .api import activation_calibration, calibrate_thresholds, check_activation, sparsify_activations
 from .base import ACTIVATION_METHODS
 
-__all__ = ["ACTIVATION_METHODS", "ActivationState", "Site", "check_activation", "sparsify_activations", "state_of"]
+__all__ = ["ACTIVATION_METHODS", "ActivationState", "Site", "activation_calibration", "calibrate_thresholds",
+           "check_activation", "sparsify_activations", "state_of"]
 
 #: the side-file names and functions, now the registered format prunekit.formats.activation
 _MOVED = ("MANIFEST", "TENSORS", "attach_saved", "has_saved", "read_side_files", "save_with_thresholds",

@@ -1,4 +1,11 @@
-"""``sparsify_activations``: calibrate activation thresholds and install them on a model."""
+"""``sparsify_activations``: calibrate activation thresholds and install them on a model.
+
+In two halves that :class:`~prunekit.families.ActivationFamily` (``prunekit.compress`` with an
+``ActivationSparsityConfig``) runs as its calibration and run steps: :func:`activation_calibration`
+(the token ids) and :func:`calibrate_thresholds` (the thresholds, installed, and their report).
+The config is an :class:`~prunekit.families.ActivationSparsityConfig` (not imported here: the
+family imports this package, never the other way round).
+"""
 
 from __future__ import annotations
 
@@ -9,17 +16,17 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..config import ActivationSparsityConfig, to_dict
 from ..errors import ConfigError
 from ..models import decoder_linears, weight_view
 from ..models.activation import ActivationState, state_of
+from ..options import to_dict
 from .base import ACTIVATION_METHODS
 from .calibrate import BlockDone, calibrate, model_sites
 
 log = logging.getLogger(__name__)
 
 
-def check_activation(model: nn.Module, config: ActivationSparsityConfig) -> int:
+def check_activation(model: nn.Module, config) -> int:
     """Everything about ``model`` that can fail before calibration; returns the number of sites."""
     method = ACTIVATION_METHODS.get(config.method)()
     sites = [s for block in model_sites(model, method, config.include, config.exclude) for s in block]
@@ -29,10 +36,13 @@ def check_activation(model: nn.Module, config: ActivationSparsityConfig) -> int:
     return len(sites)
 
 
-def _calib_ids(model: nn.Module, config: ActivationSparsityConfig, calib: Tensor | None, tokenizer, data_dir) -> Tensor:
+def activation_calibration(model: nn.Module, config, calib: Tensor | None, tokenizer, data_dir) -> tuple[Tensor, str]:
+    """The calibration ids (``calib``, or drawn from ``config.calib`` with ``tokenizer``) and their source
+    as the report names it (the dataset, or ``"given"``)."""
     from ..data import calibration_ids
     from ..eval import check_seqlen
 
+    source = "given" if calib is not None else config.calib.dataset
     if calib is None:
         if tokenizer is None:
             raise ConfigError("activation sparsity needs calibration: pass calib token ids or a tokenizer")
@@ -41,7 +51,7 @@ def _calib_ids(model: nn.Module, config: ActivationSparsityConfig, calib: Tensor
     if not isinstance(calib, Tensor) or calib.dtype != torch.long or calib.dim() != 2 or calib.shape[0] == 0:
         raise ConfigError("calibration must be a LongTensor of token ids shaped [nsamples, seqlen]; got "
                           f"{type(calib).__name__} {tuple(getattr(calib, 'shape', ()))}")
-    return calib
+    return calib, source
 
 
 def _greedy_ids(calib: Tensor, tokens: int) -> Tensor:
@@ -52,15 +62,15 @@ def _greedy_ids(calib: Tensor, tokens: int) -> Tensor:
     return calib[: -(-tokens // seqlen)]
 
 
-def sparsify_activations(model: nn.Module, config: ActivationSparsityConfig, calib: Tensor | None = None,
-                         tokenizer=None, data_dir=None,
+def sparsify_activations(model: nn.Module, config, calib: Tensor | None = None, tokenizer=None, data_dir=None,
                          callback: Callable[[BlockDone], None] | None = None) -> ActivationState:
     """Calibrate activation thresholds for ``model`` and install them (the masked model).
 
     Args:
         model: a Hugging Face causal LM (dense, or already weight-pruned: the thresholds are
             calibrated on the weights it has now).
-        config: method, target sparsity, allocation and calibration settings.
+        config: an :class:`~prunekit.families.ActivationSparsityConfig`: method, target sparsity,
+            allocation and calibration settings.
         calib: calibration token ids ``[n, seqlen]``; ``None``: drawn from ``config.calib`` with ``tokenizer``.
         tokenizer: needed only when ``calib`` is ``None``.
         data_dir: local dataset copies (``None``: ``$PRUNEKIT_DATA``).
@@ -71,13 +81,25 @@ def sparsify_activations(model: nn.Module, config: ActivationSparsityConfig, cal
         ``report`` holds the per-site thresholds and the sparsity each reached on the calibration data.
     """
     t0 = time.perf_counter()
+    check_activation(model, config)
+    ids, source = activation_calibration(model, config, calib, tokenizer, data_dir)
+    return calibrate_thresholds(model, config, ids, source, callback, t0)
+
+
+def calibrate_thresholds(model: nn.Module, config, ids: Tensor, source: str,
+                         callback: Callable[[BlockDone], None] | None = None,
+                         started: float | None = None) -> ActivationState:
+    """Calibrate on the checked ``ids`` (from :func:`activation_calibration`) and install the thresholds.
+
+    ``source`` is what the report says the ids came from; ``started``: ``time.perf_counter()`` when the
+    run began (default: now), for the report's ``seconds``.
+    """
+    t0 = started if started is not None else time.perf_counter()
     method = ACTIVATION_METHODS.get(config.method)()
     old = state_of(model)
     if old is not None:  # re-calibrating replaces the thresholds
         old.remove()
     sites = model_sites(model, method, config.include, config.exclude)
-    check_activation(model, config)
-    ids = _calib_ids(model, config, calib, tokenizer, data_dir)
     greedy = _greedy_ids(ids, config.greedy_tokens) if config.allocation == "greedy" else None
     state = ActivationState(method.name, to_dict(config), {}, {})
     model.prunekit_activation = state
@@ -89,7 +111,7 @@ def sparsify_activations(model: nn.Module, config: ActivationSparsityConfig, cal
     state.report = {
         "method": method.name, "target": config.sparsity, "allocation": config.allocation,
         "sites": records, "seconds": time.perf_counter() - t0,
-        "calibration": {"source": config.calib.dataset if calib is None else "given", "nsamples": ids.shape[0],
+        "calibration": {"source": source, "nsamples": ids.shape[0],
                         "seqlen": ids.shape[1], "seed": config.calib.seed, "max_tokens": config.max_tokens},
         "mean_target": _weighted(targets, weights), "mean_sparsity": _weighted(reached, weights),
         "skipped_fraction": state.skipped_fraction(total, reached),
@@ -105,3 +127,4 @@ def sparsify_activations(model: nn.Module, config: ActivationSparsityConfig, cal
 def _weighted(values: dict[str, float | None], weights: dict[str, int]) -> float:
     tot = sum(weights[n] for n in values if values[n] is not None)
     return sum(values[n] * weights[n] for n in values if values[n] is not None) / tot if tot else 0.0
+

@@ -42,7 +42,7 @@ def activation_config(args: argparse.Namespace, calib):
     Raises:
         ConfigError: an ``--act-*`` flag without ``--activation-sparsity``, or a bad value.
     """
-    from ..config import ActivationSparsityConfig
+    from ..families import ActivationSparsityConfig
 
     extra = [f"--{k.replace('_', '-')}" for k in ("act_method", "act_allocation", "act_max_tokens", "act_greedy_tokens")
              if getattr(args, k, None) is not None]

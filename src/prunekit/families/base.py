@@ -183,8 +183,9 @@ def compress(model: nn.Module, config, calib: Tensor | None = None, tokenizer=No
 
     Args:
         model: a Hugging Face causal LM.
-        config: a family config (:class:`SparseConfig`, :class:`StructuredConfig`, :class:`LowRankConfig`),
-            a :class:`~prunekit.config.PruneConfig`, or a handler from :func:`prepare`.
+        config: a family config (:class:`SparseConfig`, :class:`StructuredConfig`, :class:`LowRankConfig`,
+            :class:`ActivationSparsityConfig`), a :class:`~prunekit.config.PruneConfig`, or a handler from
+            :func:`prepare`.
         calib: calibration token ids ``[n, seqlen]``; ``None``: drawn from ``config.calib`` with ``tokenizer``.
         tokenizer: needed only when ``calib`` is ``None`` and the family calibrates.
         device: compute device (``None`` = the model's device).

@@ -126,7 +126,7 @@ class ActivationState:
 
     Attributes:
         method: the activation method's name.
-        config: the :class:`~prunekit.config.ActivationSparsityConfig` as a dict.
+        config: the :class:`~prunekit.families.ActivationSparsityConfig` as a dict.
         sites: every thresholded site, by name.
         thresholds: float32 threshold per site (scalar or per channel).
         report: per-site calibration sparsity, allocation and summary numbers.

@@ -135,9 +135,9 @@ def check_loaded(spec, job, model) -> None:
     elif spec.out:  # activation sparsity alone: the weights are saved as they are
         check_save_space(spec.out, model, spec.model, spec.save_format, 0.0, False, {})
     if spec.activation is not None:
-        from ..activation import check_activation
+        from ..families import prepare
 
-        check_activation(model, spec.activation)  # cats/chess need a gated MLP: before the dense baseline
+        prepare(spec.activation).check(model)  # cats/chess need a gated MLP: before the dense baseline
         check_seqlen(model, spec.activation.calib.seqlen, "--seqlen")
     if spec.eval_datasets:
         check_seqlen(model, spec.seqlen, spec.seqlen_flag)

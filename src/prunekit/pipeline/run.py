@@ -13,7 +13,7 @@ from pathlib import Path
 from .checks import check_before_loading, check_loaded, check_streamable, names, wants_streaming
 from .events import Events
 from .spec import RunResult, RunSpec
-from .steps import activation_only_report, record_evaluation, task_settings, write_report
+from .steps import record_evaluation, task_settings, write_report
 from .streamed import run_streamed
 
 
@@ -81,23 +81,23 @@ def run_in_memory(spec: RunSpec, job, tasks: dict, events: Events) -> RunResult:
 
 
 def _compress(spec: RunSpec, job, model, tok, events: Events):
-    """Prune the weights (``job``, the handler as built), then calibrate activation thresholds if asked."""
+    """Compress the weights (``job``, the handler as built), then the activations (the activation family,
+    calibrated on the compressed weights) if asked: one report, the thresholds' under ``extra["activation"]``."""
     from .. import api  # looked up at call time: hooks on prunekit.api.prune see this call
+    from ..families import compress
 
     report = None
     if job is not None:
         with events.compressing(*names(spec.compression)) as on_block:
             report = api.prune(model, job, tokenizer=tok, callback=on_block, data_dir=spec.data_dir)
     if spec.activation is not None:
-        from ..activation import sparsify_activations
-
         with events.sparsifying_activations(spec.activation) as on_block:
-            state = sparsify_activations(model, spec.activation, tokenizer=tok, data_dir=spec.data_dir,
-                                         callback=on_block)
-        if report is None:
-            report = activation_only_report(state, spec.model, spec.dtype)
+            activation = compress(model, spec.activation, tokenizer=tok, callback=on_block, data_dir=spec.data_dir)
+        if report is None:  # the weights are as they were: the activation family's report, keys in the order
+            report = activation  # reports have always had
+            report.extra = {"model": spec.model, "dtype": spec.dtype, **report.extra}
         else:
-            report.extra["activation"] = state.report
+            report.extra["activation"] = activation.extra["activation"]
     report.extra.update(model=spec.model, dtype=spec.dtype)
     return report
 

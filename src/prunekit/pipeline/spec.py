@@ -17,10 +17,11 @@ class RunSpec:
 
     Attributes:
         model: HF folder, ``.gguf`` file, hub id or alias.
-        compression: a :class:`~prunekit.config.PruneConfig`, a family config (``SparseConfig`` …) or a
-            handler from :func:`prunekit.families.prepare`; ``None`` when only activations are sparsified.
-        activation: an :class:`~prunekit.config.ActivationSparsityConfig` (thresholds calibrated after
-            the weights are compressed), or ``None``.
+        compression: a :class:`~prunekit.config.PruneConfig`, a weight family config (``SparseConfig`` …)
+            or a handler from :func:`prunekit.families.prepare`; ``None`` when only activations are
+            sparsified. An ``ActivationSparsityConfig`` given here alone is taken as ``activation``.
+        activation: an :class:`~prunekit.families.ActivationSparsityConfig` (the activation family:
+            thresholds calibrated after the weights are compressed, in the same run), or ``None``.
         eval_datasets: perplexity datasets; ``eval_seqlen`` ``None``: the calibration seqlen.
         dense_eval: score the dense model first (the baseline the report compares with).
         tasks / task_settings: downstream task names and their settings (``None``: defaults).
@@ -60,7 +61,19 @@ class RunSpec:
     def __post_init__(self) -> None:
         from ..formats import SAVE_FORMATS
 
+        from ..families import ActivationFamily, ActivationSparsityConfig
+
         self.eval_datasets, self.tasks = tuple(self.eval_datasets), tuple(self.tasks)
+        if isinstance(self.compression, ActivationFamily):
+            self.compression = self.compression.config
+        if isinstance(self.compression, ActivationSparsityConfig):  # the activation family alone
+            if self.activation is not None:
+                raise ConfigError("compression is an ActivationSparsityConfig and activation is given too: give the "
+                                  "weight compression as compression=..., the activation sparsity as activation=...")
+            self.compression, self.activation = None, self.compression
+        if self.activation is not None and not isinstance(self.activation, ActivationSparsityConfig):
+            raise ConfigError(f"activation={type(self.activation).__name__} is not an ActivationSparsityConfig: give "
+                              "e.g. activation=ActivationSparsityConfig(sparsity=0.4), or None")
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError(f"model {self.model!r} is not a model: give a folder, .gguf file, hub id or alias")
         if self.compression is None and self.activation is None:

@@ -16,16 +16,6 @@ def task_settings(spec: RunSpec):
     return TaskSettings(None, (), 16, None, spec.seqlen, spec.max_windows, spec.eval_batch_size, spec.data_dir)
 
 
-def activation_only_report(state, model_name: str, dtype: str):
-    """A :class:`~prunekit.report.Report` for a run that pruned no weights (activation sparsity alone)."""
-    from ..report import Report
-
-    report = Report(method="none", target_sparsity=0.0, pattern="unstructured", seconds=state.report["seconds"],
-                    calibration=state.report["calibration"])
-    report.extra.update(model=model_name, dtype=dtype, activation=state.report)
-    return report
-
-
 def record_evaluation(result: RunResult, spec: RunSpec, tasks: dict) -> None:
     """Dense and compressed scores into the report."""
     report = result.report
