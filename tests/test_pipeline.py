@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+from conftest import tiny_model, tiny_tokenizer
 from prunekit.config import CalibConfig, PruneConfig
 from prunekit.errors import ConfigError
-from prunekit.families import SparseConfig
+from prunekit.families import ActivationSparsityConfig, SparseConfig
 from prunekit.formats import load_model
 from prunekit.pipeline import Events, RunSpec, run
 
@@ -95,3 +96,36 @@ def test_a_bad_spec_fails_in_one_line_before_any_weight_loads(tiny_folder, prose
         run(_spec(tiny_folder, prose_file, tmp_path / "o", **over))
     assert "\n" not in str(e.value)
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- a model already in memory (what a sweep cell gives)
+
+def _loaded():
+    tok = tiny_tokenizer(320)
+    return tiny_model("llama", vocab_size=len(tok)), tok
+
+
+def test_a_spec_with_a_loaded_model_is_checked_when_made():
+    model, tok = _loaded()
+    cfg = SparseConfig(method="magnitude", sparsity=0.5)
+    with pytest.raises(ConfigError, match="a loaded model needs its tokenizer"):
+        RunSpec(model, compression=cfg)
+    with pytest.raises(ConfigError, match="already in memory: use offload='none'"):
+        RunSpec(model, compression=cfg, tokenizer=tok, offload="disk")
+    with pytest.raises(ConfigError, match="tokenizer= goes with a loaded model"):
+        RunSpec("smollm2-135m", compression=cfg, tokenizer=tok)
+    with pytest.raises(ConfigError, match="calib_ids are the weight compression's calibration"):
+        RunSpec(model, tokenizer=tok, activation=ActivationSparsityConfig(),
+                calib_ids=torch.zeros(1, 4, dtype=torch.long))
+    spec = RunSpec(model.to(torch.bfloat16), compression=cfg, tokenizer=tok, tasks={})
+    assert spec.loaded and spec.dtype == "bfloat16" and spec.source is None and spec.tasks == {}
+
+
+def test_a_loaded_model_is_compressed_in_place_scored_saved_and_reported(prose_file, tmp_path):
+    model, tok = _loaded()
+    res = run(RunSpec(model, compression=SparseConfig(method="magnitude", sparsity=0.5), tokenizer=tok,
+                      model_name="tiny", eval_datasets=(str(prose_file),), eval_seqlen=32, max_windows=2,
+                      out=tmp_path / "out"))
+    assert res.model is model and res.report.extra["model"] == "tiny" and res.report.extra["dtype"] == "float32"
+    assert res.dense and res.compressed and (tmp_path / "out" / "config.json").is_file()
+    assert set(res.seconds) == {"compress", "evaluate"}  # nothing was loaded

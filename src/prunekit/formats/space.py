@@ -49,11 +49,12 @@ def tokenizer_bytes(folder: str | None) -> int:
     return sum(f.stat().st_size for pat in names for f in Path(folder).glob(pat) if f.is_file())
 
 
-def check_save_space(out, model: nn.Module, spec: str, save_format: str = "dense", sparsity: float = 0.0,
+def check_save_space(out, model: nn.Module, spec: str | None, save_format: str = "dense", sparsity: float = 0.0,
                      structured: bool = False, linears: dict[str, nn.Module] | None = None) -> None:
-    """Before the work: fail in one line if the disk under ``out`` cannot hold what the save will write."""
+    """Before the work: fail in one line if the disk under ``out`` cannot hold what the save will write
+    (``spec``: what the model was loaded from, for its tokenizer files; ``None``: not known)."""
     try:
-        folder = model_folder(spec)
+        folder = model_folder(spec) if spec else None
     except (OSError, ConfigError):
         folder = None
     check_free_space(out, estimate_output_bytes(model, save_format, sparsity, structured, linears),

@@ -60,7 +60,8 @@ def check_before_loading(spec):
         torch.set_num_threads(spec.threads)
     job = prepare(spec.compression) if spec.compression is not None else None  # names, options, compatibility
     calib = spec.calib
-    for name in [calib.dataset, *spec.eval_datasets]:
+    drawn = spec.calib_ids is not None and spec.activation is None  # no calibration text is read
+    for name in ([] if drawn else [calib.dataset]) + list(spec.eval_datasets):
         get_dataset(name, spec.data_dir, text_field=calib.text_field)
     if spec.out:
         check_output_dir(spec.out, spec.overwrite)
@@ -81,7 +82,7 @@ def wants_streaming(spec) -> bool:
     """``offload="disk"``: yes; ``"none"``: no; ``"auto"``: when the model would not fit in memory."""
     if spec.offload == "disk":
         return True
-    if spec.offload == "none":
+    if spec.offload == "none" or not isinstance(spec.model, str):  # a model given in memory stays there
         return False
     from ..streaming import fits_in_memory
 
@@ -127,13 +128,13 @@ def check_loaded(spec, job, model) -> None:
     if job is not None:
         linears = job.check(model)  # architecture x pattern, include/exclude, structured rounding
         if spec.out:  # a disk too small for the result is found now, not after the prune
-            check_save_space(spec.out, model, spec.model, spec.save_format, target_sparsity(spec.compression),
+            check_save_space(spec.out, model, spec.source, spec.save_format, target_sparsity(spec.compression),
                              job.removes_units,
                              linears)
         if job.needs_calibration:  # named by the flag the user gave
             check_seqlen(model, spec.calib.seqlen, "--seqlen")
     elif spec.out:  # activation sparsity alone: the weights are saved as they are
-        check_save_space(spec.out, model, spec.model, spec.save_format, 0.0, False, {})
+        check_save_space(spec.out, model, spec.source, spec.save_format, 0.0, False, {})
     if spec.activation is not None:
         from ..families import prepare
 

@@ -21,6 +21,9 @@ def run(spec: RunSpec, events: Events | None = None) -> RunResult:
     """Run ``spec``: every check that needs no model first, then the work, streamed when ``spec.offload``
     says so (``auto``: when the model would not fit in memory), else in memory.
 
+    A spec with a loaded model, calibration ids and prepared tasks (one cell of a sweep) loads,
+    draws and prepares nothing, and saves nothing unless it names ``out``.
+
     Raises:
         ConfigError: a setting, file or model that cannot work, in one line, before the work it would spoil.
     """
@@ -45,6 +48,8 @@ def run(spec: RunSpec, events: Events | None = None) -> RunResult:
 def _prepare_tasks(spec: RunSpec) -> dict:
     from ..eval.tasks import prepare_tasks
 
+    if isinstance(spec.tasks, dict):  # prepared by the caller (a sweep prepares them once)
+        return spec.tasks
     return prepare_tasks(list(spec.tasks), spec.data_dir) if spec.tasks else {}
 
 
@@ -53,19 +58,27 @@ def run_in_memory(spec: RunSpec, job, tasks: dict, events: Events) -> RunResult:
     from ..formats import load_model
 
     settings = task_settings(spec)
-    t0 = time.perf_counter()
-    model, tok = load_model(spec.model, spec.dtype, spec.device, spec.trust_remote_code, spec.allow_pickle)
-    events.loaded(spec, model, time.perf_counter() - t0)
+    seconds: dict = {}
+    if spec.loaded:
+        model, tok = spec.model, spec.tokenizer
+    else:
+        t0 = time.perf_counter()
+        model, tok = load_model(spec.model, spec.dtype, spec.device, spec.trust_remote_code, spec.allow_pickle)
+        seconds["load"] = time.perf_counter() - t0
+        events.loaded(spec, model, seconds["load"])
     check_loaded(spec, job, model)
     tokens: dict = {}
-    result = RunResult(report=None, model=model, tokenizer=tok)
+    result = RunResult(report=None, model=model, tokenizer=tok, seconds=seconds)
     if spec.dense_eval:
         result.dense = events.perplexity(model, tok, spec, "dense", tokens)
         result.dense_tasks = events.tasks(model, tok, tasks, settings, "dense")
     teacher = _dense_teacher(model, spec.recover)
+    t0 = time.perf_counter()
     result.report = _compress(spec, job, model, tok, events)
+    t1 = time.perf_counter()
     result.compressed = events.perplexity(model, tok, spec, "pruned", tokens)
     result.tasks = events.tasks(model, tok, tasks, settings, "pruned")
+    seconds.update(compress=t1 - t0, evaluate=time.perf_counter() - t1)
     record_evaluation(result, spec, tasks)
     events.evaluated(result)
     if spec.recover is not None:
@@ -89,16 +102,17 @@ def _compress(spec: RunSpec, job, model, tok, events: Events):
     report = None
     if job is not None:
         with events.compressing(*names(spec.compression)) as on_block:
-            report = api.prune(model, job, tokenizer=tok, callback=on_block, data_dir=spec.data_dir)
+            report = api.prune(model, job, calib=spec.calib_ids, tokenizer=tok, callback=on_block,
+                               data_dir=spec.data_dir)
     if spec.activation is not None:
         with events.sparsifying_activations(spec.activation) as on_block:
             activation = compress(model, spec.activation, tokenizer=tok, callback=on_block, data_dir=spec.data_dir)
         if report is None:  # the weights are as they were: the activation family's report, keys in the order
             report = activation  # reports have always had
-            report.extra = {"model": spec.model, "dtype": spec.dtype, **report.extra}
+            report.extra = {"model": spec.name, "dtype": spec.dtype, **report.extra}
         else:
             report.extra["activation"] = activation.extra["activation"]
-    report.extra.update(model=spec.model, dtype=spec.dtype)
+    report.extra.update(model=spec.name, dtype=spec.dtype)
     return report
 
 
