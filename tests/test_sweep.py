@@ -74,6 +74,7 @@ def toy(tmp_path):
 def test_resumed_sweep_does_no_repeated_work(toy, tmp_path, monkeypatch):
     from prunekit.calibration import calibration_forward_context  # noqa: F401
     import prunekit.api as api
+    import prunekit.eval.tasks as task_mod
     import prunekit.sweep.run as sweep_mod
     from prunekit.config import CalibConfig
 
@@ -96,7 +97,8 @@ def test_resumed_sweep_does_no_repeated_work(toy, tmp_path, monkeypatch):
         return real_run(*a, **k)
 
     monkeypatch.setattr(api, "prune", counting_prune)
-    monkeypatch.setattr(sweep_mod, "run_tasks", counting_run)
+    monkeypatch.setattr(sweep_mod, "run_tasks", counting_run)  # the dense row
+    monkeypatch.setattr(task_mod, "run_tasks", counting_run)  # every cell: pipeline.run scores through it
     out = tmp_path / "sweep"
     data = run_sweep(model, tok, cfg, tasks, settings, out, "tiny")
     assert calls == {"prune": 4, "eval": 5}  # 2 methods x 2 sparsities, + dense evaluated once

@@ -10,8 +10,8 @@ Design (docs/sweeps.md#ray):
 * **Model.** Each task loads the model itself from the same spec, dtype and device (nothing big goes
   through the object store). The driver loads only the tokenizer, to draw the calibration ids once per
   calibration source; the ids and the prepared tasks are put in the object store once and shared.
-* **Determinism.** A task runs :func:`~prunekit.sweep.run.run_cell` / :func:`~prunekit.sweep.run.dense_row`
-  — the serial code — with ``torch.set_num_threads(threads)`` fixed (default ``cpus_per_cell``), on the
+* **Determinism.** A task runs :func:`~prunekit.sweep.run.run_cell` (one :func:`prunekit.pipeline.run`) /
+  :func:`~prunekit.sweep.run.dense_row` — the serial code — with ``torch.set_num_threads(threads)`` fixed (default ``cpus_per_cell``), on the
   same calibration ids, so its numbers equal a serial sweep run with ``--threads`` equal to that count.
   The thread count is in the results file's signature, as it is for serial sweeps.
 * **Resume.** Rows are written by the driver as tasks finish (atomically, sorted in the config's cell
@@ -199,7 +199,7 @@ def run_one(spec: ModelSpec, config: SweepConfig, cell: Mapping[str, Any] | None
     if cell is None:
         row = dense_row(model, tok, tasks, settings)
     else:
-        row = run_cell(model, tok, config, cell, tasks, settings, calib)
+        row = run_cell(model, tok, config, cell, tasks, settings, calib, spec.name)
     del model
     facts = {"host": socket.gethostname(), "pid": os.getpid(), "load_seconds": load_s, "threads": threads,
              "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -2,13 +2,15 @@
 
 Every cell starts from the dense weights: the caller's model is never modified; each cell
 prunes a fresh in-memory copy (``copy.deepcopy``, cheaper than reloading, and correct also
-for methods that replace modules). The dense baseline is evaluated once and stands for every
-curve's 0% point. Each finished cell is appended to ``results.json`` (written atomically,
+for methods that replace modules). A cell is one :func:`prunekit.pipeline.run` (:func:`run_cell`):
+its spec holds the copy, the calibration ids drawn once per source, the tasks prepared once, and
+no output folder, so the run loads, draws, prepares and saves nothing. The dense baseline is
+evaluated once and stands for every curve's 0% point. Each finished cell is appended to ``results.json`` (written atomically,
 with ``results.csv`` beside it), so an interrupted sweep resumes where it stopped: cells
 already in the file are skipped, and a results file made with different settings is refused
 rather than mixed (:mod:`prunekit.sweep.results`).
 
-This module sits above :mod:`prunekit.api` (it orchestrates ``prune`` and the tasks), like the CLI.
+This module sits beside :mod:`prunekit.pipeline` (it runs one pipeline per cell), above the library.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from typing import Any, Callable, Mapping
 
 from torch import Tensor, nn
 
-from .. import api
 from ..config import CalibConfig, PruneConfig
 from ..data import calibration_ids
 from ..eval.tasks import Task, TaskSettings, run_tasks
+from ..pipeline import Events, RunSpec, run
 from ..registry import ALLOCATORS, METHODS
 from .config import SweepConfig, cell_key
 from .results import (check_resumable, knees, load_results, metric_values, order_rows, save_results, signature,
@@ -61,17 +63,26 @@ def calibration_for(config: SweepConfig, cell: Mapping[str, Any], tokenizer, set
     return cache[cell["calib"]]
 
 
+def cell_spec(model: nn.Module, tokenizer, config: SweepConfig, cell: Mapping[str, Any], tasks: dict[str, Task],
+              settings: TaskSettings, calib: Tensor | None, model_name: str = "model") -> RunSpec:
+    """The :class:`~prunekit.pipeline.RunSpec` of one cell: ``model`` (pruned in place) compressed as the cell
+    says with the given calibration ids, scored on the prepared tasks only (no dense baseline, no
+    perplexity window of its own: the sweep's perplexity is a ``ppl:`` task), nothing saved."""
+    return RunSpec(model, compression=prune_config(config, cell), tokenizer=tokenizer, model_name=model_name,
+                   calib_ids=calib, eval_datasets=(), dense_eval=False, tasks=tasks, task_settings=settings,
+                   offload="none", data_dir=settings.data_dir)
+
+
 def run_cell(model: nn.Module, tokenizer, config: SweepConfig, cell: Mapping[str, Any], tasks: dict[str, Task],
-             settings: TaskSettings, calib: Tensor | None) -> dict[str, Any]:
-    """Prune a copy of the dense ``model`` as ``cell`` says, score it, and return its results row."""
+             settings: TaskSettings, calib: Tensor | None, model_name: str = "model",
+             events: Events | None = None) -> dict[str, Any]:
+    """Prune a copy of the dense ``model`` as ``cell`` says and score it — one :func:`prunekit.pipeline.run` —
+    and return its results row (the serial and the Ray executor both run cells through here)."""
     work = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    report = api.prune(work, prune_config(config, cell), calib=calib, tokenizer=tokenizer, data_dir=settings.data_dir)
-    t1 = time.perf_counter()
-    res = run_tasks(work, tokenizer, tasks, settings)
-    return {"key": cell_key(cell), **cell, "actual_sparsity": report.sparsity, "prune_seconds": t1 - t0,
-            "eval_seconds": time.perf_counter() - t1, "metrics": metric_values(res),
-            "tasks": {k: _brief(r) for k, r in res.items()}}
+    result = run(cell_spec(work, tokenizer, config, cell, tasks, settings, calib, model_name), events)
+    return {"key": cell_key(cell), **cell, "actual_sparsity": result.report.sparsity,
+            "prune_seconds": result.seconds["compress"], "eval_seconds": result.seconds["evaluate"],
+            "metrics": metric_values(result.tasks), "tasks": {k: _brief(r) for k, r in result.tasks.items()}}
 
 
 def dense_row(model: nn.Module, tokenizer, tasks: dict[str, Task], settings: TaskSettings) -> dict[str, Any]:
@@ -153,7 +164,7 @@ def run_sweep(
             notify(key, None, i, total)
             continue
         calib = calibration_for(config, cell, tokenizer, settings, calib_cache)
-        row = run_cell(model, tokenizer, config, cell, tasks, settings, calib)
+        row = run_cell(model, tokenizer, config, cell, tasks, settings, calib, model_name)
         add_row(out_dir, data, config, row)
         notify(key, row, i, total)
     data["knees"] = knees(data, config)
