@@ -224,6 +224,24 @@ def test_no_import_cycle_between_modules():
     assert not _cycles(edges), f"import cycles between modules: {_cycles(edges)}"
 
 
+def test_sweeps_sequence_nothing_themselves():
+    """A sweep cell is one prunekit.pipeline.run: nothing in sweep/ calls the library's prune entry point."""
+    where = [f"{_module_name(p)}:{line}" for p in (PKG / "sweep").rglob("*.py") for target, line in _imports(p)
+             if _unit(target) == "api"]
+    assert not where, f"sweep/ imports prunekit.api (prune through prunekit.pipeline instead): {where}"
+    assert ("sweep", "pipeline") in _edges()
+
+
+def test_the_activation_family_and_its_package_import_no_config():
+    """The activation family imports prunekit.activation; neither it nor the activation package imports
+    prunekit.config, which imports the families (that would be a cycle config -> families -> activation -> config)."""
+    edges = _edges()
+    assert ("families", "activation") in edges
+    bad = {k: v for k, v in edges.items() if k in {("activation", "config"), ("activation", "families"),
+                                                   ("families", "config")}}
+    assert not bad, bad
+
+
 def test_no_private_name_is_imported_from_the_model_and_format_packages():
     """``_name`` is private to its module: nothing takes one from prunekit.models, .formats or .export."""
     owned = ("prunekit.models", "prunekit.formats", "prunekit.export", "prunekit.codec")
