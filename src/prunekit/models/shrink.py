@@ -108,12 +108,11 @@ def remove_heads(model: nn.Module, attn: AttentionParts, heads: Iterable[int], g
         set_module(model, attn.k, sliced_linear(model.get_submodule(attn.k), rows=kv_rows))
         set_module(model, attn.v, sliced_linear(model.get_submodule(attn.v), rows=kv_rows))
     else:  # fused layouts are multi-head (one query head per group)
-        order = (lambda h: [attn.q_rows(h), attn.k_rows(h), attn.v_rows(h)])
         if attn.layout == "fused":
             rows = torch.cat([attn.q_rows(h) for h in keep_heads] + [attn.k_rows(h) for h in keep_heads]
                              + [attn.v_rows(h) for h in keep_heads])
-        else:
-            rows = torch.cat([r for h in keep_heads for r in order(h)])
+        else:  # q, k, v interleaved per head
+            rows = torch.cat([r for h in keep_heads for r in (attn.q_rows(h), attn.k_rows(h), attn.v_rows(h))])
         set_module(model, attn.q, sliced_linear(model.get_submodule(attn.q), rows=rows))
     o_cols = torch.cat([attn.o_cols(h) for h in keep_heads])
     set_module(model, attn.o, sliced_linear(model.get_submodule(attn.o), cols=o_cols))
