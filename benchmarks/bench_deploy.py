@@ -14,7 +14,10 @@ per-layer-width row, and any recovered folder under ``/work/artifacts/recovered/
    the one protocol difference), and a greedy continuation of a fixed prompt (q8_0, q4_k_m);
 5. **speed** — ``llama-bench -p 512 -n 128 -t 2 -r 5`` with the dense model, the row's model and the
    dense model again in one invocation, per quantization (median and range of the 5 repetitions;
-   the second dense run measures drift).
+   the second dense run measures drift);
+6. **agree** — ``llama-perplexity`` on the f32 file again with a float32 KV cache (the correctness protocol;
+   llama.cpp's default f16 cache is kept as ``ppl_kv_f16``), and the greedy continuation of the same prompt
+   in PyTorch (float32) and in llama.cpp (f32 file), compared word by word.
 
 Rows are written after every stage; an interrupted run resumes where it stopped. ``--max-minutes``
 stops at a stage boundary (keep each locked run short on a shared machine)::
@@ -60,6 +63,7 @@ PPL_QUANTS = ("f32", "q8_0", "q4_k_m")
 PPL_WINDOWS = 20
 PROMPT_TOKENS = 512
 GEN_PROMPT = "The history of the city begins in"
+GEN_TOKENS = 48
 #: label -> extra `prunekit prune` flags (the recipes of bench_structured.py's rows); "+m32" = --width-multiple 32
 ROWS = {
     "blocks/shortgpt/uniform/0.25": "--pattern blocks --method shortgpt --sparsity 0.25",
@@ -182,9 +186,10 @@ def stage_check(row: dict, ctx: dict) -> None:
             row["llamacpp"][q]["generation"] = lt.generate(Path(row["gguf"][q]["path"]), GEN_PROMPT)
 
 
-def stage_speed(row: dict, dense: dict) -> None:
+def stage_speed(row: dict, dense: dict, quants=QUANTS) -> bool:
+    """llama-bench per quantization; True when every one of QUANTS is measured (the stage is done)."""
     row.setdefault("speed", {})
-    for q in QUANTS:
+    for q in quants:
         if q in row["speed"]:
             continue
         d, m = Path(dense["gguf"][q]["path"]), Path(row["gguf"][q]["path"])
@@ -192,9 +197,34 @@ def stage_speed(row: dict, dense: dict) -> None:
         per = res["results"]
         row["speed"][q] = {"command": res["command"], "row": per[str(m)], "dense": per[str(d)],
                            "loadavg": os.getloadavg()[0]}
+    return all(q in row["speed"] for q in QUANTS)
 
 
-STAGES = ("model", "quality", "export", "check", "speed")
+def stage_agree(row: dict, ctx: dict) -> None:
+    """The f32 GGUF with a float32 KV cache (the correctness protocol) and greedy text against PyTorch's."""
+    f32 = row["llamacpp"]["f32"]
+    path = Path(row["gguf"]["f32"]["path"])
+    if f32.get("ppl", {}).get("kv") != "f32":
+        if "ppl" in f32:
+            f32["ppl_kv_f16"] = f32.pop("ppl")  # llama.cpp's default cache, as users run it
+        f32["ppl"] = lt.perplexity(path, ctx["text_file"], PPL_WINDOWS, kv="f32")
+    model, tok = prunekit.load_model(row["model"])
+    ids = tok(GEN_PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=False, max_new_tokens=GEN_TOKENS, pad_token_id=tok.eos_token_id)
+    ours = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    theirs = lt.generate(path, GEN_PROMPT, tokens=GEN_TOKENS, kv="f32")
+    a, b = ours.split(), theirs["text"].split()
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    f32["greedy"] = {"prunekit": ours, "llamacpp": theirs["text"], "command": theirs["command"],
+                     "same_words": same, "words": min(len(a), len(b))}
+    del model
+
+
+STAGES = ("model", "quality", "export", "check", "speed", "agree")
+#: the stages each one needs (speed needs only the exported files; agree the check's cells)
+NEEDS = {"model": (), "quality": ("model",), "export": ("model",), "check": ("quality", "export"),
+         "speed": ("export",), "agree": ("check",)}
 
 
 def _slug(label: str) -> str:
@@ -210,6 +240,8 @@ def main() -> None:
     ap.add_argument("--work", default="/work/artifacts/deploy", help="models and GGUF files (outside the repo)")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop at a stage boundary after this long")
     ap.add_argument("--out", default=str(RESULTS / "deploy"))
+    ap.add_argument("--quants", nargs="*", default=list(QUANTS), choices=QUANTS,
+                    help="speed stage: only these (the stage stays open until every quantization is measured)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     work = Path(args.work)
@@ -246,7 +278,7 @@ def main() -> None:
         for stage in args.stages:
             if stage in row["done"] or ("+" in label and stage not in ("model", "quality")):
                 continue  # a "+m32" row is there for the width multiple's quality cost only
-            missing = [p for p in STAGES[:STAGES.index(stage)] if p not in row["done"]]
+            missing = [p for p in NEEDS[stage] if p not in row["done"]]
             if missing:
                 print(f"== {label}: {stage} skipped ({', '.join(missing)} not done yet)")
                 continue
@@ -264,11 +296,16 @@ def main() -> None:
                 stage_export(row, ctx)
             elif stage == "check":
                 stage_check(row, ctx)
+            elif stage == "agree":
+                stage_agree(row, ctx)
             else:
                 dense = data["rows"]["dense"]
                 if "export" not in dense["done"]:
                     raise SystemExit("the dense row must be exported before any speed stage")
-                stage_speed(row, dense)
+                if not stage_speed(row, dense, args.quants):
+                    row.setdefault("stage_s", {})["speed_partial"] = time.perf_counter() - t0
+                    _write(data, args)
+                    continue
             row.setdefault("stage_s", {})[stage] = time.perf_counter() - t0
             row["done"].append(stage)
             row.setdefault("runs", []).append(len(data["runs"]) - 1)

@@ -43,6 +43,10 @@ def bounds(row: dict, dense: dict, q: str) -> tuple[float | None, float | None]:
     return p, b
 
 
+def _diff(x, ref) -> str:
+    return f"{100 * (x / ref - 1):+.2f} %" if x and ref else "-"
+
+
 def _fmt(x, spec=".2f", none="-"):
     return none if x is None else format(x, spec)
 
@@ -81,15 +85,24 @@ def render(data: dict) -> str:
                    f"{str(lc.get('llama_cpp_commit'))[:10]}, {lc.get('compiler')}); CPU flags "
                    f"{' '.join(r.get('cpu_flags', []))}; load {r.get('loadavg_start', 0):.2f}")
     out += ["", "## Correctness (float32 GGUF against prunekit)", "",
-            "| row | llama.cpp arch | params (M) | top-1 agree | max abs logit err | llama.cpp ppl | prunekit ppl | "
-            "diff |", "|---|---|---|---|---|---|---|---|"]
+            "llama.cpp ppl with a float32 KV cache (`-ctk f32 -ctv f32`, the protocol) and with its default f16 "
+            "cache (as users run it); greedy = words of the 48-token greedy continuation that PyTorch (float32) "
+            "and llama.cpp (f32 file, f32 cache) share before the first difference.", "",
+            "| row | llama.cpp arch | params (M) | top-1 agree | max abs logit err | llama.cpp ppl (KV f32) | "
+            "prunekit ppl | diff | llama.cpp ppl (KV f16) | diff | greedy same words |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, row in rows.items():
         c = row.get("llamacpp", {}).get("f32", {})
-        lp, pp = c.get("ppl", {}).get("ppl"), row.get("prunekit_ppl", {}).get("ppl")
-        diff = f"{100 * (lp / pp - 1):+.2f} %" if lp and pp else "-"
+        pp = row.get("prunekit_ppl", {}).get("ppl")
+        kv32 = c.get("ppl") if c.get("ppl", {}).get("kv") == "f32" else {}
+        kv16 = c.get("ppl_kv_f16") or (c.get("ppl") if not kv32 else {})
+        lp, lp16 = kv32.get("ppl"), (kv16 or {}).get("ppl")
         top1 = f"{100 * c['top1']:.1f} % of {c['positions']}" if "top1" in c else "-"
+        g = c.get("greedy")
+        same = f"{g['same_words']} of {g['words']}" if g else "-"
         out.append(f"| {label} | {_shape(row)} | {_fmt(row.get('params') and row['params'] / 1e6)} | {top1} | "
-                   f"{_fmt(c.get('max_abs'), '.4f')} | {_fmt(lp)} | {_fmt(pp)} | {diff} |")
+                   f"{_fmt(c.get('max_abs'), '.4f')} | {_fmt(lp)} | {_fmt(pp)} | {_diff(lp, pp)} | "
+                   f"{_fmt(lp16)} | {_diff(lp16, pp)} | {same} |")
     out += _speed_table(rows, dense)
     out += _targets(rows, dense)
     out += _same_size(rows)

@@ -7,6 +7,7 @@ The binaries are the cached build of ``benchmarks/llamacpp.py build`` (:mod:`pru
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import statistics
@@ -22,18 +23,31 @@ from prunekit.formats.llamacpp import binary
 PPL_SEQLEN = 1024
 
 
+def _env() -> dict:
+    """The environment for llama.cpp's tools, without OMP_WAIT_POLICY: ggml's CPU backend runs on OpenMP, and the
+    PASSIVE policy prunekit's benchmarks set for torch puts its threads to sleep between ops — measured here,
+    SmolLM2 q8_0 decode at 2 threads fell from 79 to 29 tok/s (prefill 601 -> 561)."""
+    return {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+
+
 def _run(cmd: list[str], timeout: float) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(shlex.quote, cmd))} failed ({proc.returncode}): {proc.stderr[-1500:]}")
     return proc.stdout + proc.stderr
 
 
-def perplexity(gguf: Path, text_file: Path, chunks: int, threads: int = 2, timeout: float = 3600) -> dict:
-    """llama-perplexity over the first ``chunks`` windows of :data:`PPL_SEQLEN` tokens (see above)."""
+def perplexity(gguf: Path, text_file: Path, chunks: int, threads: int = 2, kv: str | None = None,
+               timeout: float = 3600) -> dict:
+    """llama-perplexity over the first ``chunks`` windows of :data:`PPL_SEQLEN` tokens (see above).
+
+    ``kv`` sets the KV cache type (``-ctk/-ctv``, e.g. ``"f32"``); None keeps llama.cpp's default (f16).
+    """
     stride = PPL_SEQLEN - 1
     cmd = [str(binary("llama-perplexity")), "-m", str(gguf), "-f", str(text_file), "-c", str(PPL_SEQLEN - stride // 2),
            "-b", str(PPL_SEQLEN), "--ppl-stride", str(stride), "--chunks", str(chunks), "-t", str(threads)]
+    if kv:
+        cmd += ["-ctk", kv, "-ctv", kv]
     out = _run(cmd, timeout)
     running = re.findall(r"\[(\d+)\]([0-9.]+|nan|inf),", out)
     tokens = re.search(r"have (\d+) tokens", out)
@@ -42,7 +56,7 @@ def perplexity(gguf: Path, text_file: Path, chunks: int, threads: int = 2, timeo
         raise RuntimeError(f"no perplexity in llama-perplexity's output: {out[-800:]}")
     return {"ppl": float(running[-1][1]), "chunks": int(running[-1][0]), "window": int(window[1]) if window else None,
             "targets": int(running[-1][0]) * stride, "text_tokens": int(tokens[1]) if tokens else None,
-            "command": " ".join(map(shlex.quote, cmd))}
+            "kv": kv or "f16", "command": " ".join(map(shlex.quote, cmd))}
 
 
 def bench(models: list[Path], threads: int = 2, prompt: int = 512, gen: int = 128, reps: int = 5,
@@ -52,7 +66,7 @@ def bench(models: list[Path], threads: int = 2, prompt: int = 512, gen: int = 12
     for m in models:
         cmd += ["-m", str(m)]
     cmd += ["-p", str(prompt), "-n", str(gen), "-t", str(threads), "-r", str(reps), "-o", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
     if proc.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({proc.returncode}): {proc.stderr[-1500:]}")
     runs = json.loads(proc.stdout)
@@ -68,11 +82,12 @@ def bench(models: list[Path], threads: int = 2, prompt: int = 512, gen: int = 12
     return {"command": " ".join(map(shlex.quote, cmd)), "results": out}
 
 
-def generate(gguf: Path, prompt: str, tokens: int = 48, threads: int = 2, timeout: float = 600) -> dict:
-    """Greedy continuation of ``prompt`` by ``llama-completion`` (no chat template)."""
+def generate(gguf: Path, prompt: str, tokens: int = 48, threads: int = 2, kv: str | None = None,
+             timeout: float = 600) -> dict:
+    """Greedy continuation of ``prompt`` by ``llama-completion`` (no chat template); ``kv`` as in perplexity."""
     cmd = [str(binary("llama-completion")), "-m", str(gguf), "-p", prompt, "-n", str(tokens), "-t", str(threads),
-           "--temp", "0", "--seed", "0", "-no-cnv", "--no-display-prompt"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+           "--temp", "0", "--seed", "0", "-no-cnv", "--no-display-prompt", *(["-ctk", kv, "-ctv", kv] if kv else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
     if proc.returncode != 0:
         raise RuntimeError(f"llama-completion failed ({proc.returncode}): {proc.stderr[-1500:]}")
     return {"prompt": prompt, "text": proc.stdout.strip(), "command": " ".join(map(shlex.quote, cmd))}
