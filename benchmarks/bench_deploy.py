@@ -15,9 +15,9 @@ per-layer-width row, and any recovered folder under ``/work/artifacts/recovered/
 5. **speed** — ``llama-bench -p 512 -n 128 -t 2 -r 5`` with the dense model, the row's model and the
    dense model again in one invocation, per quantization (median and range of the 5 repetitions;
    the second dense run measures drift);
-6. **agree** — ``llama-perplexity`` on the f32 file again with a float32 KV cache (the correctness protocol;
-   llama.cpp's default f16 cache is kept as ``ppl_kv_f16``), and the greedy continuation of the same prompt
-   in PyTorch (float32) and in llama.cpp (f32 file), compared word by word.
+6. **agree** — prunekit's float32 perplexity on llama-perplexity's own windows (1024 tokens every 1023,
+   PyTorch), so the two perplexities differ only in the engine; and the greedy continuation of the same
+   prompt in PyTorch (float32) and in llama.cpp (f32 file, f32 KV cache), compared word by word.
 
 Rows are written after every stage; an interrupted run resumes where it stopped. ``--max-minutes``
 stops at a stage boundary (keep each locked run short on a shared machine)::
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -200,15 +201,25 @@ def stage_speed(row: dict, dense: dict, quants=QUANTS) -> bool:
     return all(q in row["speed"] for q in QUANTS)
 
 
+def ppl_llamacpp_windows(model, tok, windows: int = PPL_WINDOWS, seqlen: int = lt.PPL_SEQLEN) -> dict:
+    """prunekit's float32 perplexity on llama-perplexity's windows: ``seqlen`` tokens starting every
+    ``seqlen - 1`` (``--ppl-stride``), targets 1..seqlen-1 of each — its protocol, in PyTorch."""
+    ids = eval_token_ids(tok, "wikitext2", seqlen)
+    stride, nll = seqlen - 1, 0.0
+    with torch.no_grad():
+        for i in range(windows):
+            w = ids[i * stride: i * stride + seqlen]
+            logp = torch.log_softmax(model(w[None]).logits[0, :-1].double(), -1)
+            nll -= logp.gather(1, w[1:, None]).sum().item()
+    return {"ppl": math.exp(nll / (windows * stride)), "windows": windows, "seqlen": seqlen, "stride": stride}
+
+
 def stage_agree(row: dict, ctx: dict) -> None:
-    """The f32 GGUF with a float32 KV cache (the correctness protocol) and greedy text against PyTorch's."""
+    """prunekit's perplexity on llama-perplexity's own windows, and greedy text against PyTorch's (f32 GGUF)."""
     f32 = row["llamacpp"]["f32"]
     path = Path(row["gguf"]["f32"]["path"])
-    if f32.get("ppl", {}).get("kv") != "f32":
-        if "ppl" in f32:
-            f32["ppl_kv_f16"] = f32.pop("ppl")  # llama.cpp's default cache, as users run it
-        f32["ppl"] = lt.perplexity(path, ctx["text_file"], PPL_WINDOWS, kv="f32")
     model, tok = prunekit.load_model(row["model"])
+    f32["prunekit_same_windows"] = ppl_llamacpp_windows(model, tok)
     ids = tok(GEN_PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, do_sample=False, max_new_tokens=GEN_TOKENS, pad_token_id=tok.eos_token_id)
