@@ -112,6 +112,8 @@ def _correctness(rows: dict) -> list[str]:
         top1 = f"{100 * c['top1']:.1f} % of {c['positions']}" if "top1" in c else "-"
         g = c.get("greedy")
         words = f"{g['same_words']} of {g['words']}" if g else "-"
+        if g and not g["prunekit"].strip() and not g["llamacpp"].strip():
+            words = "both only whitespace"
         out.append(f"| {label} | {_shape(row)} | {_fmt(row.get('params') and row['params'] / 1e6)} | {top1} | "
                    f"{_fmt(c.get('max_abs'), '.4f')} | {_fmt(lp)} | {_fmt(same)} | {_diff(lp, same)} | "
                    f"{_fmt(pp)} | {_diff(lp, pp)} | {words} |")
