@@ -53,7 +53,7 @@ import prunekit  # noqa: E402
 import llamacpp_tools as lt  # noqa: E402
 from common import cpu_flags, load_json, write_results  # noqa: E402
 from deploy_render import render  # noqa: E402
-from prunekit.eval.perplexity import eval_token_ids, perplexity  # noqa: E402
+from prunekit.eval.perplexity import eval_token_ids, perplexity, shifted_nll  # noqa: E402
 from prunekit.formats import llamacpp, read_report  # noqa: E402
 from prunekit.report import environment  # noqa: E402
 from prunekit.structured.summary import param_count  # noqa: E402
@@ -208,9 +208,8 @@ def ppl_llamacpp_windows(model, tok, windows: int = PPL_WINDOWS, seqlen: int = l
     stride, nll = seqlen - 1, 0.0
     with torch.no_grad():
         for i in range(windows):
-            w = ids[i * stride: i * stride + seqlen]
-            logp = torch.log_softmax(model(w[None]).logits[0, :-1].double(), -1)
-            nll -= logp.gather(1, w[1:, None]).sum().item()
+            w = ids[None, i * stride: i * stride + seqlen]
+            nll += shifted_nll(model(w).logits, w)
     return {"ppl": math.exp(nll / (windows * stride)), "windows": windows, "seqlen": seqlen, "stride": stride}
 
 
