@@ -96,14 +96,22 @@ def _rows() -> dict[str, Row]:
         rows[f"smol/slimgpt/{structure}25"] = Row("smollm2", "slimgpt", 0.25, structure)
         rows[f"smol/slimgpt+rec/{structure}25"] = Row("smollm2", "slimgpt", 0.25, structure, refine="reconstruct",
                                                       refine_opts=REC)
-    for lr in ("3e-6", "1e-5", "3e-5", "1e-4"):
+    for lr in ("3e-6", "1e-5", "3e-5", "1e-4", "3e-4", "1e-3"):
         rows[f"tune/sparsegpt+rec-lr{lr}/70"] = Row("smollm2", "sparsegpt", 0.7, refine="reconstruct",
                                                     refine_opts={"lr": float(lr)}, nsamples=32, eval_text=WT2_VALID)
     for inputs, target in (("pruned", "dense"), ("pruned", "local")):
-        rows[f"tune/sparsegpt+rec-{inputs}-{target}/70"] = Row(
-            "smollm2", "sparsegpt", 0.7, refine="reconstruct", refine_opts={"inputs": inputs, "target": target},
-            nsamples=32, eval_text=WT2_VALID)
+        for lr in ("1e-4", "3e-4"):
+            rows[f"tune/sparsegpt+rec-{inputs}-{target}-lr{lr}/70"] = Row(
+                "smollm2", "sparsegpt", 0.7, refine="reconstruct",
+                refine_opts={"inputs": inputs, "target": target, "lr": float(lr)}, nsamples=32, eval_text=WT2_VALID)
     rows["tune/sparsegpt/70"] = Row("smollm2", "sparsegpt", 0.7, nsamples=32, eval_text=WT2_VALID)
+    rows["tune/alps/70"] = Row("smollm2", "alps", 0.7, nsamples=32, eval_text=WT2_VALID)
+    rows["tune/sparsegpt/70/alpha"] = Row("smollm2", "sparsegpt", 0.7, allocation="alpha", alloc_opts=ALPHA, nsamples=32,
+                                          eval_text=WT2_VALID)
+    for lr in ("1e-4", "3e-4", "1e-3"):
+        rows[f"tune/sparsegpt+rec-lr{lr}/70/alpha"] = Row(
+            "smollm2", "sparsegpt", 0.7, allocation="alpha", alloc_opts=ALPHA, refine="reconstruct",
+            refine_opts={"lr": float(lr)}, nsamples=32, eval_text=WT2_VALID)
     rows["tune/sparsegpt+rec-e1/70"] = Row("smollm2", "sparsegpt", 0.7, refine="reconstruct", refine_opts={"epochs": 1},
                                            nsamples=32, eval_text=WT2_VALID)
     rows["tune/sparsegpt+rec-lstsq-only/70"] = Row("smollm2", "sparsegpt", 0.7, refine="reconstruct",
