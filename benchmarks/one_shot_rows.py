@@ -83,6 +83,9 @@ def _rows() -> dict[str, Row]:
         rows[f"smol/sparsegpt+rec/{tag}"] = Row("smollm2", "sparsegpt", s, pat, refine="reconstruct", refine_opts=REC)
         rows[f"smol/wanda+rec/{tag}"] = Row("smollm2", "wanda", s, pat, refine="reconstruct", refine_opts=REC)
         rows[f"smol/alps+rec/{tag}"] = Row("smollm2", "alps", s, pat, refine="reconstruct", refine_opts=REC)
+    for tag in ("70", "2:4"):  # the first full rows, run before validation moved the default lr 1e-5 -> 3e-4
+        rows[f"smol/sparsegpt+rec-lr1e-5/{tag}"] = Row("smollm2", "sparsegpt", *TARGETS[tag], refine="reconstruct",
+                                                      refine_opts={"lr": 1e-5})
     rows["smol/ria+cp/2:4"] = Row("smollm2", "ria", None, "2:4", method_opts={"permute": True})
     for tag in ("70", "80"):
         s = TARGETS[tag][0]

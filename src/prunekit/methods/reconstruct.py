@@ -47,13 +47,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReconstructOptions(Options):
-    """Defaults: the free-lunch reference's (ZIB-IOL), except the learning rate (ours, see docs/one_shot.md)."""
+    """Defaults: the free-lunch reference's (ZIB-IOL), except the learning rate: 3e-4, chosen on
+    WikiText-2 validation (docs/one_shot.md)."""
 
     lstsq: bool = option(True, "refit each pruned linear's kept weights by least squares before the block fit")
     lstsq_iters: int = option(30, "conjugate-gradient iterations of the per-linear least squares", lo=1)
     percdamp: float = option(0.01, "least-squares damping, a fraction of mean(diag X^T X)", lo=0.0, hi=10.0)
     epochs: int = option(3, "passes over the calibration batches of the block fit (0: least squares only)", lo=0)
-    lr: float = option(1e-5, "AdamW learning rate of the block fit (linear warm-up 10 %, linear decay)", lo=0.0,
+    lr: float = option(3e-4, "AdamW learning rate of the block fit (linear warm-up 10 %, linear decay)", lo=0.0,
                        lo_open=True, hi=1.0)
     micro_batch: int = option(2, "sequences per optimizer step", lo=1)
     inputs: str = option("dense", "train on the dense model's inputs to the block (reference) or the compressed "
