@@ -31,8 +31,8 @@ SPEED = {
     "smollm2-135m": ["layout/W^T", "act/teal/uniform/0.4", "act/teal/uniform/0.5", "act/teal/greedy/0.4",
                      "act/cats/uniform/0.4", "act/chess/uniform/0.4", "weight/wanda/0.5", "both/wanda0.5+teal0.4",
                      "blocks/shortgpt/8", "blocks/shortgpt/9"],
-    "qwen2.5-coder-1.5b": ["layout/W^T", "act/teal/uniform/0.4", "act/teal/uniform/0.3", "weight/wanda/0.5",
-                           "both/wanda0.5+teal0.4", "blocks/shortgpt/8"],
+    "qwen2.5-coder-1.5b": ["layout/W^T", "act/teal/uniform/0.4", "act/teal/uniform/0.3", "act/teal/uniform/0.25",
+                           "weight/wanda/0.5", "both/wanda0.5+teal0.4", "blocks/shortgpt/8"],
 }
 #: quality runs in bf16 (2x the matmul speed here; core.md: SmolLM2 dense 23.47 bf16 vs 23.48 fp32)
 QUALITY_DTYPE = {"smollm2-135m": "bfloat16", "qwen2.5-coder-1.5b": "bfloat16"}
