@@ -109,8 +109,8 @@ def _rows() -> dict[str, Row]:
                 refine_opts={"inputs": inputs, "target": target, "lr": float(lr)}, nsamples=32, eval_text=WT2_VALID)
     rows["tune/sparsegpt/70"] = Row("smollm2", "sparsegpt", 0.7, nsamples=32, eval_text=WT2_VALID)
     rows["tune/alps/70"] = Row("smollm2", "alps", 0.7, nsamples=32, eval_text=WT2_VALID)
-    rows["tune/sparsegpt/70/alpha"] = Row("smollm2", "sparsegpt", 0.7, allocation="alpha", alloc_opts=ALPHA, nsamples=32,
-                                          eval_text=WT2_VALID)
+    rows["tune/sparsegpt/70/alpha"] = Row("smollm2", "sparsegpt", 0.7, allocation="alpha", alloc_opts=ALPHA,
+                                          nsamples=32, eval_text=WT2_VALID)
     for lr in ("1e-4", "3e-4", "1e-3"):
         rows[f"tune/sparsegpt+rec-lr{lr}/70/alpha"] = Row(
             "smollm2", "sparsegpt", 0.7, allocation="alpha", alloc_opts=ALPHA, refine="reconstruct",

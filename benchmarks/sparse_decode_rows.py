@@ -25,7 +25,8 @@ QUALITY = {
                      "act/teal/greedy/0.4", "weight/wanda/0.5", "both/wanda0.5+teal0.4", "blocks/shortgpt/7",
                      "blocks/shortgpt/8", "blocks/shortgpt/9"],
     "qwen2.5-coder-1.5b": ["dense", "act/teal/uniform/0.4", "weight/wanda/0.5", "both/wanda0.5+teal0.4",
-                           "act/teal/uniform/0.25", "act/teal/uniform/0.3", "act/teal/uniform/0.5", "blocks/shortgpt/8"],
+                           "act/teal/uniform/0.25", "act/teal/uniform/0.3", "act/teal/uniform/0.5",
+                           "blocks/shortgpt/8"],
 }
 SPEED = {
     "smollm2-135m": ["layout/W^T", "act/teal/uniform/0.4", "act/teal/uniform/0.5", "act/teal/greedy/0.4",
