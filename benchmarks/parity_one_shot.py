@@ -26,6 +26,7 @@ import contextlib
 import copy
 import importlib
 import io
+import re
 import sys
 import time
 import types
@@ -157,6 +158,12 @@ def _tiny(seed: int = 0):
                       num_key_value_heads=4)
 
 
+def _reference_lsa_scores(printed: str, m: int) -> list[float]:
+    """The reference's printed total after its last LSA round, one per layer in pruning order."""
+    pat = re.compile(rf"linear sum assignment round {m - 1}: ([0-9.eE+-]+)")
+    return [float(v) for v in pat.findall(printed)]
+
+
 def ria_parity(repo: Path, nsamples: int, seqlen: int) -> dict:
     import prunekit
     from prunekit.models import decoder_linears
@@ -180,22 +187,41 @@ def ria_parity(repo: Path, nsamples: int, seqlen: int) -> dict:
                          prune_method="ria", a=0.5, reconstruction=False, gptq=False, semi_sparse_acc=False,
                          per_outneuron=False, reallocation=bool(opts), lsa=bool(opts), importance_score="sum",
                          fast=False, model="tiny-llama")
+        printed = io.StringIO()
         with cpu_cuda_shims(), cuda_strings_to_cpu(), reference_model_shims(theirs, seqlen), \
-                contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+                contextlib.redirect_stdout(printed), torch.no_grad():
             rprune.prune_ria(args, theirs, None, torch.device("cpu"), prune_n=n, prune_m=m)
         cfg = prunekit.PruneConfig(method="ria", sparsity=0.5 if pattern == "unstructured" else None, pattern=pattern,
                                    method_options=opts, calib={"batch_size": 1})
-        prunekit.prune(ours, cfg, calib=ids)
+        report = prunekit.prune(ours, cfg, calib=ids)
         la, lb = decoder_linears(ours), decoder_linears(theirs)
         per = {k: {"identical_mask": bool(torch.equal(la[k].weight == 0, lb[k].weight == 0)),
                    "differing": int(((la[k].weight == 0) != (lb[k].weight == 0)).sum()),
                    "pruned_prunekit": int((la[k].weight == 0).sum()), "pruned_reference": int((lb[k].weight == 0).sum())}
                for k in la}
+        if opts:  # the score each layer's N:M mask keeps after the last LSA round, both sides
+            final = _reference_lsa_scores(printed.getvalue(), m)
+            mine = {layer.name: layer.info["kept_score_lsa"] for layer in report.layers}
+            for (k, v), theirs_score in zip(per.items(), final):  # both in module order
+                v["kept_score_prunekit"], v["kept_score_reference"] = mine[k], theirs_score
         rows.append({"setting": label, "layers": len(per), "identical": sum(v["identical_mask"] for v in per.values()),
                      "per_layer": per})
     return {"model": "tiny random Llama (hidden 256, FFN 512, 2 blocks, 8 heads / 4 kv)",
             "calibration": f"{nsamples}x{seqlen} random ids, seed 0", "rows": rows,
             "reference": reference_id(repo, ("lib/prune.py", "lib/layerwrapper.py"), None)}
+
+
+def _ria_lsa_lines(rows: list[dict]) -> list[str]:
+    per = next((row["per_layer"] for row in rows if "reallocation" in row["setting"]), {})
+    first = next(iter(per.items()), None)
+    if first is None or "kept_score_reference" not in first[1]:
+        return []
+    name, v = first
+    return [f"With reallocation + LSA, the first layer ({name}, identical inputs on both sides) keeps a total score of "
+            f"{v['kept_score_prunekit']:.3f} (prunekit) vs {v['kept_score_reference']:.3f} (reference) after the last "
+            "LSA round: both solve each round's assignment exactly, but on score matrices summed in a different "
+            "float32 order, so near-ties can go the other way and the greedy rounds then follow different paths. "
+            "Later blocks differ because their calibration inputs come from the differently pruned first block.", ""]
 
 
 def render(res: dict) -> str:
@@ -230,6 +256,7 @@ def render(res: dict) -> str:
             diffs = ", ".join(str(v["differing"]) for v in row["per_layer"].values())
             out.append(f"| {row['setting']} | {row['identical']} / {row['layers']} | {diffs} |")
         out.append("")
+        out += _ria_lsa_lines(r["rows"])
     out += ["Shims: " + "; ".join(res["shims"]), ""]
     return "\n".join(out)
 
