@@ -1,8 +1,8 @@
 """Compile the C++ kernels at first use and cache them; report why when they cannot be used.
 
-``torch.utils.cpp_extension.load`` compiles ``csrc/sparse_gemv.cpp`` with the ``g++`` on the
+``torch.utils.cpp_extension.load`` compiles ``csrc/*.cpp`` with the ``g++`` on the
 machine (``-O3 -march=native -fopenmp``: the compiler vectorises for this CPU, and the AVX-512
-paths are picked at run time) into ``$PRUNEKIT_CACHE/kernels/<key>/``; the key hashes the source,
+paths are picked at run time) into ``$PRUNEKIT_CACHE/kernels/<key>/``; the key hashes the sources,
 the flags, the torch version and the CPU's model and flags, so a cache shared between machines
 never hands one CPU another's binary. ``PRUNEKIT_KERNELS=off`` (or a failed compile) makes every
 op use its pure-PyTorch fallback (:mod:`.ops`), which computes the same values, slower.
@@ -20,7 +20,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "sparse_gemv.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = [CSRC / "sparse_gemv.cpp", CSRC / "bitmask.cpp"]  # the first holds the Python bindings
+HEADERS = [CSRC / "common.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-mprefer-vector-width=512", "-Wno-unused-function"]
 LDFLAGS = ["-fopenmp"]
 
@@ -47,7 +49,8 @@ def _cpu_identity() -> str:
 
 def cache_key() -> str:
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(), _cpu_identity().encode()):
+    parts = [f.read_bytes() for f in SOURCES + HEADERS]
+    for part in (*parts, " ".join(CFLAGS).encode(), torch.__version__.encode(), _cpu_identity().encode()):
         h.update(part)
     return h.hexdigest()[:16]
 
@@ -74,7 +77,7 @@ def extension():
         build = _build_dir()
         build.mkdir(parents=True, exist_ok=True)
         log.info("loading the sparse kernels from %s (compiled there on first use, ~1 min)", build)
-        _EXT = load(name=f"prunekit_sparse_{cache_key()}", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+        _EXT = load(name=f"prunekit_sparse_{cache_key()}", sources=[str(f) for f in SOURCES], extra_cflags=CFLAGS,
                     extra_ldflags=LDFLAGS, build_directory=str(build), verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no headers, a compile error: fall back, say why
         _FAILED = f"the C++ kernels could not be built ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})"

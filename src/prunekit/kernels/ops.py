@@ -5,10 +5,11 @@ returns ``y`` in ``x``'s dtype (float32 or bfloat16). Formats (all built once fr
 ``W [out, in]``):
 
 * **dense W^T** (``wt [in, out]``): activation sparsity — inputs with ``|x_i| <= t`` skip row ``i``.
-* :class:`BitmaskT`: weight sparsity, input-major — per input row a 16-bit mask per 16 outputs and
-  the row's non-zeros packed; reads ``nnz * itemsize + in * out / 8`` bytes. Zero activations
-  skip their row too, so it serves both kinds of sparsity at once. N:M patterns are stored the
-  same way (one bit per weight is exactly the 2 x 2-bit indices of a 2:4 group).
+* :class:`BitmaskT`: weight sparsity, input-major, in tiles of 128 outputs — per input row and
+  tile a 16-bit mask per 16 outputs and the row's non-zeros packed, stored tile by tile; reads
+  ``nnz * itemsize + in * out / 8 + 4 * in * tiles`` bytes. Zero activations skip their row
+  too, so it serves both kinds of sparsity at once. N:M patterns are stored the same way (one
+  bit per weight is exactly the 2 x 2-bit indices of a 2:4 group).
 * :class:`CSR16`: weight sparsity, row-major with 16-bit column indices; reads
   ``nnz * (itemsize + 2)`` bytes — more than the bitmask at every density above 1/16.
 
@@ -43,25 +44,34 @@ def _count(stats: Tensor | None, mask: Tensor) -> None:
         stats[1] += mask.numel()
 
 
+#: outputs per bitmask tile (8 chunks of 16): the GEMV holds one tile's outputs in registers
+TILE = 128
+#: zero values after the last one: the kernels' vector loads may read 31 values past a segment
+PAD = 32
+
+
 @dataclass
 class BitmaskT:
-    """Input-major bitmask format of a weight ``W [out, in]`` (see the module docstring)."""
+    """Tiled input-major bitmask format of a weight ``W [out, in]`` (see the module docstring)."""
 
-    masks: Tensor  # int16 [in, ceil(out / 16)] (bit b of word c: output 16 c + b)
-    vals: Tensor  # [nnz + 16], W's dtype, row by row of W^T (16 zeros of padding at the end)
-    rowptr: Tensor  # int64 [in + 1]
+    masks: Tensor  # int16 [tiles, in, 8] (bit b of chunk c of tile t, row i: W^T[i, 128 t + 16 c + b] != 0)
+    vals: Tensor  # [nnz + PAD], W's dtype: tile by tile, row by row, in output order
+    offsets: Tensor  # int32 [tiles, in + 1]: values of tile t before row i
+    base: Tensor  # int64 [tiles + 1]: values before tile t
     out: int
-    tile_chunks: int = 0  # prefill tiles: 16-column chunks per tile (set at the first prefill)
-    tile_offsets: Tensor | None = None  # int32 [in, tiles]: values of each row before each tile
 
     @property
     def nbytes(self) -> int:
-        """Bytes a GEMV with every input active reads (values, masks, row pointers)."""
-        return sum(t.numel() * t.element_size() for t in (self.masks, self.vals, self.rowptr))
+        """Bytes a GEMV with every input active reads (values, masks, offsets)."""
+        return sum(t.numel() * t.element_size() for t in (self.masks, self.vals, self.offsets, self.base))
+
+    @property
+    def nnz(self) -> int:
+        return int(self.base[-1])
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.out, self.masks.shape[0]
+        return self.out, self.masks.shape[1]
 
 
 @dataclass
@@ -88,31 +98,39 @@ def pack_bitmask(wt: Tensor) -> BitmaskT:
     wt = wt.contiguous()
     ext = extension()
     if ext is not None:
-        masks, vals, rowptr = ext.pack_bitmask(wt)
-        return BitmaskT(masks, vals, rowptr, wt.shape[1])
+        return BitmaskT(*ext.pack_bitmask(wt), wt.shape[1])
     n_in, out = wt.shape
-    chunks = -(-out // 16)
-    padded = torch.zeros(n_in, chunks * 16, dtype=wt.dtype)
+    tiles = -(-out // TILE)
+    padded = torch.zeros(n_in, tiles * TILE, dtype=wt.dtype)
     padded[:, :out] = wt
-    nz = padded != 0
-    words = (nz.view(n_in, chunks, 16).to(torch.int32) << torch.arange(16, dtype=torch.int32)).sum(-1)
-    rowptr = torch.zeros(n_in + 1, dtype=torch.int64)
-    rowptr[1:] = nz.sum(1).cumsum(0)
-    vals = torch.cat([padded[nz], torch.zeros(16, dtype=wt.dtype)])  # padded like the C++ packer's
-    return BitmaskT(_u16_as_i16(words), vals, rowptr, out)
+    tiled = padded.view(n_in, tiles, 8, 16).permute(1, 0, 2, 3)  # [tiles, in, 8, 16]
+    nz = tiled != 0
+    words = (nz.to(torch.int32) << torch.arange(16, dtype=torch.int32)).sum(-1)
+    counts = nz.sum((2, 3))  # [tiles, in]
+    offsets = torch.zeros(tiles, n_in + 1, dtype=torch.int32)
+    offsets[:, 1:] = counts.cumsum(1)
+    base = torch.zeros(tiles + 1, dtype=torch.int64)
+    base[1:] = counts.sum(1).cumsum(0)
+    vals = torch.cat([tiled[nz], torch.zeros(PAD, dtype=wt.dtype)])  # padded like the C++ packer's
+    return BitmaskT(_u16_as_i16(words), vals, offsets, base, out)
+
+
+def _nonzeros(p: BitmaskT) -> Tensor:
+    """Bool ``[tiles, in, 8, 16]``: where the non-zeros of each tile sit."""
+    bits = ((p.masks.to(torch.int32) & 0xFFFF)[..., None] >> torch.arange(16, dtype=torch.int32)) & 1
+    return bits.bool()
 
 
 def unpack_bitmask(p: BitmaskT) -> Tensor:
     """The dense ``W^T [in, out]`` of a :class:`BitmaskT` (bit for bit; -0.0 comes back as +0.0)."""
     ext = extension()
     if ext is not None:
-        return ext.unpack_bitmask(p.masks, p.vals, p.rowptr, p.out)
-    n_in, chunks = p.masks.shape
-    bits = ((p.masks.to(torch.int32) & 0xFFFF)[:, :, None] >> torch.arange(16, dtype=torch.int32)) & 1
-    nz = bits.reshape(n_in, chunks * 16).bool()
-    wt = torch.zeros(n_in, chunks * 16, dtype=p.vals.dtype)
-    wt[nz] = p.vals[: int(p.rowptr[-1])]
-    return wt[:, : p.out].contiguous()
+        return ext.unpack_bitmask(p.masks, p.vals, p.offsets, p.base, p.out)
+    tiles, n_in = p.masks.shape[:2]
+    nz = _nonzeros(p)
+    tiled = torch.zeros(tiles, n_in, 8, 16, dtype=p.vals.dtype)
+    tiled[nz] = p.vals[: p.nnz]
+    return tiled.permute(1, 0, 2, 3).reshape(n_in, tiles * TILE)[:, : p.out].contiguous()
 
 
 def pack_csr16(w: Tensor) -> CSR16:
@@ -139,30 +157,29 @@ def _finish(y: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
     return y.to(dtype)
 
 
-#: bytes of one unpacked prefill tile (it stays in the caches between unpacking and the matmul)
+#: bytes of the weight columns unpacked at once for prefill (they stay in the caches until the matmul)
 TILE_BYTES = 4 * 2**20
 
 
 def bitmask_matmul(x: Tensor, p: BitmaskT, bias: Tensor | None = None) -> Tensor:
-    """``x @ W^T`` for many tokens (``x [..., in]``): a dense matmul on ``W^T`` unpacked one tile of
+    """``x @ W^T`` for many tokens (``x [..., in]``): a dense matmul on ``W^T`` unpacked a few tiles of
     output columns at a time into a cache-sized buffer (the fallback unpacks the whole matrix)."""
-    n_in = p.masks.shape[0]
+    n_in = p.masks.shape[1]
     ext = extension()
     if ext is None:
         y = torch.matmul(x, unpack_bitmask(p))
         return y if bias is None else y + bias
-    if p.tile_offsets is None:
-        chunks = p.masks.shape[1]
-        p.tile_chunks = max(1, min(chunks, TILE_BYTES // (n_in * 16 * p.vals.element_size())))
-        p.tile_offsets = ext.tile_offsets(p.masks, p.tile_chunks)
+    tiles = p.masks.shape[0]
+    step = max(1, min(tiles, TILE_BYTES // (n_in * TILE * p.vals.element_size())))
     x2 = x.reshape(-1, n_in)
     y = torch.empty(x2.shape[0], p.out, dtype=x.dtype)
-    width = 16 * p.tile_chunks
-    buf = torch.empty(n_in, width, dtype=p.vals.dtype)
-    for t in range(p.tile_offsets.shape[1]):
-        c0, c1 = t * width, min(p.out, (t + 1) * width)
-        ext.unpack_tile(p.masks, p.vals, p.rowptr, p.tile_offsets, t, p.tile_chunks, buf)
-        y[:, c0:c1] = torch.matmul(x2, buf[:, : c1 - c0])
+    buf = torch.empty(n_in, step * TILE, dtype=p.vals.dtype)
+    for t0 in range(0, tiles, step):
+        t1 = min(tiles, t0 + step)
+        c0, c1 = t0 * TILE, min(p.out, t1 * TILE)
+        part = buf if t1 - t0 == step else torch.empty(n_in, (t1 - t0) * TILE, dtype=p.vals.dtype)
+        ext.unpack_tiles(p.masks, p.vals, p.offsets, p.base, t0, t1, part)
+        y[:, c0:c1] = torch.matmul(x2, part[:, : c1 - c0])
     if bias is not None:
         y += bias
     return y.reshape(*x.shape[:-1], p.out)
@@ -170,7 +187,8 @@ def bitmask_matmul(x: Tensor, p: BitmaskT, bias: Tensor | None = None) -> Tensor
 
 def gemv_t(x: Tensor, wt: Tensor, threshold: Tensor | float | None = None, bias: Tensor | None = None,
            stats: Tensor | None = None) -> Tensor:
-    """``W x`` for ``x [in]`` with the input-major ``wt [in, out]``, skipping rows of inputs at or below the threshold."""
+    """``W x`` for ``x [in]`` with the input-major ``wt [in, out]``, skipping rows of inputs at or below the
+    threshold."""
     thr = _thr(threshold, wt.shape[0])
     ext = extension()
     if ext is not None:
@@ -183,10 +201,11 @@ def gemv_t(x: Tensor, wt: Tensor, threshold: Tensor | float | None = None, bias:
 def gemv_bitmask(x: Tensor, p: BitmaskT, threshold: Tensor | float | None = None, bias: Tensor | None = None,
                  stats: Tensor | None = None) -> Tensor:
     """``W x`` from the :class:`BitmaskT` format (rows of inputs at or below the threshold skipped)."""
-    thr = _thr(threshold, p.masks.shape[0])
+    thr = _thr(threshold, p.masks.shape[1])
     ext = extension()
     if ext is not None:
-        return ext.gemv_bitmask(x.contiguous(), p.masks, p.vals, p.rowptr, p.out, thr, bias, stats).to(x.dtype)
+        return ext.gemv_bitmask(x.contiguous(), p.masks, p.vals, p.offsets, p.base, p.out, thr, bias,
+                                stats).to(x.dtype)
     mask = keep_mask(x, thr)
     _count(stats, mask)
     return _finish((x.float() * mask) @ unpack_bitmask(p).float(), bias, x.dtype)

@@ -1,0 +1,307 @@
+// The tiled bitmask format of an input-major weight W^T [in, out] (weight sparsity), its GEMV and
+// the unpacking that prefill uses (prunekit.kernels.ops.BitmaskT is the Python side).
+//
+// Outputs are cut into tiles of 128 (8 chunks of 16). For each tile t and input row i: 8 16-bit
+// masks (bit b of chunk c: output 128 t + 16 c + b is non-zero) and the row's non-zeros of that
+// tile, packed. Storage is tile-major: masks [tiles, in, 8], values tile by tile and row by row,
+// offsets [tiles, in + 1] (int32: values of tile t before row i) and base [tiles + 1] (int64:
+// values before tile t). The GEMV gives each thread whole tiles: it holds the tile's 128 outputs
+// in registers while it walks the active rows, reading each tile's masks and values as one
+// forward stream, never loading or storing an accumulator in memory; each output is summed by
+// one thread in row order, so results do not depend on the thread count.
+#include "common.h"
+
+namespace pk {
+namespace {
+
+constexpr int64_t CHUNKS = 8, TILE = 128;
+constexpr int64_t PAD = 32;  // values of padding: the vector loads may read 31 values past a segment
+
+template <typename T>
+void tile_portable(const uint16_t* M, const T* V, const int32_t* O, const int32_t* idx, const float* xa, int64_t nact,
+                   float* y) {
+  for (int64_t j = 0; j < TILE; ++j) y[j] = 0.0f;
+  for (int64_t k = 0; k < nact; ++k) {
+    const int64_t i = idx[k];
+    const float a = xa[k];
+    const uint16_t* m = M + i * CHUNKS;
+    const T* v = V + O[i];
+    for (int64_t c = 0; c < CHUNKS; ++c) {
+      uint32_t mk = m[c];
+      while (mk) {
+        y[16 * c + __builtin_ctz(mk)] += a * tof(*v++);
+        mk &= mk - 1;
+      }
+    }
+  }
+}
+
+#if PK_X86
+#define PK_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
+
+// float32: one register-form expand per chunk (the memory form is microcoded on AMD Zen 4); the
+// offsets of the 8 chunks come from popcounts of prefixes of the two 64-bit mask words, so no
+// chunk waits on the one before it.
+PK_TARGET void tile_avx512(const uint16_t* M, const float* V, const int32_t* O, const int32_t* idx, const float* xa,
+                           int64_t nact, float* y) {
+  __m512 acc[CHUNKS];
+  for (int c = 0; c < CHUNKS; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < nact; ++k) {
+    const int64_t i = idx[k];
+    uint64_t w[2];
+    std::memcpy(w, M + i * CHUNKS, 16);
+    const float* v = V + O[i];
+    const __m512 a = _mm512_set1_ps(xa[k]);
+    const int n0 = __builtin_popcountll(w[0]);
+    const int p[CHUNKS] = {0, __builtin_popcountll(w[0] & 0xFFFFull), __builtin_popcountll(w[0] & 0xFFFFFFFFull),
+                           __builtin_popcountll(w[0] & 0xFFFFFFFFFFFFull), n0,
+                           n0 + __builtin_popcountll(w[1] & 0xFFFFull), n0 + __builtin_popcountll(w[1] & 0xFFFFFFFFull),
+                           n0 + __builtin_popcountll(w[1] & 0xFFFFFFFFFFFFull)};
+#pragma GCC unroll 8
+    for (int c = 0; c < CHUNKS; ++c) {
+      const __mmask16 mk = static_cast<__mmask16>(w[c / 4] >> (16 * (c % 4)));
+      acc[c] = _mm512_fmadd_ps(a, _mm512_maskz_expand_ps(mk, _mm512_loadu_ps(v + p[c])), acc[c]);
+    }
+  }
+  for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(y + 16 * c, acc[c]);
+}
+
+// bfloat16: one expand places two chunks (32 values); interleaving zeros below each value widens
+// it to float32 (unpacklo/hi within 128-bit lanes), which permutes outputs inside each pair of
+// chunks: lo holds outputs 8l..8l+3 of lane l, hi 8l+4..8l+7, put back in order at the end.
+PK_TARGET void tile_avx512(const uint16_t* M, const uint16_t* V, const int32_t* O, const int32_t* idx,
+                           const float* xa, int64_t nact, float* y) {
+  __m512 lo[4], hi[4];
+  for (int c = 0; c < 4; ++c) lo[c] = hi[c] = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t k = 0; k < nact; ++k) {
+    const int64_t i = idx[k];
+    uint64_t w[2];
+    std::memcpy(w, M + i * CHUNKS, 16);
+    const uint16_t* v = V + O[i];
+    const __m512 a = _mm512_set1_ps(xa[k]);
+    const int n0 = __builtin_popcountll(w[0]);
+    const int p[4] = {0, __builtin_popcountll(w[0] & 0xFFFFFFFFull), n0,
+                      n0 + __builtin_popcountll(w[1] & 0xFFFFFFFFull)};
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __mmask32 mk = static_cast<__mmask32>(w[c / 2] >> (32 * (c % 2)));
+      const __m512i e = _mm512_maskz_expand_epi16(mk, _mm512_loadu_si512(v + p[c]));
+      lo[c] = _mm512_fmadd_ps(a, _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, e)), lo[c]);
+      hi[c] = _mm512_fmadd_ps(a, _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, e)), hi[c]);
+    }
+  }
+  alignas(64) float l[16], h[16];
+  for (int c = 0; c < 4; ++c) {
+    _mm512_store_ps(l, lo[c]);
+    _mm512_store_ps(h, hi[c]);
+    for (int lane = 0; lane < 4; ++lane)
+      for (int q = 0; q < 4; ++q) {
+        y[32 * c + 8 * lane + q] = l[4 * lane + q];
+        y[32 * c + 8 * lane + 4 + q] = h[4 * lane + q];
+      }
+  }
+}
+
+PK_TARGET void expand_row(const uint16_t* m, const float* src, float* dst) {
+  for (int c = 0; c < CHUNKS; ++c) {
+    _mm512_storeu_ps(dst + 16 * c, _mm512_maskz_expand_ps(static_cast<__mmask16>(m[c]), _mm512_loadu_ps(src)));
+    src += __builtin_popcount(m[c]);
+  }
+}
+PK_TARGET void expand_row(const uint16_t* m, const uint16_t* src, uint16_t* dst) {
+  for (int c = 0; c < CHUNKS; ++c) {
+    const __m256i e = _mm256_maskz_expand_epi16(static_cast<__mmask16>(m[c]),
+                                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * c), e);
+    src += __builtin_popcount(m[c]);
+  }
+}
+#endif
+
+template <typename T>
+void expand_row_portable(const uint16_t* m, const T* src, T* dst) {
+  for (int c = 0; c < CHUNKS; ++c) {
+    uint32_t mk = m[c];
+    for (int b = 0; b < 16; ++b) dst[16 * c + b] = T(0);
+    while (mk) {
+      dst[16 * c + __builtin_ctz(mk)] = *src++;
+      mk &= mk - 1;
+    }
+  }
+}
+
+struct View {  // raw pointers into the four tensors of a packed weight
+  int64_t in, tiles;
+  const uint16_t* masks;
+  const int32_t* offsets;
+  const int64_t* base;
+  View(const torch::Tensor& m, const torch::Tensor& o, const torch::Tensor& b)
+      : in(m.size(1)), tiles(m.size(0)), masks(reinterpret_cast<const uint16_t*>(m.data_ptr<int16_t>())),
+        offsets(o.data_ptr<int32_t>()), base(b.data_ptr<int64_t>()) {}
+  const uint16_t* tile_masks(int64_t t) const { return masks + t * in * CHUNKS; }
+  const int32_t* tile_offsets(int64_t t) const { return offsets + t * (in + 1); }
+};
+
+template <typename T>
+std::vector<torch::Tensor> pack_impl(const torch::Tensor& wt) {
+  const int64_t in = wt.size(0), out = wt.size(1), tiles = (out + TILE - 1) / TILE;
+  TORCH_CHECK(in * TILE < (int64_t(1) << 31), "bitmask tiles hold at most 2^31 values: ", in, " inputs is too many");
+  const T* w = ptr<T>(wt);
+  auto masks = torch::zeros({tiles, in, CHUNKS}, torch::kInt16);
+  auto offsets = torch::empty({tiles, in + 1}, torch::kInt32);
+  auto base = torch::empty({tiles + 1}, torch::kInt64);
+  uint16_t* m = reinterpret_cast<uint16_t*>(masks.data_ptr<int16_t>());
+  int32_t* o = offsets.data_ptr<int32_t>();
+  int64_t* b = base.data_ptr<int64_t>();
+  at::parallel_for(0, in, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i)
+      for (int64_t j = 0; j < out; ++j)
+        if (tof(w[i * out + j]) != 0.0f)  // -0.0 counts as zero (unpacked as +0.0)
+          m[((j / TILE) * in + i) * CHUNKS + (j % TILE) / 16] |= static_cast<uint16_t>(1u << (j % 16));
+  });
+  b[0] = 0;
+  for (int64_t t = 0; t < tiles; ++t) {
+    int32_t* ot = o + t * (in + 1);
+    ot[0] = 0;
+    for (int64_t i = 0; i < in; ++i) {
+      int32_t n = 0;
+      for (int64_t c = 0; c < CHUNKS; ++c) n += __builtin_popcount(m[(t * in + i) * CHUNKS + c]);
+      ot[i + 1] = ot[i] + n;
+    }
+    b[t + 1] = b[t] + ot[in];
+  }
+  auto vals = torch::zeros({b[tiles] + PAD}, wt.options());
+  T* v = const_cast<T*>(ptr<T>(vals));
+  at::parallel_for(0, in, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i)
+      for (int64_t t = 0; t < tiles; ++t) {
+        T* dst = v + b[t] + o[t * (in + 1) + i];
+        for (int64_t j = t * TILE; j < std::min(out, (t + 1) * TILE); ++j)
+          if (tof(w[i * out + j]) != 0.0f) *dst++ = w[i * out + j];
+      }
+  });
+  return {masks, vals, offsets, base};
+}
+
+// Rows [r0, r1) of tiles [t0, t1) into dst (row stride `width`, tile t at column 128 (t - t0)).
+template <typename T>
+void expand_rows(const View& p, const T* vals, int64_t t0, int64_t t1, int64_t r0, int64_t r1, T* dst, int64_t width) {
+  const bool wide = isa() == 1;
+  for (int64_t i = r0; i < r1; ++i)
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint16_t* m = p.tile_masks(t) + i * CHUNKS;
+      const T* src = vals + p.base[t] + p.tile_offsets(t)[i];
+      T* d = dst + i * width + (t - t0) * TILE;
+#if PK_X86
+      if (wide) {
+        expand_row(m, src, d);
+        continue;
+      }
+#endif
+      expand_row_portable<T>(m, src, d);
+    }
+}
+
+template <typename T>
+torch::Tensor unpack_impl(const torch::Tensor& masks, const torch::Tensor& vals, const torch::Tensor& offsets,
+                          const torch::Tensor& base, int64_t out) {
+  const View p(masks, offsets, base);
+  auto full = torch::empty({p.in, p.tiles * TILE}, vals.options());
+  T* d = const_cast<T*>(ptr<T>(full));
+  at::parallel_for(0, p.in, 16, [&](int64_t r0, int64_t r1) {
+    expand_rows<T>(p, ptr<T>(vals), 0, p.tiles, r0, r1, d, p.tiles * TILE);
+  });
+  return full.narrow(1, 0, out).contiguous();
+}
+
+template <typename T>
+torch::Tensor gemv_impl(const torch::Tensor& x, const torch::Tensor& masks, const torch::Tensor& vals,
+                        const torch::Tensor& offsets, const torch::Tensor& base, int64_t out, const torch::Tensor& thr,
+                        const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& stats) {
+  const View p(masks, offsets, base);
+  std::vector<int32_t> idx(p.in);
+  std::vector<float> xa(p.in);
+  const int64_t nact = active<T>(ptr<T>(x), p.in, thr.data_ptr<float>(), thr.numel() > 1, idx.data(), xa.data());
+  if (stats.has_value()) {
+    stats->data_ptr<int64_t>()[0] += nact;
+    stats->data_ptr<int64_t>()[1] += p.in;
+  }
+  auto y = torch::empty({out}, torch::kFloat32);
+  float* yp = y.data_ptr<float>();
+  const T* v = ptr<T>(vals);
+  const bool wide = isa() == 1;
+  at::parallel_for(0, p.tiles, 1, [&](int64_t t0, int64_t t1) {
+    alignas(64) float acc[TILE];
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint16_t* M = p.tile_masks(t);
+      const T* V = v + p.base[t];
+      const int32_t* O = p.tile_offsets(t);
+#if PK_X86
+      if (wide) tile_avx512(M, V, O, idx.data(), xa.data(), nact, acc);
+      else
+#endif
+        tile_portable<T>(M, V, O, idx.data(), xa.data(), nact, acc);
+      const int64_t n = std::min(TILE, out - t * TILE);
+      std::memcpy(yp + t * TILE, acc, n * sizeof(float));
+    }
+  });
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(torch::kFloat32));
+  return y;
+}
+
+void check_packed(const torch::Tensor& masks, const torch::Tensor& vals, const torch::Tensor& offsets,
+                  const torch::Tensor& base, int64_t out) {
+  check_vec(vals, "vals");
+  TORCH_CHECK(masks.dim() == 3 && masks.size(2) == CHUNKS && masks.scalar_type() == torch::kInt16 &&
+              masks.is_contiguous() && masks.size(0) * TILE >= out && (masks.size(0) - 1) * TILE < out,
+              "bitmask masks must be int16 [ceil(out / 128), in, 8]");
+  TORCH_CHECK(offsets.scalar_type() == torch::kInt32 && offsets.is_contiguous() && offsets.dim() == 2 &&
+              offsets.size(0) == masks.size(0) && offsets.size(1) == masks.size(1) + 1,
+              "bitmask offsets must be int32 [tiles, in + 1]");
+  TORCH_CHECK(base.scalar_type() == torch::kInt64 && base.is_contiguous() && base.numel() == masks.size(0) + 1,
+              "bitmask base must be int64 [tiles + 1]");
+  TORCH_CHECK(vals.numel() >= base[-1].item<int64_t>() + PAD, "bitmask values must be padded by ", PAD, " entries");
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> pack_bitmask(torch::Tensor wt) {
+  check_vec(wt, "wt");
+  TORCH_CHECK(wt.dim() == 2, "wt must be 2-D [in, out]");
+  return PK_DISPATCH(wt, pack_impl, wt);
+}
+
+torch::Tensor unpack_bitmask(torch::Tensor masks, torch::Tensor vals, torch::Tensor offsets, torch::Tensor base,
+                             int64_t out) {
+  check_packed(masks, vals, offsets, base, out);
+  return PK_DISPATCH(vals, unpack_impl, masks, vals, offsets, base, out);
+}
+
+torch::Tensor gemv_bitmask(torch::Tensor x, torch::Tensor masks, torch::Tensor vals, torch::Tensor offsets,
+                           torch::Tensor base, int64_t out, torch::Tensor thr, c10::optional<torch::Tensor> bias,
+                           c10::optional<torch::Tensor> stats) {
+  check_vec(x, "x");
+  check_packed(masks, vals, offsets, base, out);
+  TORCH_CHECK(masks.size(1) == x.numel() && vals.scalar_type() == x.scalar_type(), "x does not match the bitmask");
+  check_thr(thr, x.numel());
+  return PK_DISPATCH(x, gemv_impl, x, masks, vals, offsets, base, out, thr, bias, stats);
+}
+
+// Prefill: tiles [t0, t1) of W^T, dense, into buf [in, 128 (t1 - t0)] (one parallel pass over rows).
+void unpack_tiles(torch::Tensor masks, torch::Tensor vals, torch::Tensor offsets, torch::Tensor base, int64_t t0,
+                  int64_t t1, torch::Tensor buf) {
+  TORCH_CHECK(0 <= t0 && t0 < t1 && t1 <= masks.size(0), "tiles [", t0, ", ", t1, ") out of range");
+  TORCH_CHECK(buf.scalar_type() == vals.scalar_type() && buf.is_contiguous() && buf.dim() == 2 &&
+              buf.size(0) == masks.size(1) && buf.size(1) == TILE * (t1 - t0), "tile buffer mismatch");
+  const View p(masks, offsets, base);
+  const int64_t width = buf.size(1);
+  at::parallel_for(0, p.in, 64, [&](int64_t r0, int64_t r1) {
+    if (vals.scalar_type() == torch::kFloat32)
+      expand_rows<float>(p, ptr<float>(vals), t0, t1, r0, r1, const_cast<float*>(ptr<float>(buf)), width);
+    else
+      expand_rows<uint16_t>(p, ptr<uint16_t>(vals), t0, t1, r0, r1, const_cast<uint16_t*>(ptr<uint16_t>(buf)), width);
+  });
+}
+
+}  // namespace pk

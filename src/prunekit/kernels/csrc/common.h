@@ -1,0 +1,103 @@
+// Shared helpers of the sparse decode kernels (prunekit.kernels): CPU dispatch, bfloat16 widening,
+// the active-input list, the fixed-order thread split, argument checks, and the declarations of the
+// bitmask-format kernels (bitmask.cpp) that sparse_gemv.cpp binds.
+#pragma once
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PK_X86 1
+#endif
+
+namespace pk {
+
+inline int g_isa = -1;  // -1 undetected, 0 portable, 1 avx512 (one variable for every file)
+
+inline int isa() {
+  if (g_isa < 0) {
+#if PK_X86
+    __builtin_cpu_init();
+    g_isa = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2")) ? 1 : 0;
+#else
+    g_isa = 0;
+#endif
+  }
+  return g_isa;
+}
+
+inline float tof(float v) { return v; }
+inline float tof(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <typename T> inline const T* ptr(const torch::Tensor& t);
+template <> inline const float* ptr<float>(const torch::Tensor& t) { return t.data_ptr<float>(); }
+template <> inline const uint16_t* ptr<uint16_t>(const torch::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+// Active input channels: |x_i| > threshold (one threshold, or one per channel).
+template <typename T>
+int64_t active(const T* x, int64_t n, const float* thr, bool per_channel, int32_t* idx, float* xa) {
+  int64_t k = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    float v = tof(x[i]);
+    float t = per_channel ? thr[i] : thr[0];
+    if (std::fabs(v) > t) {
+      idx[k] = static_cast<int32_t>(i);
+      xa[k] = v;
+      ++k;
+    }
+  }
+  return k;
+}
+
+// Split [0, n) into `parts` contiguous ranges, run fn(part, begin, end) on ATen's threads.
+template <typename F>
+void for_parts(int64_t n, int64_t parts, const F& fn) {
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) fn(p, n * p / parts, n * (p + 1) / parts);
+  });
+}
+
+inline int64_t n_parts(int64_t rows, int64_t min_rows) {
+  int64_t t = at::get_num_threads();
+  int64_t by_size = std::max<int64_t>(1, rows / min_rows);
+  return std::max<int64_t>(1, std::min(t, by_size));
+}
+
+inline void check_vec(const torch::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), name, " must be a contiguous CPU tensor");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16, name,
+              " must be float32 or bfloat16");
+}
+
+inline void check_thr(const torch::Tensor& thr, int64_t n) {
+  TORCH_CHECK(thr.scalar_type() == torch::kFloat32 && thr.is_contiguous() && (thr.numel() == 1 || thr.numel() == n),
+              "threshold must be a float32 tensor of 1 or ", n, " entries");
+}
+
+#define PK_DISPATCH(x, fn, ...) \
+  ((x).scalar_type() == torch::kFloat32 ? fn<float>(__VA_ARGS__) : fn<uint16_t>(__VA_ARGS__))
+
+// bitmask.cpp: the tiled bitmask format of an input-major weight W^T [in, out]
+std::vector<torch::Tensor> pack_bitmask(torch::Tensor wt);
+torch::Tensor unpack_bitmask(torch::Tensor masks, torch::Tensor vals, torch::Tensor offsets, torch::Tensor base,
+                             int64_t out);
+torch::Tensor gemv_bitmask(torch::Tensor x, torch::Tensor masks, torch::Tensor vals, torch::Tensor offsets,
+                           torch::Tensor base, int64_t out, torch::Tensor thr, c10::optional<torch::Tensor> bias,
+                           c10::optional<torch::Tensor> stats);
+void unpack_tiles(torch::Tensor masks, torch::Tensor vals, torch::Tensor offsets, torch::Tensor base, int64_t t0,
+                  int64_t t1, torch::Tensor buf);
+
+}  // namespace pk
