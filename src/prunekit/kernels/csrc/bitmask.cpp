@@ -39,15 +39,27 @@ void tile_portable(const uint16_t* M, const T* V, const int32_t* O, const int32_
 #if PK_X86
 #define PK_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")))
 
+// With zero activations skipped, a tile's segments are read with gaps the hardware prefetcher
+// does not follow: fetch the masks and values of the row AHEAD active rows on.
+constexpr int64_t AHEAD = 32;
+template <typename T>
+inline void prefetch_row(const uint16_t* M, const T* V, const int32_t* O, int64_t i) {
+  _mm_prefetch(reinterpret_cast<const char*>(M + i * CHUNKS), _MM_HINT_T0);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(V + O[i + 1]);
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(V + O[i]) & ~uintptr_t(63); a < end; a += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0);
+}
+
 // float32: one register-form expand per chunk (the memory form is microcoded on AMD Zen 4); the
 // offsets of the 8 chunks come from popcounts of prefixes of the two 64-bit mask words, so no
 // chunk waits on the one before it.
 PK_TARGET void tile_avx512(const uint16_t* M, const float* V, const int32_t* O, const int32_t* idx, const float* xa,
-                           int64_t nact, float* y) {
+                           int64_t nact, bool gaps, float* y) {
   __m512 acc[CHUNKS];
   for (int c = 0; c < CHUNKS; ++c) acc[c] = _mm512_setzero_ps();
   for (int64_t k = 0; k < nact; ++k) {
     const int64_t i = idx[k];
+    if (gaps && k + AHEAD < nact) prefetch_row(M, V, O, idx[k + AHEAD]);
     uint64_t w[2];
     std::memcpy(w, M + i * CHUNKS, 16);
     const float* v = V + O[i];
@@ -70,12 +82,13 @@ PK_TARGET void tile_avx512(const uint16_t* M, const float* V, const int32_t* O, 
 // it to float32 (unpacklo/hi within 128-bit lanes), which permutes outputs inside each pair of
 // chunks: lo holds outputs 8l..8l+3 of lane l, hi 8l+4..8l+7, put back in order at the end.
 PK_TARGET void tile_avx512(const uint16_t* M, const uint16_t* V, const int32_t* O, const int32_t* idx,
-                           const float* xa, int64_t nact, float* y) {
+                           const float* xa, int64_t nact, bool gaps, float* y) {
   __m512 lo[4], hi[4];
   for (int c = 0; c < 4; ++c) lo[c] = hi[c] = _mm512_setzero_ps();
   const __m512i zero = _mm512_setzero_si512();
   for (int64_t k = 0; k < nact; ++k) {
     const int64_t i = idx[k];
+    if (gaps && k + AHEAD < nact) prefetch_row(M, V, O, idx[k + AHEAD]);
     uint64_t w[2];
     std::memcpy(w, M + i * CHUNKS, 16);
     const uint16_t* v = V + O[i];
@@ -238,7 +251,7 @@ torch::Tensor gemv_impl(const torch::Tensor& x, const torch::Tensor& masks, cons
       const T* V = v + p.base[t];
       const int32_t* O = p.tile_offsets(t);
 #if PK_X86
-      if (wide) tile_avx512(M, V, O, idx.data(), xa.data(), nact, acc);
+      if (wide) tile_avx512(M, V, O, idx.data(), xa.data(), nact, nact < p.in, acc);
       else
 #endif
         tile_portable<T>(M, V, O, idx.data(), xa.data(), nact, acc);
