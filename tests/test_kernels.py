@@ -174,3 +174,18 @@ def test_bitmask_prefill_matmul_in_tiles(path, dtype, shape, monkeypatch):
     ref = torch.nn.functional.linear(x, w, bias)
     assert y.shape == ref.shape
     assert torch.allclose(y.float(), ref.float(), rtol=TOL[dtype] * 2, atol=TOL[dtype] * 2 * (n_in ** 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitmask_gemv_does_not_depend_on_thread_count(path, dtype):
+    w, x = _weight(1000, 300, 0.5, dtype), _x(300, dtype, zeros=0.3)
+    p = ops.pack_bitmask(w.t().contiguous())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.gemv_bitmask(x, p, 0.1)
+        torch.set_num_threads(3)
+        three = ops.gemv_bitmask(x, p, 0.1)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)
