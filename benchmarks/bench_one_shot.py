@@ -72,9 +72,12 @@ def prune_row(row_id: str, row: Row) -> dict:
     """Prune (in memory or streamed), save to the cache; the row's prune facts."""
     import prunekit
     from prunekit.formats import save_folder
+    from prunekit.masks import Pattern
 
     cfg = row.config()
     out = folder(row_id)
+    # the compressed format stores zeros compactly; a structurally pruned model has none (smaller shapes)
+    fmt = "dense" if Pattern.parse(cfg.pattern).is_structured else "compressed"
     t0 = time.perf_counter()
     if row.streamed:
         from prunekit.streaming import open_lazy, prune_streamed
@@ -84,7 +87,7 @@ def prune_row(row_id: str, row: Row) -> dict:
         ids, digest = calib_ids(row.model, row, tok)
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        rep = prune_streamed(lazy, cfg, out, tok, calib=ids, save_format="compressed")
+        rep = prune_streamed(lazy, cfg, out, tok, calib=ids, save_format=fmt)
         tok.save_pretrained(out)
         from prunekit.formats import REPORT_FILE
 
@@ -93,7 +96,7 @@ def prune_row(row_id: str, row: Row) -> dict:
         model, tok = prunekit.load_model(MODELS[row.model])
         ids, digest = calib_ids(row.model, row, tok)
         rep = prunekit.prune(model, cfg, calib=ids)
-        save_folder(model, tok, out, rep.to_dict(), overwrite=True, save_format="compressed")
+        save_folder(model, tok, out, rep.to_dict(), overwrite=True, save_format=fmt)
         del model
     secs = time.perf_counter() - t0
     steps = [b.info for b in rep.blocks if b.info]
