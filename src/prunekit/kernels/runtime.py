@@ -7,7 +7,7 @@ threshold, if any) and every gated MLP with a ``gate`` threshold (CATS, CHESS) f
 (prefill, batches) through a dense matmul on the same weights: on dense W^T that costs about what
 the stock module did (0.90x bf16, 1.02x fp32), but a bitmask weight is unpacked a few tiles at a
 time for every call, which makes a weight-sparse prefill slower than dense (Qwen2.5-1.5B, 128
-tokens, AMD EPYC: 0.79x bf16, 0.94x fp32; benchmarks/results/sparse_decode.md, run 9).
+tokens, AMD EPYC: 0.79x bf16, 0.94-0.95x fp32; benchmarks/results/sparse_decode.md, runs 9-10).
 The activation thresholds' PyTorch masks are taken off while the kernels apply them, and
 :meth:`DecodeHandle.restore` gives back the stock modules with bit-identical weights.
 
