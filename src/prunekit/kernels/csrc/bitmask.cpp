@@ -216,15 +216,21 @@ void expand_rows(const View& p, const T* vals, int64_t t0, int64_t t1, int64_t r
     }
 }
 
+// Tiles [t0, t1) of W^T, dense, into buf [in, 128 (t1 - t0)]: one parallel pass over the rows.
+template <typename T>
+void expand_tiles(const View& p, const torch::Tensor& vals, int64_t t0, int64_t t1, torch::Tensor& buf) {
+  const T* v = ptr<T>(vals);
+  T* d = const_cast<T*>(ptr<T>(buf));
+  const int64_t width = buf.size(1);
+  at::parallel_for(0, p.in, 16, [&](int64_t r0, int64_t r1) { expand_rows<T>(p, v, t0, t1, r0, r1, d, width); });
+}
+
 template <typename T>
 torch::Tensor unpack_impl(const torch::Tensor& masks, const torch::Tensor& vals, const torch::Tensor& offsets,
                           const torch::Tensor& base, int64_t out) {
   const View p(masks, offsets, base);
   auto full = torch::empty({p.in, p.tiles * TILE}, vals.options());
-  T* d = const_cast<T*>(ptr<T>(full));
-  at::parallel_for(0, p.in, 16, [&](int64_t r0, int64_t r1) {
-    expand_rows<T>(p, ptr<T>(vals), 0, p.tiles, r0, r1, d, p.tiles * TILE);
-  });
+  expand_tiles<T>(p, vals, 0, p.tiles, full);
   return full.narrow(1, 0, out).contiguous();
 }
 
@@ -301,20 +307,15 @@ torch::Tensor gemv_bitmask(torch::Tensor x, torch::Tensor masks, torch::Tensor v
   return PK_DISPATCH(x, gemv_impl, x, masks, vals, offsets, base, out, thr, bias, stats);
 }
 
-// Prefill: tiles [t0, t1) of W^T, dense, into buf [in, 128 (t1 - t0)] (one parallel pass over rows).
+// Prefill: tiles [t0, t1) of W^T, dense, into buf [in, 128 (t1 - t0)].
 void unpack_tiles(torch::Tensor masks, torch::Tensor vals, torch::Tensor offsets, torch::Tensor base, int64_t t0,
                   int64_t t1, torch::Tensor buf) {
+  check_packed(masks, vals, offsets, base, masks.size(0) * TILE);
   TORCH_CHECK(0 <= t0 && t0 < t1 && t1 <= masks.size(0), "tiles [", t0, ", ", t1, ") out of range");
   TORCH_CHECK(buf.scalar_type() == vals.scalar_type() && buf.is_contiguous() && buf.dim() == 2 &&
               buf.size(0) == masks.size(1) && buf.size(1) == TILE * (t1 - t0), "tile buffer mismatch");
   const View p(masks, offsets, base);
-  const int64_t width = buf.size(1);
-  at::parallel_for(0, p.in, 64, [&](int64_t r0, int64_t r1) {
-    if (vals.scalar_type() == torch::kFloat32)
-      expand_rows<float>(p, ptr<float>(vals), t0, t1, r0, r1, const_cast<float*>(ptr<float>(buf)), width);
-    else
-      expand_rows<uint16_t>(p, ptr<uint16_t>(vals), t0, t1, r0, r1, const_cast<uint16_t*>(ptr<uint16_t>(buf)), width);
-  });
+  PK_DISPATCH(vals, expand_tiles, p, vals, t0, t1, buf);
 }
 
 }  // namespace pk

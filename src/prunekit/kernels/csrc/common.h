@@ -1,6 +1,6 @@
 // Shared helpers of the sparse decode kernels (prunekit.kernels): CPU dispatch, bfloat16 widening,
-// the active-input list, the fixed-order thread split, argument checks, and the declarations of the
-// bitmask-format kernels (bitmask.cpp) that sparse_gemv.cpp binds.
+// the active-input list, argument checks, and the declarations of the bitmask-format kernels
+// (bitmask.cpp) that sparse_gemv.cpp binds.
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -60,20 +60,6 @@ int64_t active(const T* x, int64_t n, const float* thr, bool per_channel, int32_
     }
   }
   return k;
-}
-
-// Split [0, n) into `parts` contiguous ranges, run fn(part, begin, end) on ATen's threads.
-template <typename F>
-void for_parts(int64_t n, int64_t parts, const F& fn) {
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) fn(p, n * p / parts, n * (p + 1) / parts);
-  });
-}
-
-inline int64_t n_parts(int64_t rows, int64_t min_rows) {
-  int64_t t = at::get_num_threads();
-  int64_t by_size = std::max<int64_t>(1, rows / min_rows);
-  return std::max<int64_t>(1, std::min(t, by_size));
 }
 
 inline void check_vec(const torch::Tensor& x, const char* name) {

@@ -25,6 +25,20 @@
 namespace pk {
 namespace {
 
+// Split [0, n) into `parts` contiguous ranges, run fn(part, begin, end) on ATen's threads.
+template <typename F>
+void for_parts(int64_t n, int64_t parts, const F& fn) {
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) fn(p, n * p / parts, n * (p + 1) / parts);
+  });
+}
+
+int64_t n_parts(int64_t rows, int64_t min_rows) {
+  int64_t t = at::get_num_threads();
+  int64_t by_size = std::max<int64_t>(1, rows / min_rows);
+  return std::max<int64_t>(1, std::min(t, by_size));
+}
+
 // y = sum over parts of acc (+ bias), as a float32 tensor of `out` entries.
 torch::Tensor reduce(const std::vector<float>& acc, int64_t parts, int64_t stride, int64_t out,
                      const c10::optional<torch::Tensor>& bias) {
