@@ -1,6 +1,6 @@
 """Sparsity that runs faster on a CPU: quality, kernel speed and end-to-end decode (issue 29).
 
-Three stages, each resumable by row (finished rows are kept in the JSON and skipped):
+Four stages, each resumable by row (finished rows are kept in the JSON and skipped):
 
 * ``kernels``: the machine's memory bandwidth (a streaming read, ``torch.sum`` over 1 GiB), then
   the GEMV time of every format at 30/50/70 % sparsity on the decoder shapes of SmolLM2-135M and
@@ -13,6 +13,8 @@ Three stages, each resumable by row (finished rows are kept in the JSON and skip
   kept under ``$PRUNEKIT_CACHE/bench_sparse_decode`` for the speed stage.
 * ``speed``: ``prunekit.kernels.bench.bench_decode`` of each setting — prefill and batch-1 decode
   (KV cache), dense and sparse interleaved in one process, median of ``--repeats`` — fp32 and bf16.
+* ``prefill``: prefill alone at several prompt lengths (``--prefill-lengths``), dense and sparse
+  interleaved at each: how the fixed per-pass cost of unpacking the weights amortises.
 
 Every timing runs under the machine-wide lock, 2 threads::
 
@@ -137,10 +139,10 @@ def stage_kernels(args, data: dict) -> None:
 
 
 if __name__ == "__main__":
-    from sparse_decode_rows import stage_quality, stage_speed
+    from sparse_decode_rows import stage_prefill, stage_quality, stage_speed
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["kernels", "quality", "speed", "render"])
+    p.add_argument("stage", choices=["kernels", "quality", "speed", "prefill", "render"])
     p.add_argument("--model", default="smollm2-135m", choices=list(SHAPES))
     p.add_argument("--rows", nargs="*", default=None, help="only these row labels (default: the stage's grid)")
     p.add_argument("--redo", action="store_true", help="measure rows again even if present")
@@ -151,6 +153,8 @@ if __name__ == "__main__":
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--prefill-lengths", type=int, nargs="*", default=[128, 512, 1024],
+                   help="prompt lengths of the prefill stage (default 128 512 1024)")
     p.add_argument("--note", default="", help="a note for this run's entry")
     a = p.parse_args()
     torch.set_num_threads(2)
@@ -161,6 +165,6 @@ if __name__ == "__main__":
     d["runs"].append({"command": "python benchmarks/bench_sparse_decode.py " + shlex.join(sys.argv[1:]),
                       "started": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment(),
                       "load": os.getloadavg()[0], "note": a.note})
-    {"kernels": stage_kernels, "quality": stage_quality, "speed": stage_speed,
+    {"kernels": stage_kernels, "quality": stage_quality, "speed": stage_speed, "prefill": stage_prefill,
      "render": lambda args, data: None}[a.stage](a, d)
     save(d)

@@ -108,12 +108,32 @@ def _speed(sp: dict, bw: float | None) -> list[str]:
     return out
 
 
+def _prefill(pf: dict) -> list[str]:
+    out = []
+    for model, by_dtype in pf.items():
+        out += [f"## Prefill against prompt length: {model}, 2 threads", "",
+                "One sequence of random ids (seeded), no decode; dense (stock modules) and sparse interleaved in one "
+                "process at each length, median [min-max] of the repeats after a warm-up. extra ms = sparse - dense "
+                "medians: the bitmask format unpacks every weight once per forward pass (a fixed cost), the layout "
+                "row multiplies by W^T (input-major) instead of W.", "",
+                "| row | dtype | prompt tokens | dense ms | sparse ms | extra ms | prefill speed |",
+                "|---|---|---|---|---|---|---|"]
+        for dtype, rows in by_dtype.items():
+            for label, r in rows.items():
+                for n, x in r["lengths"].items():
+                    d, s = x["dense"]["prefill_s"], x["sparse"]["prefill_s"]
+                    out.append(f"| {label} | {dtype} | {n} | {_ms(d)} | {_ms(s)} | "
+                               f"{(s['median'] - d['median']) * 1e3:+.1f} | **{x['prefill_speedup']:.2f}x** |")
+        out.append("")
+    return out
+
+
 def render(data: dict) -> str:
     bw = data.get("kernels", {}).get("bandwidth", {}).get("gb_s")
     lines = ["# Sparsity that runs faster on a CPU (measured)", "",
-             "Written by `benchmarks/bench_sparse_decode.py` (stages `kernels`, `quality`, `speed`), rendered by "
+             "Written by `benchmarks/bench_sparse_decode.py` (stages `kernels`, `quality`, `speed`, `prefill`), rendered by "
              "`benchmarks/sparse_decode_render.py`. What the numbers mean and what they do not: "
              "[docs/activation_sparsity.md](../../docs/activation_sparsity.md).", ""]
     lines += _runs(data) + _kernels(data.get("kernels", {})) + _quality(data.get("quality", {}))
-    lines += _speed(data.get("speed", {}), bw)
+    lines += _speed(data.get("speed", {}), bw) + _prefill(data.get("prefill", {}))
     return "\n".join(lines) + "\n"

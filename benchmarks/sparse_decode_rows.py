@@ -26,13 +26,14 @@ QUALITY = {
                      "blocks/shortgpt/8", "blocks/shortgpt/9"],
     "qwen2.5-coder-1.5b": ["dense", "act/teal/uniform/0.4", "weight/wanda/0.5", "both/wanda0.5+teal0.4",
                            "act/teal/uniform/0.25", "act/teal/uniform/0.3", "act/teal/uniform/0.5",
-                           "blocks/shortgpt/8"],
+                           "act/teal/greedy/0.4", "act/cats/uniform/0.4", "act/chess/uniform/0.4", "blocks/shortgpt/8"],
 }
 SPEED = {
     "smollm2-135m": ["layout/W^T", "act/teal/uniform/0.4", "act/teal/uniform/0.5", "act/teal/greedy/0.4",
                      "act/cats/uniform/0.4", "act/chess/uniform/0.4", "weight/wanda/0.5", "both/wanda0.5+teal0.4",
                      "blocks/shortgpt/8", "blocks/shortgpt/9"],
     "qwen2.5-coder-1.5b": ["layout/W^T", "act/teal/uniform/0.4", "act/teal/uniform/0.3", "act/teal/uniform/0.25",
+                           "act/teal/greedy/0.4", "act/cats/uniform/0.4", "act/chess/uniform/0.4",
                            "weight/wanda/0.5", "both/wanda0.5+teal0.4", "blocks/shortgpt/8"],
 }
 #: quality runs in bf16 (2x the matmul speed here; core.md: SmolLM2 dense 23.47 bf16 vs 23.48 fp32)
@@ -158,6 +159,33 @@ def speed_row(label: str, name: str, dtype: str, args) -> dict:
         return bench_decode(model, 128, args.new_tokens, args.prefill_tokens, args.repeats, "dense", convert_all=True)
     model, _ = build(label, name, dtype, args)
     return bench_decode(model, 128, args.new_tokens, args.prefill_tokens, args.repeats, "auto")
+
+
+def prefill_row(label: str, name: str, dtype: str, args) -> dict:
+    """Prefill alone at every ``--prefill-lengths`` (the bitmask unpack is a fixed cost per forward pass; the
+    matmul grows with the prompt), dense and sparse interleaved at each length."""
+    weights = "dense" if label.startswith("layout/") else "auto"
+    model, _ = (prunekit.load_model(name, dtype) if weights == "dense" else build(label, name, dtype, args))
+    out = {}
+    for n in args.prefill_lengths:
+        r = bench_decode(model, 128, 0, n, args.repeats, weights, convert_all=weights == "dense")
+        out[str(n)] = {k: r[k] for k in ("dense", "sparse", "prefill_speedup", "repeats")}
+        print(f"{name} {dtype} {label} prefill {n}: {r['prefill_speedup']:.2f}x", flush=True)
+    return out
+
+
+def stage_prefill(args, data: dict) -> None:
+    name = args.model
+    for dtype in args.dtypes:
+        tab = data.setdefault("prefill", {}).setdefault(name, {}).setdefault(dtype, {})
+        for label in args.rows or ["weight/wanda/0.5", "layout/W^T"]:
+            if label in tab and not args.redo:
+                continue
+            t0 = time.perf_counter()
+            tab[label] = {"lengths": prefill_row(label, name, dtype, args), "seconds": time.perf_counter() - t0,
+                          "environment": environment()}
+            save(data)
+            gc.collect()
 
 
 def stage_speed(args, data: dict) -> None:
