@@ -104,7 +104,16 @@ def prune_row(row_id: str, row: Row) -> dict:
             "calibration": f"austen {row.nsamples}x{row.seqlen} seed 0", "peak_rss_mb": rep.peak_rss_mb,
             "block_step_s": sum(s.get("seconds", 0.0) for s in steps), "block_steps": _step_summary(steps),
             "layer_refine_s": sum(r.info.get("refine", {}).get("seconds", 0.0) for r in rep.layers),
-            "structure": rep.extra.get("structure", {}).get("params")}
+            "structure": rep.extra.get("structure", {}).get("params"), "refine_resolved": _resolved(row)}
+
+
+def _resolved(row: Row) -> dict | None:
+    """Every option of the row's refiner, defaults included (a row that says ``{}`` ran with these)."""
+    import dataclasses
+
+    from prunekit.registry import REFINERS
+
+    return dataclasses.asdict(REFINERS.get(row.refine).Options.parse(row.refine_opts)) if row.refine else None
 
 
 def _step_summary(steps: list[dict]) -> dict:
