@@ -148,6 +148,8 @@ if __name__ == "__main__":
     p.add_argument("--redo", action="store_true", help="measure rows again even if present")
     p.add_argument("--windows", type=int, default=20, help="perplexity windows of 1024 tokens (default 20)")
     p.add_argument("--piqa", type=int, default=500, help="PIQA examples (0: skip; default 500)")
+    p.add_argument("--add-tasks", action="store_true",
+                   help="quality: add PIQA to rows measured without it (their perplexities are kept)")
     p.add_argument("--nsamples", type=int, default=16, help="calibration sequences of 1024 tokens (default 16)")
     p.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], choices=list(DTYPES))
     p.add_argument("--repeats", type=int, default=5)
