@@ -146,6 +146,8 @@ if __name__ == "__main__":
     p.add_argument("--model", default="smollm2-135m", choices=list(SHAPES))
     p.add_argument("--rows", nargs="*", default=None, help="only these row labels (default: the stage's grid)")
     p.add_argument("--redo", action="store_true", help="measure rows again even if present")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="calibrate activation thresholds again instead of reading the cached ones")
     p.add_argument("--windows", type=int, default=20, help="perplexity windows of 1024 tokens (default 20)")
     p.add_argument("--piqa", type=int, default=500, help="PIQA examples (0: skip; default 500)")
     p.add_argument("--add-tasks", action="store_true",

@@ -74,7 +74,7 @@ def build(label: str, name: str, dtype: str, args, tok=None, ids=None):
     act = {"act": label, "both": "act/teal/uniform/0.4"}.get(kind)
     if act is not None:
         folder = _dir(name, label)
-        if ACTIVATION.detect(folder) and not args.redo:
+        if ACTIVATION.detect(folder) and not args.recalibrate:
             read_side_files(folder).install(model)
         else:
             st = prunekit.sparsify_activations(model, _act_cfg(act, args), calib=ids if ids is not None else _calib(args, tok))
