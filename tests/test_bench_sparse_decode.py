@@ -1,0 +1,40 @@
+"""benchmarks/bench_sparse_decode.py: the prefill stage (one entry per prompt length) and its table."""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import tiny_model
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def rows(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSE_DECODE_JSON", str(tmp_path / "sd.json"))
+    monkeypatch.syspath_prepend(str(BENCH))
+    for m in ("bench_sparse_decode", "sparse_decode_rows", "sparse_decode_render"):
+        sys.modules.pop(m, None)
+    import sparse_decode_rows
+
+    monkeypatch.setattr(sparse_decode_rows.prunekit, "load_model", lambda name, dtype: (tiny_model("llama"), None))
+    return sparse_decode_rows
+
+
+def test_prefill_stage_times_every_length_and_renders_them(rows, tmp_path):
+    args = SimpleNamespace(model="smollm2-135m", dtypes=["float32"], rows=["layout/W^T"], prefill_lengths=[8, 24],
+                           repeats=1, redo=False)
+    data = {"runs": [], "kernels": {}, "quality": {}, "speed": {}}
+    rows.stage_prefill(args, data)
+    got = data["prefill"]["smollm2-135m"]["float32"]["layout/W^T"]["lengths"]
+    assert list(got) == ["8", "24"]
+    for x in got.values():
+        d, s = x["dense"]["prefill_s"]["median"], x["sparse"]["prefill_s"]["median"]
+        assert d > 0 and s > 0 and x["prefill_speedup"] == pytest.approx(d / s)
+    md = (tmp_path / "sd.md").read_text()
+    assert "## Prefill against prompt length: smollm2-135m" in md
+    assert "| layout/W^T | float32 | 24 |" in md
+    rows.stage_prefill(args, data)  # resumable: a finished row is not measured again
+    assert data["prefill"]["smollm2-135m"]["float32"]["layout/W^T"]["lengths"] is got
