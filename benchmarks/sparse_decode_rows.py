@@ -171,21 +171,25 @@ def _blocks_speed(name: str, label: str, dtype: str, args) -> dict:
 def speed_row(label: str, name: str, dtype: str, args) -> dict:
     if label.startswith("blocks/"):
         return _blocks_speed(name, label, dtype, args)
+    model, kw = _timed_model(label, name, dtype, args)
+    return bench_decode(model, 128, args.new_tokens, args.prefill_tokens, args.repeats, **kw)
+
+
+def _timed_model(label: str, name: str, dtype: str, args):
+    """The model a speed / prefill row times, and how ``bench_decode`` converts it: the layout row is the
+    dense model with every linear in the kernels' layout; the others are built as the label says."""
     if label.startswith("layout/"):
-        model, _ = prunekit.load_model(name, dtype)
-        return bench_decode(model, 128, args.new_tokens, args.prefill_tokens, args.repeats, "dense", convert_all=True)
-    model, _ = build(label, name, dtype, args)
-    return bench_decode(model, 128, args.new_tokens, args.prefill_tokens, args.repeats, "auto")
+        return prunekit.load_model(name, dtype)[0], {"weights": "dense", "convert_all": True}
+    return build(label, name, dtype, args)[0], {"weights": "auto"}
 
 
 def prefill_row(label: str, name: str, dtype: str, args) -> dict:
     """Prefill alone at every ``--prefill-lengths`` (the bitmask unpack is a fixed cost per forward pass; the
     matmul grows with the prompt), dense and sparse interleaved at each length."""
-    weights = "dense" if label.startswith("layout/") else "auto"
-    model, _ = (prunekit.load_model(name, dtype) if weights == "dense" else build(label, name, dtype, args))
+    model, kw = _timed_model(label, name, dtype, args)
     out = {}
     for n in args.prefill_lengths:
-        r = bench_decode(model, 128, 0, n, args.repeats, weights, convert_all=weights == "dense")
+        r = bench_decode(model, 128, 0, n, args.repeats, **kw)
         out[str(n)] = {k: r[k] for k in ("dense", "sparse", "prefill_speedup", "repeats")}
         print(f"{name} {dtype} {label} prefill {n}: {r['prefill_speedup']:.2f}x", flush=True)
     return out
