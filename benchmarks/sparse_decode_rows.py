@@ -22,11 +22,12 @@ from bench_sparse_decode import CACHE, save
 
 QUALITY = {
     "smollm2-135m": ["dense", *[f"act/{m}/uniform/{s}" for m in ("teal", "cats", "chess") for s in (0.25, 0.4, 0.5)],
-                     "act/teal/greedy/0.4", "weight/wanda/0.5", "both/wanda0.5+teal0.4", "blocks/shortgpt/7",
+                     "act/teal/greedy/0.4", "act/wina/uniform/0.4", "act/wina/greedy/0.4", "weight/wanda/0.5", "both/wanda0.5+teal0.4", "blocks/shortgpt/7",
                      "blocks/shortgpt/8", "blocks/shortgpt/9"],
     "qwen2.5-coder-1.5b": ["dense", "act/teal/uniform/0.4", "weight/wanda/0.5", "both/wanda0.5+teal0.4",
                            "act/teal/uniform/0.25", "act/teal/uniform/0.3", "act/teal/uniform/0.5",
-                           "act/teal/greedy/0.4", "act/cats/uniform/0.4", "act/chess/uniform/0.4", "blocks/shortgpt/8"],
+                           "act/teal/greedy/0.4", "act/cats/uniform/0.4", "act/chess/uniform/0.4", "blocks/shortgpt/8",
+                           "act/wina/uniform/0.4"],
 }
 SPEED = {
     "smollm2-135m": ["layout/W^T", "act/teal/uniform/0.4", "act/teal/uniform/0.5", "act/teal/greedy/0.4",

@@ -40,10 +40,38 @@ def test_chess_channel_thresholds_exact():
     assert torch.isinf(channel_thresholds(h, torch.tensor([1.0, 0.0]), 0.5)[1])
 
 
+def test_scaled_threshold_exact():
+    from prunekit.activation.base import scaled_threshold
+
+    x = torch.tensor([[1.0, 1.0, 3.0], [2.0, 0.5, 6.0]])  # |x| per token x channel
+    c = torch.tensor([4.0, 1.0, 0.0])  # scores [[4, 1, 0], [8, .5, 0]]: 4 of 6 at or below 1
+    t = scaled_threshold(x, c, 4 / 6)
+    assert torch.allclose(t[:2], torch.tensor([0.25, 1.0])) and torch.isinf(t[2])  # T / c; c = 0: never kept
+    assert torch.equal(scaled_threshold(x, c, 0.0), torch.full((3,), -1.0))
+
+
+@pytest.mark.parametrize("alloc", ["uniform", "greedy"])
+def test_wina_scores_inputs_by_weight_column_norms(alloc):
+    model, ids = tiny_model("llama"), _ids()
+    with torch.no_grad():  # columns of very different norms: WINA's mask must differ from TEAL's
+        model.model.layers[0].mlp.down_proj.weight.mul_(torch.linspace(0.1, 3.0, model.config.intermediate_size))
+    st = prunekit.sparsify_activations(model, _cfg(method="wina", allocation=alloc), calib=ids)
+    for name, site in st.sites.items():
+        assert site.channelwise and site.kind == "input"
+        if st.report["sites"][name]["target"] == 0:  # greedy left it dense: -1 everywhere
+            assert torch.equal(st.thresholds[name], torch.full_like(st.thresholds[name], -1.0))
+            continue
+        norms = torch.linalg.vector_norm(model.get_submodule(name).weight.detach().float(), dim=0)
+        big = st.thresholds[name] * norms  # one threshold T on |x| * ||W[:, i]||, whatever the channel
+        assert torch.allclose(big, big[0].expand_as(big), rtol=1e-5), name
+    t = st.thresholds["model.layers.0.mlp.down_proj"]
+    assert float(t[0]) > 10 * float(t[-1])  # a column 30x larger keeps 30x smaller activations
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(sparsity=1.0), "activation sparsity=1.0"), (dict(sparsity=-0.1), "activation sparsity=-0.1"),
     (dict(method="relu"), "unknown activation method 'relu'"), (dict(allocation="owl"), "allocation='owl'"),
-    (dict(method="cats", allocation="greedy"), "greedy"), (dict(greedy_step=0.0), "greedy_step"),
+    (dict(method="cats", allocation="greedy"), "teal or wina"), (dict(greedy_step=0.0), "greedy_step"),
     (dict(max_tokens=1), "max_tokens"), (dict(include=("[",)), "regex"),
 ])
 def test_config_rejects_bad_values(bad, match):
@@ -52,7 +80,7 @@ def test_config_rejects_bad_values(bad, match):
 
 
 @pytest.mark.parametrize("method,alloc", [("teal", "uniform"), ("teal", "greedy"), ("cats", "uniform"),
-                                          ("chess", "uniform")])
+                                          ("chess", "uniform"), ("wina", "uniform"), ("wina", "greedy")])
 def test_thresholds_hit_the_target_on_calibration_data(method, alloc):
     model, ids = tiny_model("llama"), _ids()
     st = prunekit.sparsify_activations(model, _cfg(method=method, allocation=alloc), calib=ids)
@@ -82,7 +110,7 @@ def test_greedy_beats_uniform_on_block_error():
     assert errs["greedy"] < errs["uniform"]
 
 
-@pytest.mark.parametrize("method", ["teal", "cats", "chess"])
+@pytest.mark.parametrize("method", ["teal", "cats", "chess", "wina"])
 def test_remove_restores_the_dense_model_exactly(method):
     model, ids = tiny_model("qwen2"), _ids()
     with torch.no_grad():
@@ -146,7 +174,7 @@ def kernel_path(request, monkeypatch):
     yield request.param
 
 
-@pytest.mark.parametrize("method", ["teal", "cats", "chess"])
+@pytest.mark.parametrize("method", ["teal", "cats", "chess", "wina"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_kernels_equal_the_masked_model(kernel_path, method, dtype):
     model, ids = tiny_model("qwen2"), _ids()

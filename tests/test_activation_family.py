@@ -33,7 +33,7 @@ def _weights(model) -> dict[str, torch.Tensor]:
     (lambda: _cfg(sparsity=True), "activation sparsity=True is out of range"),
     (lambda: _cfg(method="nope"), "nope"),
     (lambda: _cfg(allocation="owl"), "activation allocation='owl' is unknown; choose uniform or greedy"),
-    (lambda: _cfg(method="cats", allocation="greedy"), "works with method teal, not 'cats'"),
+    (lambda: _cfg(method="cats", allocation="greedy"), "works with method teal or wina, not 'cats'"),
     (lambda: _cfg(max_tokens=3), "activation max_tokens=3 is invalid"),
     (lambda: _cfg(greedy_step=0.0), r"activation greedy_step=0.0 is out of range: it must be in \(0, 0.5\]"),
     (lambda: _cfg(include=("(",)), r"activation include regex '\(' is invalid"),

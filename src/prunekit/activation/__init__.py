@@ -1,4 +1,4 @@
-"""Activation sparsity (TEAL, CATS, CHESS): thresholds calibrated on text, applied at inference.
+"""Activation sparsity (TEAL, CATS, CHESS, WINA): thresholds calibrated on text, applied at inference.
 
 :func:`sparsify_activations` calibrates and installs the thresholds (the masked model, for
 measuring quality exactly); :class:`~prunekit.families.ActivationSparsityConfig` makes it a
@@ -9,7 +9,7 @@ kernels that skip the weights of zero activations.
 
 from .._deprecated import moved
 from ..models.activation import ActivationState, Site, state_of
-from . import cats, chess, teal  # noqa: F401  (self-registering)
+from . import cats, chess, teal, wina  # noqa: F401  (self-registering)
 from .api import activation_calibration, calibrate_thresholds, check_activation, sparsify_activations
 from .base import ACTIVATION_METHODS
 

@@ -36,6 +36,14 @@ class ActivationMethod(ABC):
     def sites(self, block: nn.Module, prefix: str) -> list[Site]:
         """The sites of one decoder block (qualified names start with ``prefix``)."""
 
+    def channel_scale(self, name: str) -> Tensor | None:
+        """Per-channel weights of ``|x|`` at an ``input`` site before its quantile (WINA), or ``None`` (``|x|``).
+
+        With a scale ``c`` the site's threshold is per channel, ``T / c``, ``T`` a quantile of ``|x| * c``
+        (the greedy allocation searches on those scores too).
+        """
+        return None
+
     @abstractmethod
     def thresholds(self, sites: list[Site], samples: dict[str, Tensor], sparsity: float,
                    up_mean: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -55,6 +63,22 @@ def quantile_threshold(values: Tensor, sparsity: float) -> Tensor:
         return torch.tensor(-1.0)
     return torch.kthvalue(flat, min(k, flat.numel())).values.clone()
 
+
+
+def per_channel(big: Tensor, scale: Tensor) -> Tensor:
+    """A threshold ``big`` on ``|x| * scale`` as one threshold per channel on ``|x|``: ``big / scale``.
+
+    ``big < 0`` (sparsity 0) keeps everything (``-1``); a channel of scale 0 contributes nothing (``inf``).
+    """
+    m = scale.float()
+    if float(big) < 0:
+        return torch.full_like(m, -1.0)
+    return torch.where(m > 0, big / m.clamp_min(torch.finfo(torch.float32).tiny), torch.full_like(m, float("inf")))
+
+
+def scaled_threshold(values: Tensor, scale: Tensor, sparsity: float) -> Tensor:
+    """Per-channel thresholds on ``values`` (``[tokens, width]``) at the ``sparsity``-quantile of ``values * scale``."""
+    return per_channel(quantile_threshold(values.float() * scale.float(), sparsity), scale)
 
 _MOVED = ("ActivationState", "Counter", "GateMask", "InputMask", "apply_threshold", "gated_mlp", "keep_mask", "state_of")
 

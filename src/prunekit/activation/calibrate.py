@@ -140,8 +140,10 @@ def _block_thresholds(state: ActivationState, method: ActivationMethod, block: n
         thr = method.thresholds(sites, samples, config.sparsity, up)
         alloc = {s.name: config.sparsity for s in sites}
     else:
-        alloc = greedy_sparsities(block, prefix, idx, greedy, sites, samples, config.sparsity, config.greedy_step)
-        thr = {s.name: threshold_at(samples[s.name], alloc[s.name]) for s in sites}
+        scales = {s.name: method.channel_scale(s.name) for s in sites}
+        scores = {n: samples[n] if c is None else samples[n].float() * c for n, c in scales.items()}
+        alloc = greedy_sparsities(block, prefix, idx, greedy, sites, scores, config.sparsity, config.greedy_step, scales)
+        thr = {n: threshold_at(scores[n], alloc[n], scales[n]) for n in scores}
     state.thresholds.update(thr)
     return alloc
 

@@ -15,11 +15,10 @@ tokens (the definition of the target), as for TEAL and CATS.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..models import weight_view
-from .base import ACTIVATION_METHODS, INPUT, ActivationMethod, Site, quantile_threshold
+from .base import ACTIVATION_METHODS, INPUT, ActivationMethod, Site, quantile_threshold, scaled_threshold
 from .cats import gate_site
 
 
@@ -52,8 +51,4 @@ def channel_thresholds(h_abs: Tensor, up_mean: Tensor, sparsity: float) -> Tenso
 
     A channel whose ``up`` output is always zero contributes nothing: its threshold is ``inf``.
     """
-    m = up_mean.float()
-    big = quantile_threshold(h_abs.float() * m, sparsity)
-    if float(big) < 0:  # sparsity 0: keep everything
-        return torch.full_like(m, -1.0)
-    return torch.where(m > 0, big / m.clamp_min(torch.finfo(torch.float32).tiny), torch.full_like(m, float("inf")))
+    return scaled_threshold(h_abs, up_mean, sparsity)

@@ -22,11 +22,13 @@ from ..models.activation import InputMask, Site
 MAX_SPARSITY = 0.99
 
 
-def threshold_at(values: Tensor, sparsity: float) -> Tensor:
-    """The quantile threshold of ``values`` at ``sparsity`` (see :func:`~.base.quantile_threshold`)."""
-    from .base import quantile_threshold
+def threshold_at(values: Tensor, sparsity: float, scale: Tensor | None = None) -> Tensor:
+    """The quantile threshold of ``values`` at ``sparsity`` (see :func:`~.base.quantile_threshold`);
+    with ``scale`` (``values`` are scores ``|x| * scale``), one threshold per channel on ``|x|``."""
+    from .base import per_channel, quantile_threshold
 
-    return quantile_threshold(values, sparsity)
+    t = quantile_threshold(values, sparsity)
+    return t if scale is None else per_channel(t, scale)
 
 
 class _Sorted:
@@ -35,9 +37,12 @@ class _Sorted:
     def __init__(self, values: Tensor) -> None:
         self.v = values.reshape(-1).float().sort().values
 
-    def at(self, s: float) -> Tensor:
+    def at(self, s: float, scale: Tensor | None = None) -> Tensor:
+        from .base import per_channel
+
         k = int(round(s * self.v.numel()))
-        return torch.tensor(-1.0) if k <= 0 else self.v[min(k, self.v.numel()) - 1]
+        t = torch.tensor(-1.0) if k <= 0 else self.v[min(k, self.v.numel()) - 1]
+        return t if scale is None else per_channel(t, scale)
 
 
 def _outputs(block: nn.Module, idx: int, inputs: BlockInputs) -> list[Tensor]:
@@ -49,8 +54,13 @@ def _error(outs: list[Tensor], ref: list[Tensor]) -> float:
 
 
 def greedy_sparsities(block: nn.Module, prefix: str, idx: int, inputs: BlockInputs, sites: list[Site],
-                      samples: dict[str, Tensor], target: float, step: float) -> dict[str, float]:
-    """Per-site sparsity whose parameter-weighted mean reaches ``target`` (``input`` sites only)."""
+                      samples: dict[str, Tensor], target: float, step: float,
+                      scales: dict[str, Tensor | None] | None = None) -> dict[str, float]:
+    """Per-site sparsity whose parameter-weighted mean reaches ``target`` (``input`` sites only).
+
+    ``samples`` are the scores thresholded (``|x|``, or ``|x| * scale`` for sites with a ``scales``
+    entry, whose masks then get one threshold per channel).
+    """
     if not sites or target <= 0:
         return {s.name: 0.0 for s in sites}
     sorted_ = {}
@@ -58,6 +68,7 @@ def greedy_sparsities(block: nn.Module, prefix: str, idx: int, inputs: BlockInpu
         key = id(samples[s.name])
         sorted_.setdefault(key, _Sorted(samples[s.name]))
     lookup = {s.name: sorted_[id(samples[s.name])] for s in sites}
+    scale = {s.name: (scales or {}).get(s.name) for s in sites}
     params = {s.name: s.skipped_params for s in sites}
     total = sum(params.values())
     mean = total / len(params)
@@ -73,15 +84,15 @@ def greedy_sparsities(block: nn.Module, prefix: str, idx: int, inputs: BlockInpu
                 if sp[n] >= MAX_SPARSITY:
                     continue
                 cand = min(sp[n] + steps[n], MAX_SPARSITY)
-                masks[n].threshold = lookup[n].at(cand)
+                masks[n].threshold = lookup[n].at(cand, scale[n])
                 err = _error(_outputs(block, idx, inputs), ref)
-                masks[n].threshold = lookup[n].at(sp[n])
+                masks[n].threshold = lookup[n].at(sp[n], scale[n])
                 if err < best_err:
                     best, best_err = n, err
             if best is None:
                 break
             sp[best] = min(sp[best] + steps[best], MAX_SPARSITY)
-            masks[best].threshold = lookup[best].at(sp[best])
+            masks[best].threshold = lookup[best].at(sp[best], scale[best])
         return sp
     finally:
         for h in handles:

@@ -20,9 +20,10 @@ def add_activation_args(p: argparse.ArgumentParser) -> None:
                         "it leaves the weights dense")
     g.add_argument("--act-method", default=None, choices=ACTIVATION_METHODS.names(),
                    help="teal: every linear's input (default); cats: the MLP's gate activation; chess: channel-wise "
-                        "gate thresholds + q/o inputs")
+                        "gate thresholds + q/o inputs; wina: every linear's input, |x| weighted by the weight "
+                        "column's norm")
     g.add_argument("--act-allocation", default=None, choices=["uniform", "greedy"],
-                   help="per-linear sparsities: uniform (default) or TEAL's block-wise greedy search (teal only)")
+                   help="per-linear sparsities: uniform (default) or TEAL's block-wise greedy search (teal, wina)")
     g.add_argument("--act-max-tokens", type=int, default=None,
                    help="calibration tokens sampled per site for the thresholds (default 4096)")
     g.add_argument("--act-greedy-tokens", type=int, default=None,

@@ -1,4 +1,4 @@
-"""The activation family: thresholds on activations (TEAL, CATS, CHESS), calibrated and installed; weights untouched.
+"""The activation family: thresholds on activations (TEAL, CATS, CHESS, WINA), calibrated and installed; weights untouched.
 
 :class:`ActivationSparsityConfig` says what; :class:`ActivationFamily` runs :mod:`prunekit.activation`'s
 two halves as its calibration and run steps (the ids; the thresholds, installed on the model as
@@ -38,14 +38,15 @@ class ActivationSparsityConfig:
 
     Attributes:
         sparsity: target fraction of the thresholded activations that are zero, in [0, 1). For
-            ``teal`` it is the parameter-weighted mean over every decoder linear's input (the
+            ``teal`` / ``wina`` it is the parameter-weighted mean over every decoder linear's input (the
             fraction of weight reads a sparse kernel skips); for ``cats`` / ``chess`` the fraction
             of the gated MLP's intermediate channels (and, for ``chess``, of the q/o inputs).
         method: registered activation method: ``teal`` (every linear's input, one threshold per
             linear), ``cats`` (the gate activation of the MLP), ``chess`` (channel-wise gate
-            thresholds plus the inputs of q and o).
+            thresholds plus the inputs of q and o), ``wina`` (every linear's input, scored by
+            ``|x_i|`` times the norm of weight column ``i``: one threshold per input channel).
         allocation: ``uniform`` (every site at ``sparsity``) or ``greedy`` (TEAL's block-wise
-            greedy search; ``teal`` only).
+            greedy search; ``teal`` and ``wina``).
         calib: calibration text (thresholds are quantiles of its activations).
         max_tokens: calibration tokens sampled per site for the quantiles (evenly spread, seeded).
         greedy_tokens: tokens of the first calibration sequence the greedy search scores blocks on.
@@ -76,7 +77,9 @@ class ActivationSparsityConfig:
         if self.allocation not in ("uniform", "greedy"):
             raise ConfigError(f"activation allocation={self.allocation!r} is unknown; choose uniform or greedy")
         if self.allocation == "greedy" and not ACTIVATION_METHODS.get(self.method).supports_greedy:
-            raise ConfigError(f"activation allocation 'greedy' works with method teal, not {self.method!r}; "
+            greedy = [n for n in ACTIVATION_METHODS.names() if ACTIVATION_METHODS.get(n).supports_greedy]
+            raise ConfigError(f"activation allocation 'greedy' works with method {' or '.join(greedy)}, not "
+                              f"{self.method!r}; "
                               "use --act-allocation uniform or --act-method teal")
         if not isinstance(self.calib, CalibConfig):
             object.__setattr__(self, "calib", CalibConfig(**dict(self.calib)))
