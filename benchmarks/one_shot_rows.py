@@ -93,6 +93,8 @@ def _rows() -> dict[str, Row]:
         rows[f"smol/sparsegpt/{tag}/alpha"] = Row("smollm2", "sparsegpt", s, allocation="alpha", alloc_opts=ALPHA)
         rows[f"smol/sparsegpt+rec/{tag}/alpha"] = Row("smollm2", "sparsegpt", s, allocation="alpha", alloc_opts=ALPHA,
                                                       refine="reconstruct", refine_opts=REC)
+        rows[f"smol/alps+rec/{tag}/alpha"] = Row("smollm2", "alps", s, allocation="alpha", alloc_opts=ALPHA,
+                                                 refine="reconstruct", refine_opts=REC)
     for inputs, target in (("pruned", "dense"), ("pruned", "local")):
         rows[f"smol/sparsegpt+rec-{inputs}-{target}/70"] = Row(
             "smollm2", "sparsegpt", 0.7, refine="reconstruct", refine_opts={**REC, "inputs": inputs, "target": target})
