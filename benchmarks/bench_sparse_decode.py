@@ -152,6 +152,9 @@ if __name__ == "__main__":
     p.add_argument("--piqa", type=int, default=500, help="PIQA examples (0: skip; default 500)")
     p.add_argument("--add-tasks", action="store_true",
                    help="quality: add PIQA to rows measured without it (their perplexities are kept)")
+    p.add_argument("--dense-prompt", action="store_true",
+                   help="quality: also WikiText-2 as generation sees it (TEAL's protocol: each window's first 512 "
+                        "tokens a dense prompt, the next 512 thresholded and scored); added to measured rows too")
     p.add_argument("--nsamples", type=int, default=16, help="calibration sequences of 1024 tokens (default 16)")
     p.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], choices=list(DTYPES))
     p.add_argument("--repeats", type=int, default=5)

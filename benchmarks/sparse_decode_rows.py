@@ -37,6 +37,8 @@ SPEED = {
                            "act/teal/greedy/0.4", "act/cats/uniform/0.4", "act/chess/uniform/0.4",
                            "weight/wanda/0.5", "both/wanda0.5+teal0.4", "blocks/shortgpt/8"],
 }
+#: tokens of each 1024-token window prefilled densely in the generation-protocol perplexity (TEAL: half)
+PROMPT = 512
 #: quality runs in bf16 (2x the matmul speed here; core.md: SmolLM2 dense 23.47 bf16 vs 23.48 fp32)
 QUALITY_DTYPE = {"smollm2-135m": "bfloat16", "qwen2.5-coder-1.5b": "bfloat16"}
 
@@ -110,6 +112,8 @@ def quality_row(label: str, name: str, args, ids) -> dict:
     for ds in ("wikitext2", "gsm8k"):
         r = perplexity(model, tok, ds, 1024, args.windows, 1)
         row[ds] = {"ppl": r.ppl, "windows": r.windows, "tokens": r.tokens}
+    if args.dense_prompt:
+        row["wikitext2_prompt"] = _prompt_ppl(model, tok, args)
     if args.piqa:
         row["piqa"] = _piqa(model, tok, args)
     row["seconds"] = time.perf_counter() - t0
@@ -125,12 +129,20 @@ def _piqa(model, tok, args) -> dict:
     return {"acc": res.metrics["acc"], "stderr": res.stderr.get("acc"), "n": res.n}
 
 
-def add_piqa(row: dict, label: str, name: str, args, ids) -> None:
-    """PIQA for a row measured without it (the perplexities stay those of the row's run)."""
+def _prompt_ppl(model, tok, args) -> dict:
+    """WikiText-2 as generation sees it (TEAL's protocol): each 1024-token window's first half a prompt
+    prefilled densely, the second half thresholded and scored."""
+    r = perplexity(model, tok, "wikitext2", 1024, args.windows, 1, prompt=PROMPT)
+    return {"ppl": r.ppl, "windows": r.windows, "tokens": r.tokens, "prompt": PROMPT}
+
+
+def add_metric(row: dict, key: str, label: str, name: str, args, ids) -> None:
+    """``piqa`` or ``wikitext2_prompt`` for a row measured without it (the rest of the row is kept)."""
     t0 = time.perf_counter()
     model, tok = build(label, name, row["dtype"], args, ids=ids)
-    row["piqa"] = _piqa(model, tok, args) | {"seconds": time.perf_counter() - t0, "environment": environment()}
-    print(f"{name} {label}: piqa {row['piqa']['acc']:.3f} ({row['piqa']['seconds']:.0f}s)", flush=True)
+    got = _piqa(model, tok, args) if key == "piqa" else _prompt_ppl(model, tok, args)
+    row[key] = got | {"seconds": time.perf_counter() - t0, "environment": environment()}
+    print(f"{name} {label}: {key} {got.get('acc', got.get('ppl')):.3f} ({row[key]['seconds']:.0f}s)", flush=True)
     del model
     gc.collect()
 
@@ -143,7 +155,10 @@ def stage_quality(args, data: dict) -> None:
     for label in args.rows or QUALITY[name]:
         if label in tab and not args.redo:
             if args.piqa and "piqa" not in tab[label] and args.add_tasks:
-                add_piqa(tab[label], label, name, args, ids)
+                add_metric(tab[label], "piqa", label, name, args, ids)
+                save(data)
+            if args.dense_prompt and "wikitext2_prompt" not in tab[label]:
+                add_metric(tab[label], "wikitext2_prompt", label, name, args, ids)
                 save(data)
             continue
         tab[label] = quality_row(label, name, args, ids)

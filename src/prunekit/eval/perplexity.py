@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -40,12 +41,13 @@ class PerplexityResult:
         return asdict(self)
 
 
-def shifted_nll(logits: Tensor, ids: Tensor, chunk: int = 256) -> float:
+def shifted_nll(logits: Tensor, ids: Tensor, chunk: int = 256, first: int = 0) -> float:
     """Summed next-token NLL, in float32, a few hundred positions at a time so that the float32
-    copy of the logits never exceeds ``chunk x vocab`` per sequence (1 GB saved at 2048 x 128k)."""
+    copy of the logits never exceeds ``chunk x vocab`` per sequence (1 GB saved at 2048 x 128k).
+    ``first``: the first position whose prediction is scored (the targets from ``first + 1`` on)."""
     total = 0.0
     n = ids.shape[1] - 1
-    for c in range(0, n, chunk):
+    for c in range(first, n, chunk):
         lg = logits[:, c : min(c + chunk, n)]
         total += float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), ids[:, c + 1 : c + 1 + lg.shape[1]].reshape(-1),
                                        reduction="sum"))
@@ -55,13 +57,13 @@ def shifted_nll(logits: Tensor, ids: Tensor, chunk: int = 256) -> float:
 _MAX_NLL = 709.0  # exp(709.78) is the largest float64: a perplexity above it is inf, not a measurement
 
 
-def _check_window(nll: float, name: str, first: int, count: int, seqlen: int) -> None:
+def _check_window(nll: float, name: str, first: int, count: int, seqlen: int, scored: int | None = None) -> None:
     """One line naming the window(s) whose log-loss is NaN/Inf (or too large for a perplexity) and a likely cause.
 
     A perplexity of ``inf`` or ``nan`` is not a result: it means the logits overflowed or the
     weights hold NaN/Inf, so every number of the run would be meaningless.
     """
-    mean = nll / max(1, count * (seqlen - 1))
+    mean = nll / max(1, count * (seqlen - 1 if scored is None else scored))
     if mean < _MAX_NLL:
         return
     which = f"window {first}" if count == 1 else f"windows {first}-{first + count - 1}"
@@ -99,9 +101,18 @@ def perplexity_of_ids(
     batch_size: int = 1,
     progress: Callable[[int, int], None] | None = None,
     name: str = "ids",
+    prompt: int = 0,
 ) -> PerplexityResult:
-    """Perplexity of a 1-D token stream ``ids`` by non-overlapping ``seqlen`` windows."""
+    """Perplexity of a 1-D token stream ``ids`` by non-overlapping ``seqlen`` windows.
+
+    ``prompt > 0``: the first ``prompt`` tokens of each window are a prompt, prefilled densely if the
+    model has activation thresholds (they apply to the tokens after it, as in generation), and only
+    the tokens after the prompt are scored — TEAL's protocol with ``prompt = seqlen // 2``.
+    """
     check_seqlen(model, seqlen)
+    if isinstance(prompt, bool) or not isinstance(prompt, int) or not 0 <= prompt <= seqlen - 2:
+        raise ConfigError(f"prompt={prompt!r} tokens leaves nothing to score in windows of seqlen={seqlen}; use "
+                          f"0 <= prompt <= {seqlen - 2}, e.g. {seqlen // 2}")
     ids = ids.reshape(-1)
     n_windows = ids.numel() // seqlen
     if max_windows is not None:
@@ -112,25 +123,35 @@ def perplexity_of_ids(
     device = model_device(model)
     batches = [windows[s : s + batch_size].to(device) for s in range(0, n_windows, batch_size)]
     total_nll = 0.0
+    first = max(prompt - 1, 0)  # the last prompt position predicts the first generated token
+    scored = seqlen - 1 - first
     t0 = time.perf_counter()
-    with calibration_forward_context(model):
+    with calibration_forward_context(model), _dense_prompt(model, prompt):
         logits_of = _logits(model, batches)
         for k, batch in enumerate(batches):
             # next() after the last logits are gone: zip/enumerate would keep them alive during the
             # next forward (two vocabulary-wide logits tensors at once: +201 MB for SmolLM2 at 1024)
             logits = next(logits_of)
-            nll = shifted_nll(logits, batch)
+            nll = shifted_nll(logits, batch, first=first)
             del logits
-            _check_window(nll, name, k * batch_size, batch.shape[0], seqlen)
+            _check_window(nll, name, k * batch_size, batch.shape[0], seqlen, scored)
             total_nll += nll
             if progress is not None:
                 progress(min((k + 1) * batch_size, n_windows), n_windows)
         logits_of.close()  # inside this context: a streamed generator's own context must exit first
     secs = time.perf_counter() - t0
-    tokens = n_windows * (seqlen - 1)
+    tokens = n_windows * scored
     mean_nll = total_nll / tokens
     ppl = math.exp(mean_nll)  # finite: every window was checked (_check_window)
     return PerplexityResult(name, ppl, mean_nll, seqlen, n_windows, tokens, secs, n_windows * seqlen / secs)
+
+
+def _dense_prompt(model: nn.Module, prompt: int):
+    """The model's activation thresholds leaving the first ``prompt`` positions dense (no thresholds: nothing)."""
+    from ..models.activation import state_of
+
+    state = state_of(model) if prompt > 0 else None
+    return state.dense_prompt(prompt) if state is not None else nullcontext()
 
 
 def eval_token_ids(tokenizer, dataset: str, seqlen: int, data_dir=None, split: str | None = None,
@@ -161,14 +182,16 @@ def perplexity(
     data_dir=None,
     progress: Callable[[int, int], None] | None = None,
     token_cache: dict | None = None,
+    prompt: int = 0,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on a registered dataset's evaluation split (or a text file).
 
     A model streamed from disk (:class:`~prunekit.formats.lazy.LazyModel`) is evaluated one block at
-    a time, with the same numbers.
+    a time, with the same numbers. ``prompt``: score only the tokens after each window's first
+    ``prompt`` (prefilled densely under activation thresholds; see :func:`perplexity_of_ids`).
     """
     ids = eval_token_ids(tokenizer, dataset, seqlen, data_dir, cache=token_cache)
-    res = perplexity_of_ids(model, ids, seqlen, max_windows, batch_size, progress, name=dataset)
+    res = perplexity_of_ids(model, ids, seqlen, max_windows, batch_size, progress, name=dataset, prompt=prompt)
     log.info("%s: ppl %.4f (seqlen %d, %d windows, %d tokens, %.0f tok/s)", dataset, res.ppl, seqlen,
              res.windows, res.tokens, res.tokens_per_s)
     return res

@@ -18,6 +18,7 @@ installs them again when a folder is loaded, and :mod:`prunekit.kernels` runs th
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,16 +75,28 @@ class Counter:
         return 1.0 - self.kept / self.total if self.total else None
 
 
+def _prompt_dense(mask: Tensor, tokens: int) -> Tensor:
+    """``mask`` with the first ``tokens`` positions of every sequence kept (``[..., seq, channels]``)."""
+    if tokens > 0 and mask.dim() >= 2:
+        mask[..., :tokens, :] = True
+    return mask
+
+
 class InputMask:
-    """Forward pre-hook of a linear: zero its input's entries at or below the threshold."""
+    """Forward pre-hook of a linear: zero its input's entries at or below the threshold.
+
+    ``dense_tokens``: the first that many positions of each sequence pass unchanged (a prompt
+    prefilled densely; :meth:`ActivationState.dense_prompt`).
+    """
 
     def __init__(self, threshold: Tensor) -> None:
         self.threshold = threshold
         self.counter: Counter | None = None
+        self.dense_tokens = 0
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
         x = args[0]
-        mask = keep_mask(x, self.threshold)
+        mask = _prompt_dense(keep_mask(x, self.threshold), self.dense_tokens)
         if self.counter is not None:
             self.counter.add(mask)
         return (x * mask.to(x.dtype), *args[1:])
@@ -97,10 +110,11 @@ class GateMask(nn.Module):
         self.act = act
         self.threshold = threshold  # a plain attribute: never part of the state dict
         self.counter: Counter | None = None
+        self.dense_tokens = 0
 
     def forward(self, g: Tensor) -> Tensor:
         h = self.act(g)
-        mask = keep_mask(h, self.threshold)
+        mask = _prompt_dense(keep_mask(h, self.threshold), self.dense_tokens)
         if self.counter is not None:
             self.counter.add(mask)
         return h * mask.to(h.dtype)
@@ -168,6 +182,22 @@ class ActivationState:
     def mask(self, name: str):
         """The installed mask object of a site (its ``threshold`` and ``counter`` may be changed)."""
         return self._masks[name][0]
+
+    @contextmanager
+    def dense_prompt(self, tokens: int):
+        """Inside: the first ``tokens`` positions of every sequence are computed densely, the rest thresholded.
+
+        What generation does — the prompt prefilled densely, each new token thresholded — in one
+        forward pass over a whole sequence (TEAL's evaluation protocol: a dense first half).
+        """
+        masks = [m for m, _ in self._masks.values()]
+        for m in masks:
+            m.dense_tokens = int(tokens)
+        try:
+            yield self
+        finally:
+            for m in masks:
+                m.dense_tokens = 0
 
     def remove(self) -> None:
         """Take the thresholds off again (the model computes densely)."""
