@@ -77,3 +77,19 @@ def test_generate_and_bench_fail_in_one_line(tiny_folder, capsys, argv, match):
     assert main([a.replace("{m}", str(tiny_folder)) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1
+
+
+def test_eval_prompt_tokens_scores_generation_of_a_saved_activation_model(tiny_folder, tmp_path):
+    out = tmp_path / "act"
+    calib = _calib_file(tmp_path)
+    assert main(["prune", str(tiny_folder), "--activation-sparsity", "0.5", "--calib", calib, "--nsamples", "4",
+                 "--seqlen", "32", "--eval", "--out", str(out)]) == 0
+    res = {}
+    for n in (0, 16):
+        js = tmp_path / f"e{n}.json"
+        assert main(["eval", str(out), "--datasets", calib, "--seqlen", "32", "--max-windows", "4",
+                     "--prompt-tokens", str(n), "--json", str(js)]) == 0
+        res[n] = json.loads(js.read_text())[calib]
+    assert res[0]["tokens"] == 4 * 31 and res[16]["tokens"] == 4 * 16
+    assert res[16]["ppl"] != res[0]["ppl"]
+    assert main(["eval", str(out), "--datasets", calib, "--seqlen", "32", "--prompt-tokens", "31"]) == 2  # nothing left

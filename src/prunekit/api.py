@@ -89,5 +89,5 @@ def evaluate(model: nn.Module, tokenizer, config: EvalConfig | None = None, data
     for ds in config.datasets:
         cb = (lambda i, n, _ds=ds: progress(_ds, i, n)) if progress else None
         out[ds] = perplexity(model, tokenizer, ds, config.seqlen, config.max_windows, config.batch_size, data_dir, cb,
-                             token_cache)
+                             token_cache, prompt=config.prompt)
     return out

@@ -74,12 +74,18 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Perplexity evaluation: non-overlapping ``seqlen`` windows of each dataset's test text."""
+    """Perplexity evaluation: non-overlapping ``seqlen`` windows of each dataset's test text.
+
+    ``prompt``: the first that many tokens of each window are a prompt, computed densely under
+    activation thresholds and not scored (as generation sees the model; TEAL's protocol is
+    ``seqlen // 2``); 0 scores every token with every token thresholded.
+    """
 
     datasets: tuple[str, ...] = ("wikitext2",)
     seqlen: int = 2048
     max_windows: int | None = None
     batch_size: int = 1
+    prompt: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", tuple(self.datasets))
@@ -87,6 +93,7 @@ class EvalConfig:
         _check_int("eval batch_size", self.batch_size, 1)
         if self.max_windows is not None:
             _check_int("max_windows", self.max_windows, 1)
+        _check_int("eval prompt", self.prompt, 0, self.seqlen - 2)  # at least one token scored
 
 
 def load_yaml(path: str | Path) -> PruneConfig:

@@ -134,7 +134,7 @@ def fmt_ppl(x: float | None) -> str:
 
 
 def run_perplexity(model, tokenizer, datasets: list[str], seqlen: int, max_windows: int | None, batch_size: int,
-                   label: str, data_dir=None, token_cache: dict | None = None) -> dict:
+                   label: str, data_dir=None, token_cache: dict | None = None, prompt: int = 0) -> dict:
     """Perplexity on each dataset with a progress bar; returns ``{dataset: PerplexityResult}``."""
     from tqdm import tqdm
 
@@ -143,7 +143,7 @@ def run_perplexity(model, tokenizer, datasets: list[str], seqlen: int, max_windo
 
     if not datasets:
         return {}
-    cfg = EvalConfig(tuple(datasets), seqlen, max_windows, batch_size)
+    cfg = EvalConfig(tuple(datasets), seqlen, max_windows, batch_size, prompt)
     bars: dict[str, tqdm] = {}
 
     def progress(ds: str, i: int, n: int) -> None:

@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_eval_args(p, "--datasets", default=_DEFAULT_DATASETS)
     p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
     add_task_args(p)
+    p.add_argument("--prompt-tokens", type=int, default=0, metavar="N",
+                   help="score only the tokens after each window's first N; under activation thresholds those N "
+                        "are computed densely, as generation prefills a prompt (TEAL's protocol: half the "
+                        "window). Default 0: every token scored and thresholded")
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
     p.add_argument("--offload", choices=["auto", "none", "disk"], default="auto",
                    help="disk: keep the weights on disk and evaluate one decoder block at a time (perplexity and "
@@ -40,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
         args.eval_datasets = []  # tasks given: perplexity only where asked for
     seqlen = args.eval_seqlen or args.seqlen
     settings = task_settings(args, seqlen, args.max_windows, args.eval_batch_size)
+    if args.eval_datasets:  # a bad --prompt-tokens fails before the model loads
+        from ..config import EvalConfig
+
+        EvalConfig(tuple(args.eval_datasets), seqlen, args.max_windows, args.eval_batch_size, args.prompt_tokens)
     tasks = prepare(args)  # bad task names / files fail before the model loads
     check_json_path(args.json)
     t0 = time.perf_counter()
@@ -61,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
         check_seqlen(model, seqlen, "--eval-seqlen" if args.eval_seqlen else "--seqlen")
     res = run_perplexity(model, tok, args.eval_datasets, seqlen, args.max_windows, args.eval_batch_size, "eval",
-                         args.data_dir)
+                         args.data_dir, prompt=args.prompt_tokens)
     if res:
         rows = [[ds, fmt_ppl(r.ppl), r.seqlen, r.windows, r.tokens, f"{r.tokens_per_s:.0f}"] for ds, r in res.items()]
         print(table(rows, ["dataset", "ppl", "seqlen", "windows", "tokens", "tok/s"]))
