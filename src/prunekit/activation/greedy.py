@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..calibration import BlockInputs
 from ..models.activation import InputMask, Site
+from .base import per_channel, quantile_threshold
 
 MAX_SPARSITY = 0.99
 
@@ -25,8 +26,6 @@ MAX_SPARSITY = 0.99
 def threshold_at(values: Tensor, sparsity: float, scale: Tensor | None = None) -> Tensor:
     """The quantile threshold of ``values`` at ``sparsity`` (see :func:`~.base.quantile_threshold`);
     with ``scale`` (``values`` are scores ``|x| * scale``), one threshold per channel on ``|x|``."""
-    from .base import per_channel, quantile_threshold
-
     t = quantile_threshold(values, sparsity)
     return t if scale is None else per_channel(t, scale)
 
@@ -38,8 +37,6 @@ class _Sorted:
         self.v = values.reshape(-1).float().sort().values
 
     def at(self, s: float, scale: Tensor | None = None) -> Tensor:
-        from .base import per_channel
-
         k = int(round(s * self.v.numel()))
         t = torch.tensor(-1.0) if k <= 0 else self.v[min(k, self.v.numel()) - 1]
         return t if scale is None else per_channel(t, scale)

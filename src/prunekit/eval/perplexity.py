@@ -23,6 +23,7 @@ from ..calibration import calibration_forward_context
 from ..data import get_dataset, tokenize
 from ..models import context_length, model_device
 from ..errors import ConfigError
+from ..options import check_int
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +111,7 @@ def perplexity_of_ids(
     the tokens after the prompt are scored — TEAL's protocol with ``prompt = seqlen // 2``.
     """
     check_seqlen(model, seqlen)
-    if isinstance(prompt, bool) or not isinstance(prompt, int) or not 0 <= prompt <= seqlen - 2:
-        raise ConfigError(f"prompt={prompt!r} tokens leaves nothing to score in windows of seqlen={seqlen}; use "
-                          f"0 <= prompt <= {seqlen - 2}, e.g. {seqlen // 2}")
+    check_int("prompt", prompt, 0, seqlen - 2)  # at least one token left to score (as EvalConfig checks)
     ids = ids.reshape(-1)
     n_windows = ids.numel() // seqlen
     if max_windows is not None:
