@@ -6,7 +6,7 @@ otherwise), records the prune time, saves the pruned model (prunekit's compresse
 cache folder and measures it: WikiText-2 test perplexity on the first ``--windows`` windows of 1024
 tokens (the core.md protocol), a held-out domain (GSM8K test problems, first ``--heldout-windows``
 windows of 1024). ``--full`` adds the whole WikiText-2 test split and PIQA / BoolQ on the first 500
-examples (acc ± stderr) for the rows given. Results go to ``benchmarks/results/one_shot.json`` after
+examples (acc ± stderr) for the rows given; ``--tasks`` the tasks alone. Results go to ``benchmarks/results/one_shot.json`` after
 every step (rows already measured are skipped: resumable by row) and are rendered to
 ``one_shot.md``. Heavy: run one row (or a few) per invocation under the shared lock::
 
@@ -180,6 +180,14 @@ def run_row(data: dict, row_id: str, args) -> None:
         save_results(data)
         del model
         gc.collect()
+    if args.tasks and "tasks" not in rec and "full" not in rec:
+        print(f"[{row_id}] tasks ...", flush=True)
+        model, tok = load_pruned(row_id, row)
+        rec["tasks"] = {"tasks": measure_tasks(model, tok, args.task_limit), "machine": machine(), "load": load,
+                        "when": time.strftime("%F %T")}
+        save_results(data)
+        del model
+        gc.collect()
     if args.full and "full" not in rec:
         print(f"[{row_id}] full WikiText-2 test and tasks ...", flush=True)
         model, tok = load_pruned(row_id, row)
@@ -199,6 +207,7 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=40, help="WikiText-2 test windows of 1024 for the grid")
     ap.add_argument("--heldout-windows", type=int, default=20, help="GSM8K test windows of 1024")
     ap.add_argument("--full", action="store_true", help="also the full WikiText-2 test and the tasks")
+    ap.add_argument("--tasks", action="store_true", help="also the tasks (without the full test split)")
     ap.add_argument("--task-limit", type=int, default=500)
     ap.add_argument("--redo", action="store_true", help="forget the given rows' results first")
     ap.add_argument("--only-prune", action="store_true", help="prune and save only (measure in a later run)")

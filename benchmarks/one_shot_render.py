@@ -91,29 +91,54 @@ def _list(data: dict, prefix: str, cols: list[str]) -> list[str]:
     return out
 
 
+def _structured(data: dict) -> list[str]:
+    """Structured rows (channels, width) next to the same row with reconstruction: what it gains."""
+    rows = data["rows"]
+    out = ["| structure | calibration | method | WikiText-2 | + reconstruct | GSM8K | + reconstruct | prune s (+ rec) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for k, r in rows.items():
+        spec = r["spec"]
+        if spec["pattern"] in ("unstructured",) or ":" in spec["pattern"] or spec.get("refine") or "+" in k.split("/")[1]:
+            continue
+        if spec["pattern"] not in ("channels", "width", "heads", "blocks", "ffn"):
+            continue
+        parts = k.split("/")
+        rec = rows.get("/".join([parts[0], parts[1] + "+rec"] + parts[2:]))
+        secs = [x.get("prune", {}).get("prune_s") for x in (r, rec) if x]
+        out.append(f"| {spec['pattern']} {spec['sparsity']:.0%} | {spec['nsamples']} x {spec['seqlen']} | {spec['method']} | "
+                   f"{_fmt(_ppl(r))} | {_fmt(_ppl(rec))} | {_fmt(_ppl(r, 'gsm8k'))} | {_fmt(_ppl(rec, 'gsm8k'))} | "
+                   + " / ".join(f"{s:.0f}" for s in secs if s is not None) + " |")
+    return out if len(out) > 2 else []
+
+
+def _task_results(rec: dict) -> dict | None:
+    """A row's task results: from ``--full`` (with the full test split) or ``--tasks`` (alone)."""
+    return (rec.get("full") or {}).get("tasks") or (rec.get("tasks") or {}).get("tasks")
+
+
 def _tasks(data: dict) -> list[str]:
     rows = data["rows"]
-    full = {k: r for k, r in rows.items() if "full" in r and r["full"].get("tasks")}
-    if not full:
+    measured = {k: r for k, r in rows.items() if _task_results(r)}
+    if not measured:
         return []
-    base = full.get(DENSE_WT2)
-    out = ["| row | full WikiText-2 | PIQA acc | BoolQ acc |", "|---|---|---|---|"]
-    for k, r in full.items():
+    base = measured.get(DENSE_WT2)
+    out = ["| row | WikiText-2 (first windows) | full WikiText-2 | PIQA acc | BoolQ acc |", "|---|---|---|---|---|"]
+    for k, r in measured.items():
         cells = []
         for task in ("piqa", "boolq"):
-            t = r["full"]["tasks"].get(task)
+            t = _task_results(r).get(task)
             if not t:
                 cells.append("–")
                 continue
             v, se = t["metrics"]["acc"], t["stderr"].get("acc", 0.0)
             mark = ""
-            if base and k != DENSE_WT2:
-                b = base["full"]["tasks"][task]
+            if base and k != DENSE_WT2 and task in _task_results(base):
+                b = _task_results(base)[task]
                 diff = v - b["metrics"]["acc"]
                 mark = " (tie)" if abs(diff) <= 2 * math.hypot(se, b["stderr"].get("acc", 0.0)) else \
                     (" (worse)" if diff < 0 else " (better)")
             cells.append(f"{v:.3f} ± {se:.3f} (n={t['n']}){mark}")
-        out.append(f"| `{k}` | {_fmt(_ppl(r, full=True))} | " + " | ".join(cells) + " |")
+        out.append(f"| `{k}` | {_fmt(_ppl(r))} | {_fmt(_ppl(r, full=True))} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -141,6 +166,11 @@ def render(data: dict) -> str:
     out += ["## Every SmolLM2 row", ""]
     out += _list(data, "smol/", ["WikiText-2", "GSM8K", "full WT2", "prune s", "block step s", "sparsity", "params",
                                  "peak MB"]) + [""]
+    structured = _structured(data)
+    if structured:
+        out += ["## Structured 25 %: what reconstruction gains without training", ""] + structured + [""]
+        out += _list(data, "smol32/", ["WikiText-2", "GSM8K", "prune s", "block step s", "sparsity", "params",
+                                       "peak MB"]) + [""]
     if any(k.startswith("tune/") for k in rows):
         out += ["## Choosing the reconstruction's learning rate and inputs (WikiText-2 *validation*, 32 x 1024 "
                 "calibration)", ""]
@@ -151,7 +181,8 @@ def render(data: dict) -> str:
         out += _list(data, "qwen/", ["WikiText-2", "GSM8K", "prune s", "block step s", "sparsity", "peak MB"]) + [""]
     tasks = _tasks(data)
     if tasks:
-        out += ["## Full test split and tasks", ""] + tasks + [""]
+        out += ["## Tasks (first 500 examples; '(tie)': within two combined standard errors of the dense model)", ""]
+        out += tasks + [""]
     out += ["## Runs", ""]
     out += [f"- `{r['command']}` — {r['when']}, load {r['load']:.2f}" for r in data.get("runs", [])]
     return "\n".join(out) + "\n"
