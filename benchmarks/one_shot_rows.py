@@ -125,6 +125,15 @@ def _rows() -> dict[str, Row]:
                                            nsamples=32, eval_text=WT2_VALID)
     rows["tune/sparsegpt+rec-lstsq-only/70"] = Row("smollm2", "sparsegpt", 0.7, refine="reconstruct",
                                                    refine_opts={"epochs": 0}, nsamples=32, eval_text=WT2_VALID)
+    # 2:4 (3 % from its bar): more block-fit epochs, or fitting on the pruned model's inputs, chosen on validation
+    variants = {"": REC, "-e6": {**REC, "epochs": 6}, "-pruned-dense": {**REC, "inputs": "pruned", "target": "dense"}}
+    rows["tune/sparsegpt/2:4"] = Row("smollm2", "sparsegpt", None, "2:4", nsamples=32, eval_text=WT2_VALID)
+    for tag, opts in variants.items():
+        rows[f"tune/sparsegpt+rec{tag}/2:4"] = Row("smollm2", "sparsegpt", None, "2:4", refine="reconstruct",
+                                                   refine_opts=opts, nsamples=32, eval_text=WT2_VALID)
+        if tag:
+            rows[f"smol/sparsegpt+rec{tag}/2:4"] = Row("smollm2", "sparsegpt", None, "2:4", refine="reconstruct",
+                                                       refine_opts=opts)
     # Qwen2.5-Coder-1.5B streamed: 16 x 1024 calibration (a 128 x 1024 SparseGPT prune alone would take
     # about 3 h on 2 cores), 16 WikiText-2 windows, 8 GSM8K windows
     qwen = dict(nsamples=16, streamed=True, windows=16, heldout=8)
