@@ -98,9 +98,8 @@ def _structured(data: dict) -> list[str]:
            "|---|---|---|---|---|---|---|---|"]
     for k, r in rows.items():
         spec = r["spec"]
-        if spec["pattern"] in ("unstructured",) or ":" in spec["pattern"] or spec.get("refine") or "+" in k.split("/")[1]:
-            continue
-        if spec["pattern"] not in ("channels", "width", "heads", "blocks", "ffn"):
+        if spec["pattern"] not in ("channels", "width", "heads", "blocks", "ffn") or spec.get("refine") \
+                or "+" in k.split("/")[1]:
             continue
         parts = k.split("/")
         rec = rows.get("/".join([parts[0], parts[1] + "+rec"] + parts[2:]))
