@@ -13,12 +13,14 @@ docs/activation_sparsity.md::
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+
+from common import seconds
+from prunekit.report import environment
 
 SHAPES = [(1536, 1536, 2), (1536, 256, 2), (1536, 8960, 2), (8960, 1536, 1)]  # in, out, count (q+o, k+v, gate+up)
 
@@ -32,7 +34,8 @@ def _calls(x, W, wt):
 def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, 2 threads, torch {torch.__version__}, "
+    env = environment()
+    print(f"{env['processor']}, {os.cpu_count()} cpus, {env['threads']} threads, torch {env['torch']}, "
           f"{time.strftime('%F %T')}, load {os.getloadavg()[0]:.2f}")
     for tokens in (128, 512):
         for dtype in (torch.bfloat16, torch.float32):
@@ -46,9 +49,7 @@ def main() -> None:
                     f()
                 for _ in range(12):
                     for k, f in calls.items():
-                        t = time.perf_counter()
-                        f()
-                        times[k].append(time.perf_counter() - t)
+                        times[k].append(seconds(f))
                 for k, v in times.items():
                     total[k] = total.get(k, 0.0) + statistics.median(v) * 1e3 * count
             stock = next(iter(total.values()))
