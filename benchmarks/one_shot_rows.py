@@ -142,6 +142,7 @@ def _rows() -> dict[str, Row]:
         s, pat = TARGETS[tag]
         rows[f"qwen/sparsegpt/{tag}"] = Row("qwen", "sparsegpt", s, pat, **qwen)
         rows[f"qwen/wanda/{tag}"] = Row("qwen", "wanda", s, pat, **qwen)
+        rows[f"qwen/ria/{tag}"] = Row("qwen", "ria", s, pat, **qwen)
         rows[f"qwen/sparsegpt+rec/{tag}"] = Row("qwen", "sparsegpt", s, pat, refine="reconstruct", refine_opts=REC,
                                                 **qwen)
         rows[f"qwen/wanda+rec1/{tag}"] = Row("qwen", "wanda", s, pat, refine="reconstruct",
