@@ -125,8 +125,9 @@ def _rows() -> dict[str, Row]:
                                            nsamples=32, eval_text=WT2_VALID)
     rows["tune/sparsegpt+rec-lstsq-only/70"] = Row("smollm2", "sparsegpt", 0.7, refine="reconstruct",
                                                    refine_opts={"epochs": 0}, nsamples=32, eval_text=WT2_VALID)
-    # 2:4 (3 % from its bar): more block-fit epochs, or fitting on the pruned model's inputs, chosen on validation
-    variants = {"": REC, "-e6": {**REC, "epochs": 6}, "-pruned-dense": {**REC, "inputs": "pruned", "target": "dense"}}
+    # 2:4 (3 % from its bar): more block-fit epochs, fitting on the pruned model's inputs, or both, chosen on validation
+    variants = {"": REC, "-e6": {**REC, "epochs": 6}, "-pruned-dense": {**REC, "inputs": "pruned", "target": "dense"},
+                "-pruned-dense-e6": {**REC, "inputs": "pruned", "target": "dense", "epochs": 6}}
     rows["tune/sparsegpt/2:4"] = Row("smollm2", "sparsegpt", None, "2:4", nsamples=32, eval_text=WT2_VALID)
     for tag, opts in variants.items():
         rows[f"tune/sparsegpt+rec{tag}/2:4"] = Row("smollm2", "sparsegpt", None, "2:4", refine="reconstruct",
