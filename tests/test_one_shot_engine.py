@@ -73,6 +73,20 @@ def test_reconstruct_keeps_the_masks_exactly_and_moves_the_kept_weights(pattern,
     assert changed == (opts.get("train", "all") == "all")
 
 
+@pytest.mark.parametrize("has_bf16, expected", [(True, "bf16"), (False, "none")])
+def test_reconstruct_auto_precision_is_float32_on_a_cpu_without_bf16(monkeypatch, has_bf16, expected, calib_ids):
+    # Without AVX-512 BF16 / AMX, torch's bf16 backward runs generic loops (17x slower than float32 measured on
+    # an AVX2-only EPYC): "auto" must not pick bf16 there, and the block's report names what it used.
+    import prunekit.models.runtime as runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: has_bf16)
+    assert runtime.fast_amp(torch.device("cpu")) == expected
+    assert runtime.fast_amp(torch.device("meta")) == "none"
+    model = tiny_model("llama")
+    rep = prune(model, _config("magnitude", "reconstruct", FAST_RECON, sparsity=0.5), calib=calib_ids)
+    assert rep.blocks[0].info["amp"] == expected
+
+
 def test_reconstruct_lowers_each_blocks_error_against_the_dense_block(calib_ids):
     base = tiny_model("llama")
     a, b = copy.deepcopy(base), copy.deepcopy(base)

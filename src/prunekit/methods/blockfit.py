@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models import fast_amp
+
 
 @dataclass(frozen=True)
 class FitSettings:
@@ -30,7 +32,7 @@ class FitSettings:
     lr: float = 1e-5
     micro_batch: int = 2
     warmup: float = 0.1
-    amp: str = "bf16"  # none | bf16 | fp16
+    amp: str = "auto"  # auto (the device's fast one: fast_amp) | none | bf16 | fp16
 
 
 def linear_schedule(step: int, total: int, warmup: int) -> float:
@@ -97,13 +99,14 @@ def fit_block(run: Callable[[int, Tensor, slice | None], Tensor], inputs: Sequen
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_schedule(s, total, warm))
     losses: list[float] = []
     device = params[0].device
-    scaler = torch.amp.GradScaler(device.type) if settings.amp == "fp16" else None  # fp16 gradients underflow
+    amp = fast_amp(device) if settings.amp == "auto" else settings.amp
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None  # fp16 gradients underflow
     with trainable(params):
         for _epoch in range(settings.epochs):
             for b, rows in ((b, rows) for b in range(len(slices)) for rows in slices[b]):
                 if rows.start == 0:  # read each batch once per pass (it may live on disk)
                     x, y = inputs[b], targets[b]
-                with _autocast(device, settings.amp):
+                with _autocast(device, amp):
                     out = run(b, x, rows)
                 loss = F.mse_loss(out.float(), y[rows].float())
                 (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -126,5 +129,5 @@ def fit_block(run: Callable[[int, Tensor, slice | None], Tensor], inputs: Sequen
                 losses.append(float(loss.detach()))
     n = total // settings.epochs
     first, last = losses[:n], losses[-n:]
-    return {"steps": total, "loss_first_epoch": sum(first) / n, "loss_last_epoch": sum(last) / n,
+    return {"steps": total, "amp": amp, "loss_first_epoch": sum(first) / n, "loss_last_epoch": sum(last) / n,
             "finite": all(math.isfinite(v) for v in losses)}

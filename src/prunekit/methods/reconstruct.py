@@ -14,7 +14,8 @@ stages here:
    :meth:`Reconstruct.refine_block`): AdamW on the whole block (the reference's BlockOnlyFullFT:
    masked weights, norms, biases), MSE to the targets, 3 passes over the calibration batches in
    micro-batches of 2 sequences, linear warm-up (10 %) and decay, mixed precision (the reference's
-   fp16 autocast on CUDA; bf16 here by default, the CPU's fast type).
+   fp16 autocast on CUDA; ``amp="auto"``: bf16 where the device computes it fast, float32 on a CPU
+   without AVX-512 BF16 / AMX — there torch's bf16 backward falls back to generic loops, 17x slower).
 
 Which activations (``inputs`` / ``target``): the reference trains each block on the *dense*
 model's inputs to it towards the dense model's outputs (``propagate_sparse_activations_reconstruct
@@ -63,7 +64,9 @@ class ReconstructOptions(Options):
                          "same inputs (local)", choices=("dense", "local"))
     train: str = option("all", "what the block fit trains: every block parameter (reference) or the pruned "
                         "linears' weights", choices=("all", "linears"))
-    amp: str = option("bf16", "mixed precision of the block fit", choices=("none", "bf16", "fp16"))
+    amp: str = option("auto", "mixed precision of the block fit (auto: bf16 where the device computes it fast, "
+                      "else fp16 on CUDA, float32 on a CPU without bf16 instructions)",
+                      choices=("auto", "none", "bf16", "fp16"))
     skip: str = option("", "regex on qualified names whose least squares is skipped (empty = none)")
 
     def validate(self) -> None:

@@ -13,11 +13,11 @@ from .blocks import (
 )
 from .checks import check_finite
 from .linear import in_features, is_linear, out_features, set_weight, weight_fp32, weight_view
-from .runtime import clear_quantizer, model_device, resolve_device, resolve_dtype
+from .runtime import clear_quantizer, cpu_has_bf16, fast_amp, model_device, resolve_device, resolve_dtype
 
 __all__ = [
     "UnsupportedModelError", "block_lookup", "check_finite", "block_linears", "clear_quantizer", "context_length",
-    "decoder_linears", "find_blocks", "in_features", "is_linear", "out_features",
+    "cpu_has_bf16", "decoder_linears", "fast_amp", "find_blocks", "in_features", "is_linear", "out_features",
     "model_device", "resolve_device", "resolve_dtype", "set_module", "set_weight",
     "weight_fp32", "weight_view",
 ]

@@ -40,6 +40,25 @@ def resolve_device(device: "str | torch.device | None") -> torch.device:
     return dev
 
 
+def cpu_has_bf16() -> bool:
+    """True where the CPU has bfloat16 matmul instructions (AVX-512 BF16 or AMX). Without them torch's
+    bf16 matmuls (autograd's transposed ones above all) fall back to slow generic loops."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def fast_amp(device: torch.device) -> str:
+    """The mixed precision that is fast on ``device``: ``bf16`` on a CUDA device that supports it (else
+    ``fp16``) and on a CPU with bf16 instructions; ``none`` (float32) on any other device."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "none"
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where the model's inputs must go: its parameters' device (a streamed model's compute device)."""
     lazy = getattr(model, "prunekit_lazy", None)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..calibration import peak_rss_mb
 from ..errors import ConfigError
-from ..models import context_length, decoder_linears
+from ..models import context_length, cpu_has_bf16, decoder_linears
 from ..report import environment
 from .config import RecoverConfig
 from .data import training_text
@@ -63,16 +63,6 @@ class RecoverReport:
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, default=str)
-
-
-def cpu_has_bf16() -> bool:
-    """True where the CPU has bfloat16 matmul instructions (AVX-512 BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def teacher_dtype(cfg: RecoverConfig, device: torch.device) -> torch.dtype:
