@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import pytest
@@ -347,3 +348,14 @@ def test_bf16_autocast_trains_float32_weights():
     assert math.isfinite(parts["loss"]) and parts["kl"] > 0
     p = student.get_submodule("model.layers.0.self_attn.q_proj").weight
     assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_bf16_on_a_cpu_without_bf16_units_is_warned_before_training(monkeypatch, caplog, has_bf16):
+    api = importlib.import_module("prunekit.recover.api")
+    monkeypatch.setattr(api, "cpu_has_bf16", lambda: has_bf16)
+    teacher, student = pruned_pair()
+    with caplog.at_level("WARNING", logger="prunekit.recover.api"):
+        api.check_models(student, teacher, None, cfg(bf16=True))
+    warned = [r for r in caplog.records if "drop --bf16" in r.getMessage()]
+    assert len(warned) == (0 if has_bf16 else 1)

@@ -88,6 +88,9 @@ def check_models(student: nn.Module, teacher: nn.Module | None, tokenizer, cfg: 
     if p.dtype != torch.float32:
         raise ConfigError(f"the student's weights are {str(p.dtype).replace('torch.', '')}; training needs float32 "
                           "master weights — load it with dtype float32 (bf16 compute: --bf16)")
+    if cfg.bf16 and p.device.type == "cpu" and not cpu_has_bf16():
+        log.warning("recover: --bf16 on a CPU without AVX-512 BF16 / AMX runs torch's generic bf16 loops "
+                    "(a block's backward measured 17x slower than float32 here); drop --bf16 on this machine")
     limit = context_length(student)
     if limit is not None and cfg.seqlen > limit:
         raise ConfigError(f"seqlen={cfg.seqlen} exceeds the student's context length {limit}; use --seqlen <= {limit}")
