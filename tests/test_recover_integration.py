@@ -10,7 +10,7 @@ import torch
 
 from prunekit import PruneConfig, RecoverConfig, prune, recover
 from prunekit.models import decoder_linears
-from prunekit.recover.api import cpu_has_bf16
+from prunekit.models import cpu_has_bf16
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
