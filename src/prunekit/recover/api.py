@@ -19,7 +19,7 @@ from torch import nn
 
 from ..calibration import peak_rss_mb
 from ..errors import ConfigError
-from ..models import context_length, cpu_has_bf16, decoder_linears
+from ..models import context_length, cpu_has_bf16, decoder_linears, fast_amp
 from ..report import environment
 from .config import RecoverConfig
 from .data import training_text
@@ -70,9 +70,7 @@ def teacher_dtype(cfg: RecoverConfig, device: torch.device) -> torch.dtype:
         return torch.float32
     if cfg.teacher_dtype == "bfloat16":
         return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
+    return torch.bfloat16 if fast_amp(device) == "bf16" else torch.float32
 
 
 def vocab_size(model: nn.Module) -> int | None:
