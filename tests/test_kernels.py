@@ -6,7 +6,8 @@ Tolerances, against a float64 reference computed from the same (float32 or bfloa
 * float32: ``|y - ref| <= 1e-5 * scale + 1e-6`` (float32 accumulation in another order);
 * bfloat16: ``|y - ref| <= 4e-3 * scale + 1e-6`` (the result is rounded to bfloat16: 2^-9 relative).
 
-The C++ path is exercised with its AVX-512 code (where the CPU has it) and with its portable code.
+The C++ path is exercised with its detected code (AVX-512 where the CPU has it), its AVX2 code (the
+bitmask kernels' path on CPUs without AVX-512; skipped without AVX2) and its portable code.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ SHAPES = [(37, 53), (64, 17), (129, 255), (1, 1), (300, 16), (16, 1000), (7, 256
 TOL = {torch.float32: 1e-5, torch.bfloat16: 4e-3}
 
 
-@pytest.fixture(params=["cpp", "cpp-portable", "torch"])
+@pytest.fixture(params=["cpp", "cpp-avx2", "cpp-portable", "torch"])
 def path(request, monkeypatch):
     if request.param == "torch":
         monkeypatch.setenv("PRUNEKIT_KERNELS", "off")
@@ -35,6 +36,11 @@ def path(request, monkeypatch):
         pytest.skip(f"C++ kernels unavailable: {build.why_unavailable()}")
     if request.param == "cpp-portable":
         ext.set_isa(0)
+    if request.param == "cpp-avx2":
+        try:
+            ext.set_isa(2)
+        except RuntimeError as e:
+            pytest.skip(str(e).splitlines()[0])
     yield request.param
     ext.set_isa(-1)
     build.reset()

@@ -17,18 +17,31 @@
 
 namespace pk {
 
-inline int g_isa = -1;  // -1 undetected, 0 portable, 1 avx512 (one variable for every file)
+// -1 undetected, 0 portable, 1 avx512, 2 avx2 + fma (one variable for every file). Only the bitmask
+// kernels have an AVX2 path (the others' portable loops vectorise for the compiling CPU).
+inline int g_isa = -1;
+
+inline bool has_avx512() {
+#if PK_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2");
+#else
+  return false;
+#endif
+}
+
+inline bool has_avx2() {
+#if PK_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
 
 inline int isa() {
-  if (g_isa < 0) {
-#if PK_X86
-    __builtin_cpu_init();
-    g_isa = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2")) ? 1 : 0;
-#else
-    g_isa = 0;
-#endif
-  }
+  if (g_isa < 0) g_isa = has_avx512() ? 1 : has_avx2() ? 2 : 0;
   return g_isa;
 }
 

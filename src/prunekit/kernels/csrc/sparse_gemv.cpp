@@ -280,11 +280,9 @@ torch::Tensor sparse_ffn(torch::Tensor h, torch::Tensor x, torch::Tensor thr, to
 
 int64_t get_isa() { return isa(); }
 void set_isa(int64_t v) {
-  TORCH_CHECK(v == 0 || v == 1 || v == -1, "isa must be -1 (detect), 0 (portable) or 1 (avx512)");
-  if (v == 1) {
-    g_isa = -1;
-    TORCH_CHECK(isa() == 1, "this CPU lacks AVX-512 F/BW/VL/VBMI2");
-  }
+  TORCH_CHECK(v >= -1 && v <= 2, "isa must be -1 (detect), 0 (portable), 1 (avx512) or 2 (avx2)");
+  TORCH_CHECK(v != 1 || has_avx512(), "this CPU lacks AVX-512 F/BW/VL/VBMI2");
+  TORCH_CHECK(v != 2 || has_avx2(), "this CPU lacks AVX2 / FMA");
   g_isa = v;
 }
 
@@ -300,6 +298,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_bitmask", &pack_bitmask, "pack input-major weights into masks, values, offsets, tile bases");
   m.def("unpack_bitmask", &unpack_bitmask, "dense input-major weights from the bitmask format");
   m.def("unpack_tiles", &unpack_tiles, "tiles [t0, t1) of a bitmask W^T, dense, into a buffer");
-  m.def("get_isa", &get_isa, "0: portable path, 1: AVX-512 path");
-  m.def("set_isa", &set_isa, "-1: detect, 0: force the portable path, 1: AVX-512 path");
+  m.def("get_isa", &get_isa, "0: portable path, 1: AVX-512 path, 2: AVX2 path (bitmask kernels)");
+  m.def("set_isa", &set_isa, "-1: detect, 0: force the portable path, 1: AVX-512 path, 2: AVX2 path");
 }
