@@ -119,7 +119,7 @@ def _resolved(row: Row) -> dict | None:
 def _step_summary(steps: list[dict]) -> dict:
     if not steps:
         return {}
-    keys = ("loss_first_epoch", "loss_last_epoch")
+    keys = ("loss_first_epoch", "loss_last_epoch", "heldout_before", "heldout_after", "reverted")
     return {k: [s.get(k) for s in steps] for k in keys if any(k in s for s in steps)} | {"steps": steps[0].get("steps")}
 
 

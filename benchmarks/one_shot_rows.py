@@ -148,6 +148,10 @@ def _rows() -> dict[str, Row]:
                                                 **qwen)
         rows[f"qwen/wanda+rec1/{tag}"] = Row("qwen", "wanda", s, pat, refine="reconstruct",
                                              refine_opts={**REC, "lstsq": False, "epochs": 1}, **qwen)
+        # the same fit measured on 2 held-out sequences (of the 16), undone in a block where it raised their error
+        rows[f"qwen/wanda+rec1-h2/{tag}"] = Row("qwen", "wanda", s, pat, refine="reconstruct",
+                                                refine_opts={**REC, "lstsq": False, "epochs": 1, "holdout": 2},
+                                                **qwen)
     return rows
 
 

@@ -90,6 +90,14 @@ def test_method_and_pattern_mismatch_names_what_serves_it(tmp_path, capsys, tiny
     assert rc == 2 and all(w in line for w in words), line
 
 
+def test_a_holdout_that_leaves_nothing_to_fit_is_refused_before_loading(tmp_path, capsys, tiny_folder, no_weights):
+    argv = ["prune", tiny_folder, "--method", "wanda", "--refine", "reconstruct", "--refine-option", "holdout=4",
+            "--nsamples", "4", "--calib", calib_text(tmp_path), "--out", tmp_path / "o"]
+    rc, err, _ = run_cli(capsys, *argv)
+    assert rc == 2 and "--refine-option holdout=4 leaves none of the 4 calibration sequences" in error_line(err)
+    assert not (tmp_path / "o").exists()
+
+
 def test_eval_none_skips_perplexity_as_the_help_says(tmp_path, capsys, tiny_folder):
     rc, err, out = run_cli(capsys, "prune", tiny_folder, "--method", "magnitude", "--calib", calib_text(tmp_path),
                         "--nsamples", "2", "--seqlen", "32", "--eval", "none", "--out", tmp_path / "o")

@@ -187,3 +187,40 @@ def test_reconstruct_on_other_architectures_keeps_masks(arch, calib_ids):
                                      refine_options={**FAST_RECON, "micro_batch": 2}, **cfg), calib=calib_ids)
     za, zb = _zeros(plain), _zeros(refined)
     assert all(torch.equal(za[n], zb[n]) for n in za) and all(b.info["finite"] for b in rep.blocks)
+
+
+def test_reconstruct_holdout_undoes_a_fit_that_hurts_the_held_out_sequences(calib_ids):
+    # lr 0.5 wrecks every block: the held-out MSE rises, each fit is undone, and the model is the plain prune's.
+    base = tiny_model("llama")
+    plain, guarded = copy.deepcopy(base), copy.deepcopy(base)
+    prune(plain, _config("wanda", None, {}, sparsity=0.6), calib=calib_ids)
+    opts = {"epochs": 2, "lr": 0.5, "lstsq": False, "holdout": 2, "amp": "none"}
+    rep = prune(guarded, _config("wanda", "reconstruct", opts, sparsity=0.6), calib=calib_ids)
+    for block in rep.blocks:
+        info = block.info
+        assert info["reverted"] and info["heldout_after"] > info["heldout_before"]
+        assert info["steps"] == 2 * 2  # 4 of the 6 sequences fit, in micro-batches of 2, twice
+    for (n, a), (_, b) in zip(plain.named_parameters(), guarded.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_reconstruct_holdout_keeps_a_fit_that_helps_and_reports_both_errors(calib_ids):
+    model = tiny_model("llama")
+    opts = {"epochs": 3, "lr": 1e-3, "lstsq": False, "holdout": 2, "amp": "none"}
+    rep = prune(model, _config("wanda", "reconstruct", opts, sparsity=0.6), calib=calib_ids)
+    kept = [b.info for b in rep.blocks if not b.info["reverted"]]
+    assert kept and all(i["heldout_after"] < i["heldout_before"] for i in kept)
+
+
+def test_reconstruct_holdout_that_leaves_nothing_to_fit_is_refused_before_work(calib_ids):
+    with pytest.raises(ConfigError, match="--refine-option holdout=6 leaves none of the 6 calibration sequences"):
+        prune(tiny_model("llama"), _config("wanda", "reconstruct", {"holdout": 6}, sparsity=0.5), calib=calib_ids)
+
+
+def test_split_holdout_takes_the_last_sequences_across_batches():
+    from prunekit.methods.blockfit import split_holdout
+
+    train, held = split_holdout([4, 4, 2], 3, 2)
+    assert train == [[slice(0, 2), slice(2, 4)], [slice(0, 2), slice(2, 3)], []]
+    assert held == [[], [slice(3, 4)], [slice(0, 2)]]
+    assert split_holdout([3], 0, 2) == ([[slice(0, 2), slice(2, 3)]], [[]])

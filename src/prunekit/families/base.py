@@ -157,7 +157,17 @@ class Family(ABC):
         linears = self.check(model)
         check_finite(model)
         calib, calib_info = self.calibration(model, calib, tokenizer, data_dir)
+        if calib is not None:
+            check_holdout(self.config, int(calib.shape[0]))
         return self.run(model, linears, calib, calib_info, device, callback, t0)
+
+
+def check_holdout(config, count: int) -> None:
+    """A refiner's held-out calibration sequences (``reconstruct``'s ``holdout``) must leave some to fit on."""
+    holdout = dict(getattr(config, "refine_options", None) or {}).get("holdout", 0)
+    if holdout and holdout >= count:
+        raise ConfigError(f"--refine-option holdout={holdout} leaves none of the {count} calibration sequences to "
+                          f"fit on: use a holdout below {count}, or raise --nsamples")
 
 
 def handler_class(config: FamilyConfig) -> type[Family]:

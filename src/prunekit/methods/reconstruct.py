@@ -34,6 +34,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..models import is_linear, weight_view
 from ..options import Options, option
 from ..registry import REFINERS
@@ -68,6 +69,8 @@ class ReconstructOptions(Options):
                       "else fp16 on CUDA, float32 on a CPU without bf16 instructions)",
                       choices=("auto", "none", "bf16", "fp16"))
     skip: str = option("", "regex on qualified names whose least squares is skipped (empty = none)")
+    holdout: int = option(0, "calibration sequences (the last ones) kept out of the block fit to measure it: the "
+                          "block report gives their MSE before / after, and a fit that raised it is undone", lo=0)
 
     def validate(self) -> None:
         skip_matcher(self.skip)
@@ -118,10 +121,16 @@ class Reconstruct(Refiner):
             inputs = data.inputs
             targets = data.dense_outputs if o.target == "dense" else data.local_targets
         params, zeros, held = _trainable(data.block, data.modules, o.train)
-        settings = FitSettings(o.epochs, o.lr, o.micro_batch, 0.1, o.amp)
-        info = fit_block(data.run, inputs, targets, params, zeros, held, settings)
+        settings = FitSettings(o.epochs, o.lr, o.micro_batch, 0.1, o.amp, o.holdout)
+        try:
+            info = fit_block(data.run, inputs, targets, params, zeros, held, settings)
+        except ValueError as e:
+            raise ConfigError(f"reconstruct: {e}") from None
         if not info.get("finite", True):
             log.warning("reconstruct: block %d's fit produced a non-finite loss; lower --refine-option lr", data.index)
+        if info.get("reverted"):
+            log.warning("reconstruct: block %d's fit raised the held-out MSE (%.4g -> %.4g); kept the weights from "
+                        "before it", data.index, info["heldout_before"], info["heldout_after"])
         return {"name": self.name, "inputs": o.inputs, "target": o.target if o.inputs == "pruned" else "dense",
                 "params": sum(p.numel() for p in params), **info}
 

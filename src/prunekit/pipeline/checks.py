@@ -52,6 +52,7 @@ def check_before_loading(spec):
     """The checks that need no model; returns the compression handler (components built, once), or ``None``."""
     from ..data import get_dataset
     from ..families import prepare
+    from ..families.base import check_holdout
     from ..formats import check_output_dir
 
     if spec.threads is not None:
@@ -70,6 +71,8 @@ def check_before_loading(spec):
         raise ConfigError("--activation-sparsity calibrates the whole model in memory: drop --offload disk")
     if job is None:
         return None
+    check_holdout(getattr(job, "config", None), int(spec.calib_ids.shape[0]) if spec.calib_ids is not None
+                  else spec.calib.nsamples)
     if spec.save_format not in job.save_formats:
         raise ConfigError(job.save_format_refusal(spec.save_format))
     if not job.streams and spec.offload == "disk":
