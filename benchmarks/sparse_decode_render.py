@@ -5,6 +5,9 @@ from __future__ import annotations
 MB = 1e6
 
 
+ISA = {0: "portable C++", 1: "AVX-512", 2: "AVX2 (bitmask kernels; the others portable C++ vectorised for this CPU)"}
+
+
 def _runs(data: dict) -> list[str]:
     out = ["## Runs", ""]
     for i, r in enumerate(data.get("runs", [])):
@@ -23,8 +26,8 @@ def _kernels(k: dict) -> list[str]:
            f"Memory bandwidth of this machine, measured in the same run: **{bw['gb_s']:.1f} GB/s** ({bw['how']}; best "
            f"{bw['gb_s_best']:.1f}). Bound = bytes the format reads / that bandwidth. Times: median of 15 calls "
            "[min-max], weights rotating over copies that exceed the L3 cache three times; speed-up against torch's "
-           f"dense GEMV (`F.linear`, W row-major) of the same shape and dtype. AVX-512 path: "
-           f"{'yes' if k.get('isa') == 1 else 'no'}.", "",
+           f"dense GEMV (`F.linear`, W row-major) of the same shape and dtype. Kernel path: "
+           f"{ISA.get(k.get('isa'), 'unknown')}.", "",
            "| model | shape in->out | dtype | format | sparsity | MB read | ms [min-max] | bound ms | of bound | "
            "vs F.linear |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = {}

@@ -192,15 +192,12 @@ PK_TARGET2 void tile_avx2(const uint16_t* M, const T* V, const int32_t* O, const
     const T* v = V + O[i];
     const T* v1 = v + __builtin_popcountll(w[0]);
     const __m256 a = _mm256_set1_ps(xa[k]);
-#pragma GCC unroll 8
-    for (int g = 0; g < 8; ++g) {
-      const int off = g ? __builtin_popcountll(w[0] & ((uint64_t(1) << (8 * g)) - 1)) : 0;
-      acc[g] = _mm256_fmadd_ps(a, expand8(v + off, tab, (w[0] >> (8 * g)) & 0xFF), acc[g]);
-    }
-#pragma GCC unroll 8
-    for (int g = 0; g < 8; ++g) {
-      const int off = g ? __builtin_popcountll(w[1] & ((uint64_t(1) << (8 * g)) - 1)) : 0;
-      acc[8 + g] = _mm256_fmadd_ps(a, expand8(v1 + off, tab, (w[1] >> (8 * g)) & 0xFF), acc[8 + g]);
+#pragma GCC unroll 16
+    for (int g = 0; g < 16; ++g) {  // group g: outputs 8g..8g+7, bits 8(g % 8).. of mask word g / 8
+      const uint64_t bits = w[g / 8];
+      const int shift = 8 * (g % 8);
+      const int off = shift ? __builtin_popcountll(bits & ((uint64_t(1) << shift) - 1)) : 0;
+      acc[g] = _mm256_fmadd_ps(a, expand8((g < 8 ? v : v1) + off, tab, (bits >> shift) & 0xFF), acc[g]);
     }
   }
   for (int g = 0; g < 16; ++g) _mm256_storeu_ps(y + 8 * g, acc[g]);
