@@ -212,9 +212,16 @@ def test_reconstruct_holdout_keeps_a_fit_that_helps_and_reports_both_errors(cali
     assert kept and all(i["heldout_after"] < i["heldout_before"] for i in kept)
 
 
-def test_reconstruct_holdout_that_leaves_nothing_to_fit_is_refused_before_work(calib_ids):
+def test_reconstruct_holdout_that_leaves_nothing_to_fit_is_refused_before_work(calib_ids, tmp_path):
     with pytest.raises(ConfigError, match="--refine-option holdout=6 leaves none of the 6 calibration sequences"):
         prune(tiny_model("llama"), _config("wanda", "reconstruct", {"holdout": 6}, sparsity=0.5), calib=calib_ids)
+    from prunekit.streaming import open_lazy, prune_streamed  # the streamed path calibrates on its own
+
+    lazy, _ = open_lazy(str(save_tiny(tmp_path / "m")))
+    with pytest.raises(ConfigError, match="--refine-option holdout=6 leaves none of the 6 calibration sequences"):
+        prune_streamed(lazy, _config("wanda", "reconstruct", {"holdout": 6}, sparsity=0.5), tmp_path / "out",
+                       calib=calib_ids)
+    assert not list(tmp_path.glob("out/*.safetensors"))  # refused before any block was written
 
 
 def test_split_holdout_takes_the_last_sequences_across_batches():

@@ -143,7 +143,9 @@ class Family(ABC):
         """The calibration ids (``None`` when nothing calibrates) and what the report says of them."""
         if not self.needs_calibration:
             return calib, {}
-        return calibration(model, self.config, calib, tokenizer, data_dir)
+        ids, info = calibration(model, self.config, calib, tokenizer, data_dir)
+        check_holdout(self.config, int(ids.shape[0]))  # in memory and streamed alike, before the first block
+        return ids, info
 
     @abstractmethod
     def run(self, model: nn.Module, linears: dict[str, nn.Module], calib: Tensor | None, calib_info: dict,
@@ -157,8 +159,6 @@ class Family(ABC):
         linears = self.check(model)
         check_finite(model)
         calib, calib_info = self.calibration(model, calib, tokenizer, data_dir)
-        if calib is not None:
-            check_holdout(self.config, int(calib.shape[0]))
         return self.run(model, linears, calib, calib_info, device, callback, t0)
 
 

@@ -34,7 +34,6 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..errors import ConfigError
 from ..models import is_linear, weight_view
 from ..options import Options, option
 from ..registry import REFINERS
@@ -122,10 +121,7 @@ class Reconstruct(Refiner):
             targets = data.dense_outputs if o.target == "dense" else data.local_targets
         params, zeros, held = _trainable(data.block, data.modules, o.train)
         settings = FitSettings(o.epochs, o.lr, o.micro_batch, 0.1, o.amp, o.holdout)
-        try:
-            info = fit_block(data.run, inputs, targets, params, zeros, held, settings)
-        except ValueError as e:
-            raise ConfigError(f"reconstruct: {e}") from None
+        info = fit_block(data.run, inputs, targets, params, zeros, held, settings)  # holdout checked at calibration
         if not info.get("finite", True):
             log.warning("reconstruct: block %d's fit produced a non-finite loss; lower --refine-option lr", data.index)
         if info.get("reverted"):

@@ -71,8 +71,7 @@ def check_before_loading(spec):
         raise ConfigError("--activation-sparsity calibrates the whole model in memory: drop --offload disk")
     if job is None:
         return None
-    check_holdout(getattr(job, "config", None), int(spec.calib_ids.shape[0]) if spec.calib_ids is not None
-                  else spec.calib.nsamples)
+    check_holdout(job.config, int(spec.calib_ids.shape[0]) if spec.calib_ids is not None else spec.calib.nsamples)
     if spec.save_format not in job.save_formats:
         raise ConfigError(job.save_format_refusal(spec.save_format))
     if not job.streams and spec.offload == "disk":
