@@ -155,6 +155,8 @@ if __name__ == "__main__":
     p.add_argument("--dense-prompt", action="store_true",
                    help="quality: also WikiText-2 as generation sees it (TEAL's protocol: each window's first 512 "
                         "tokens a dense prompt, the next 512 thresholded and scored); added to measured rows too")
+    p.add_argument("--quality-dtype", default=None, choices=list(DTYPES),
+                   help="quality: measure in this dtype (default bfloat16; other dtypes get their own table)")
     p.add_argument("--nsamples", type=int, default=16, help="calibration sequences of 1024 tokens (default 16)")
     p.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], choices=list(DTYPES))
     p.add_argument("--repeats", type=int, default=5)

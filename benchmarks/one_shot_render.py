@@ -174,10 +174,10 @@ def render(data: dict) -> str:
         out += ["## Choosing the reconstruction's learning rate and inputs (WikiText-2 *validation*, 32 x 1024 "
                 "calibration)", ""]
         out += _list(data, "tune/", ["WT2 valid", "prune s", "block step s", "sparsity"]) + [""]
-    if any(k.startswith("qwen/") for k in rows):
-        out += ["## Qwen2.5-Coder-1.5B, streamed (`--offload disk`), calibration 16 x 1024, WikiText-2 first 16 windows, "
-                "GSM8K first 8", ""]
-        out += _list(data, "qwen/", ["WikiText-2", "GSM8K", "prune s", "block step s", "sparsity", "peak MB"]) + [""]
+    if any(k.startswith("qwen") for k in rows):
+        out += ["## Qwen2.5-Coder-1.5B, streamed (`--offload disk`), calibration 16 x 1024 (`qwen64/`: 64 x 1024), "
+                "WikiText-2 first 16 windows, GSM8K first 8", ""]
+        out += _list(data, "qwen", ["WikiText-2", "GSM8K", "prune s", "block step s", "sparsity", "peak MB"]) + [""]
     tasks = _tasks(data)
     if tasks:
         out += ["## Tasks (first 500 examples; '(tie)': within two combined standard errors of the dense model)", ""]

@@ -52,8 +52,9 @@ def _dir(model: str, what: str):
 
 
 def _act_cfg(label: str, args) -> ActivationSparsityConfig:
-    _, method, alloc, s = label.split("/")
-    return ActivationSparsityConfig(sparsity=float(s), method=method, allocation=alloc,
+    """``act/<method>/<allocation>/<sparsity>[/pca]``: ``/pca`` rotates the residual stream first."""
+    _, method, alloc, s, *rotate = label.split("/")
+    return ActivationSparsityConfig(sparsity=float(s), method=method, allocation=alloc, rotate=(rotate or ["none"])[0],
                                     calib=CalibConfig("austen", args.nsamples, 1024, 0))
 
 
@@ -75,6 +76,8 @@ def build(label: str, name: str, dtype: str, args, tok=None, ids=None):
         if kind in ("weight", "both"):
             _wanda(model, tok, ids if ids is not None else _calib(args, tok), args, name)
     act = {"act": label, "both": "act/teal/uniform/0.4"}.get(kind)
+    if act is not None and label.endswith("/pca"):  # the rotation changes the weights: the whole model is cached
+        return _rotated(label, name, dtype, args, model, tok, ids)
     if act is not None:
         folder = _dir(name, label)
         if ACTIVATION.detect(folder) and not args.recalibrate:
@@ -100,8 +103,30 @@ def build(label: str, name: str, dtype: str, args, tok=None, ids=None):
     return model, tok
 
 
+def _rotated(label: str, name: str, dtype: str, args, model, tok, ids):
+    """A row whose residual stream is rotated before its thresholds: saved whole (rotated weights and
+    thresholds, in the dtype it was built in) and loaded from there afterwards."""
+    folder = _dir(name, label)
+    if ACTIVATION.detect(folder) and not args.recalibrate:
+        del model
+        return prunekit.load_model(str(folder), dtype)
+    st = prunekit.sparsify_activations(model, _act_cfg(label, args), calib=ids if ids is not None else _calib(args, tok))
+    ACTIVATION.save(model, tok, folder, {"extra": {"activation": st.report}})
+    return model, tok
+
+
+def quality_dtype(name: str, args) -> str:
+    return getattr(args, "quality_dtype", None) or QUALITY_DTYPE[name]
+
+
+def quality_key(name: str, args) -> str:
+    """The quality table of a model: its name, with the dtype when it is not the default (bf16)."""
+    dtype = quality_dtype(name, args)
+    return name if dtype == QUALITY_DTYPE[name] else f"{name} ({dtype})"
+
+
 def quality_row(label: str, name: str, args, ids) -> dict:
-    dtype = QUALITY_DTYPE[name]
+    dtype = quality_dtype(name, args)
     t0 = time.perf_counter()
     model, tok = build(label, name, dtype, args, ids=ids)
     built = time.perf_counter() - t0
@@ -149,7 +174,7 @@ def add_metric(row: dict, key: str, label: str, name: str, args, ids) -> None:
 
 def stage_quality(args, data: dict) -> None:
     name = args.model
-    tab = data["quality"].setdefault(name, {})
+    tab = data["quality"].setdefault(quality_key(name, args), {})
     tok = prunekit.formats.load_tokenizer(name)
     ids = _calib(args, tok)
     for label in args.rows or QUALITY[name]:

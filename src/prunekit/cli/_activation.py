@@ -26,6 +26,9 @@ def add_activation_args(p: argparse.ArgumentParser) -> None:
                    help="per-linear sparsities: uniform (default) or TEAL's block-wise greedy search (teal, wina)")
     g.add_argument("--act-max-tokens", type=int, default=None,
                    help="calibration tokens sampled per site for the thresholds (default 4096)")
+    g.add_argument("--act-rotate", default=None, choices=["none", "pca"],
+                   help="pca: first rotate the residual stream into its principal axes (same function, folded into "
+                        "the weights; dense Llama-style models; the LM head is untied) so thresholds drop less")
     g.add_argument("--act-greedy-tokens", type=int, default=None,
                    help="tokens the greedy search scores each block on (default 512)")
 
@@ -45,7 +48,8 @@ def activation_config(args: argparse.Namespace, calib):
     """
     from ..families import ActivationSparsityConfig
 
-    extra = [f"--{k.replace('_', '-')}" for k in ("act_method", "act_allocation", "act_max_tokens", "act_greedy_tokens")
+    extra = [f"--{k.replace('_', '-')}" for k in ("act_method", "act_allocation", "act_max_tokens", "act_greedy_tokens",
+                                                       "act_rotate")
              if getattr(args, k, None) is not None]
     if args.activation_sparsity is None:
         if extra:
@@ -57,7 +61,7 @@ def activation_config(args: argparse.Namespace, calib):
                           "--activation-sparsity S")
     kw = {"sparsity": args.activation_sparsity, "calib": calib}
     for key, flag in (("method", "act_method"), ("allocation", "act_allocation"), ("max_tokens", "act_max_tokens"),
-                      ("greedy_tokens", "act_greedy_tokens")):
+                      ("greedy_tokens", "act_greedy_tokens"), ("rotate", "act_rotate")):
         if getattr(args, flag) is not None:
             kw[key] = getattr(args, flag)
     return ActivationSparsityConfig(**kw)
@@ -68,4 +72,6 @@ def summary_rows(r: dict) -> list[list[str]]:
     return [[f"activation sparsity ({r['method']}, {r['allocation']}; calibration)", "0.0000",
              f"{r['mean_sparsity']:.4f}"],
             ["activation target", "", f"{r['target']:.4f}"],
-            ["decoder-linear weight reads a kernel skips", "0.0000", f"{r['skipped_fraction']:.4f}"]]
+            ["decoder-linear weight reads a kernel skips", "0.0000", f"{r['skipped_fraction']:.4f}"]] + (
+        [["residual stream rotated (pca): energy in the top 10% of axes", "",
+          f"{r['rotation']['top_decile_energy']:.4f}"]] if "rotation" in r else [])

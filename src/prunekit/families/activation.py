@@ -1,4 +1,7 @@
-"""The activation family: thresholds on activations (TEAL, CATS, CHESS, WINA), calibrated and installed; weights untouched.
+"""The activation family: thresholds on activations (TEAL, CATS, CHESS, WINA), calibrated and installed.
+
+The weights are untouched, unless ``rotate="pca"`` first rotates the residual stream (an exact
+re-parametrisation: the same function, other weights).
 
 :class:`ActivationSparsityConfig` says what; :class:`ActivationFamily` runs :mod:`prunekit.activation`'s
 two halves as its calibration and run steps (the ids; the thresholds, installed on the model as
@@ -23,9 +26,10 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from ..activation import activation_calibration, calibrate_thresholds, check_activation
+from ..activation.rotate import rotate_residual, rotation_plan
 from ..data import CalibConfig
 from ..errors import ConfigError
-from ..models.activation import ActivationState
+from ..models.activation import ActivationState, state_of
 from ..options import check_int as _check_int
 from ..registry import ACTIVATION_METHODS
 from ..report import Report
@@ -54,6 +58,9 @@ class ActivationSparsityConfig:
         propagate: calibrate block i+1 on block i's sparsified outputs (what inference sees);
             ``False``: every block on the dense model's activations (TEAL's reference code).
         include / exclude: regexes on qualified names of the sites (linears for ``teal``).
+        rotate: ``"none"``, or ``"pca"``: first rotate the residual stream into the principal axes of the
+            calibration activations (:mod:`prunekit.activation.rotate`; folded into the weights, nothing
+            added at decode; dense pre-norm models such as Llama / Qwen2 / Mistral; the LM head is untied).
     """
 
     sparsity: float = 0.4
@@ -66,6 +73,7 @@ class ActivationSparsityConfig:
     propagate: bool = True
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    rotate: str = "none"
 
     def __post_init__(self) -> None:
         s = self.sparsity
@@ -88,6 +96,8 @@ class ActivationSparsityConfig:
         g = self.greedy_step
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not (0.0 < float(g) <= 0.5):
             raise ConfigError(f"activation greedy_step={g!r} is out of range: it must be in (0, 0.5], e.g. 0.05")
+        if self.rotate not in ("none", "pca"):
+            raise ConfigError(f"activation rotate={self.rotate!r} is unknown; choose none or pca")
         for key in ("include", "exclude"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
             for rx in getattr(self, key):
@@ -123,6 +133,8 @@ class ActivationFamily(Family):
     def check(self, model: nn.Module) -> dict[str, nn.Module]:
         """The sites the config selects exist (cats / chess: a gated MLP); no linear is changed, so ``{}``."""
         check_activation(model, self.config)
+        if self.config.rotate == "pca":
+            rotation_plan(model)
         return {}
 
     def calibration(self, model: nn.Module, calib: Tensor | None, tokenizer, data_dir) -> tuple[Tensor, dict]:
@@ -131,5 +143,13 @@ class ActivationFamily(Family):
 
     def run(self, model: nn.Module, linears: dict[str, nn.Module], calib: Tensor, calib_info: dict, device,
             callback, started: float) -> Report:
+        rotation = None
+        if self.config.rotate == "pca":
+            old = state_of(model)
+            if old is not None:  # the second moment is of the model's own activations, not thresholded ones
+                old.remove()
+            rotation = rotate_residual(model, calib, self.config.calib.batch_size)
         state = calibrate_thresholds(model, self.config, calib, calib_info["source"], callback, started)
+        if rotation is not None:
+            state.report["rotation"] = rotation
         return activation_report(state)

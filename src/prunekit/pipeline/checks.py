@@ -69,6 +69,10 @@ def check_before_loading(spec):
     check_json_path(spec.report_json)
     if spec.activation is not None and spec.offload == "disk":
         raise ConfigError("--activation-sparsity calibrates the whole model in memory: drop --offload disk")
+    if spec.activation is not None and spec.activation.rotate != "none" and job is not None:
+        raise ConfigError(f"--act-rotate {spec.activation.rotate} rotates dense weights, and this run also prunes "
+                          "them (the rotation would make them dense again): drop --act-rotate, or drop the weight "
+                          "pruning flags")
     if job is None:
         return None
     check_holdout(job.config, int(spec.calib_ids.shape[0]) if spec.calib_ids is not None else spec.calib.nsamples)
