@@ -55,7 +55,8 @@ def _quality(q: dict) -> list[str]:
         dense = rows.get("dense")
         if not dense:
             continue
-        out += [f"## Quality: {model} ({dense['dtype']}), the masked model (every token thresholded)", "",
+        title = model if model.endswith(f"({dense['dtype']})") else f"{model} ({dense['dtype']})"
+        out += [f"## Quality: {title}, the masked model (every token thresholded)", "",
                 f"WikiText-2 test and GSM8K test (questions + answers) perplexity, seqlen 1024, first "
                 f"{dense['wikitext2']['windows']} windows; "
                 + (f"PIQA accuracy ± stderr on the first {dense['piqa']['n']} examples, '(tie)' = within 2 stderr of "
