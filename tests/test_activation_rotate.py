@@ -144,3 +144,15 @@ def test_bfloat16_weights_rotate_within_their_rounding():
     model = _model().to(torch.bfloat16)
     report = rotate_residual(model, rand_ids(4, 32), batch_size=2)
     assert 0 < report["logits_rel_change"] < 2e-2  # bf16 re-rounds every rotated weight: checked, not exact
+
+
+def test_thresholds_of_the_old_basis_are_removed_before_rotating():
+    from prunekit.models.activation import state_of
+
+    ids = rand_ids(4, 32)
+    model = _model()
+    dense = _logits(model, ids)
+    compress(model, ActivationSparsityConfig(sparsity=0.4, max_tokens=256), calib=ids)
+    rotate_residual(model, ids, batch_size=2)
+    assert state_of(model) is None  # they thresholded the old coordinates
+    torch.testing.assert_close(_logits(model, ids), dense, rtol=1e-4, atol=1e-4)

@@ -32,7 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..models.activation import state_of
 from ..models.blocks import find_blocks
+from ..models.runtime import model_device
 from ..models.structure import block_parts
 
 log = logging.getLogger(__name__)
@@ -124,7 +126,7 @@ def _second_moment(model: nn.Module, plan, ids: Tensor, batch_size: int) -> Tens
 
     handles = [n.register_forward_hook(hook) for p in plan for n in p[:2]]
     try:
-        dev = next(model.parameters()).device
+        dev = model_device(model)
         for i in range(0, ids.shape[0], batch_size):
             model(ids[i:i + batch_size].to(dev), use_cache=False)
     finally:
@@ -147,8 +149,7 @@ def _apply(model: nn.Module, plan, q: Tensor) -> None:
 
 @torch.no_grad()
 def _logits(model: nn.Module, ids: Tensor) -> Tensor:
-    dev = next(model.parameters()).device
-    return model(ids.to(dev), use_cache=False).logits.double().cpu()
+    return model(ids.to(model_device(model)), use_cache=False).logits.double().cpu()
 
 
 def rotate_residual(model: nn.Module, ids: Tensor, batch_size: int = 8) -> dict:
@@ -158,6 +159,9 @@ def rotate_residual(model: nn.Module, ids: Tensor, batch_size: int = 8) -> dict:
         model: a dense pre-norm causal LM (see the module docstring for what is accepted).
         ids: calibration token ids ``[n, seqlen]``; every token enters the second moment.
         batch_size: sequences per forward pass.
+
+    Thresholds already installed are removed first: they belong to the old basis, and the second moment
+    must be of the model's own stream, not a thresholded one.
 
     Returns:
         The rotation's report: tokens, the share of the energy in the top tenth of the axes, the logits'
@@ -169,6 +173,9 @@ def rotate_residual(model: nn.Module, ids: Tensor, batch_size: int = 8) -> dict:
     """
     t0 = time.perf_counter()
     plan = rotation_plan(model)
+    old = state_of(model)
+    if old is not None:
+        old.remove()
     probe = ids[:1, : min(64, ids.shape[1])]
     before = _logits(model, probe)
     _fold_norms(model, plan)

@@ -29,7 +29,7 @@ from ..activation import activation_calibration, calibrate_thresholds, check_act
 from ..activation.rotate import rotate_residual, rotation_plan
 from ..data import CalibConfig
 from ..errors import ConfigError
-from ..models.activation import ActivationState, state_of
+from ..models.activation import ActivationState
 from ..options import check_int as _check_int
 from ..registry import ACTIVATION_METHODS
 from ..report import Report
@@ -145,9 +145,6 @@ class ActivationFamily(Family):
             callback, started: float) -> Report:
         rotation = None
         if self.config.rotate == "pca":
-            old = state_of(model)
-            if old is not None:  # the second moment is of the model's own activations, not thresholded ones
-                old.remove()
             rotation = rotate_residual(model, calib, self.config.calib.batch_size)
         state = calibrate_thresholds(model, self.config, calib, calib_info["source"], callback, started)
         if rotation is not None:
