@@ -174,8 +174,9 @@ def rotate_residual(model: nn.Module, ids: Tensor, batch_size: int = 8) -> dict:
     t0 = time.perf_counter()
     plan = rotation_plan(model)
     old = state_of(model)
-    if old is not None:
+    if old is not None:  # taken off and detached: saving the rotated model must not write the old basis' thresholds
         old.remove()
+        del model.prunekit_activation
     probe = ids[:1, : min(64, ids.shape[1])]
     before = _logits(model, probe)
     _fold_norms(model, plan)
