@@ -69,6 +69,9 @@ def _wanda(model, tok, ids, args, name: str):
 def build(label: str, name: str, dtype: str, args, tok=None, ids=None):
     """The model of a row, compressed as the label says (thresholds / weights cached for the speed stage)."""
     kind = label.split("/")[0]
+    rotated = kind == "act" and label.endswith("/pca")  # the rotation changes the weights: the whole model is cached
+    if rotated and ACTIVATION.detect(_dir(name, label)) and not args.recalibrate:
+        return prunekit.load_model(str(_dir(name, label)), dtype)
     if kind in ("weight", "both") and _dir(name, "wanda0.5").exists():
         model, tok = prunekit.load_model(str(_dir(name, "wanda0.5")), dtype)
     else:
@@ -76,8 +79,8 @@ def build(label: str, name: str, dtype: str, args, tok=None, ids=None):
         if kind in ("weight", "both"):
             _wanda(model, tok, ids if ids is not None else _calib(args, tok), args, name)
     act = {"act": label, "both": "act/teal/uniform/0.4"}.get(kind)
-    if act is not None and label.endswith("/pca"):  # the rotation changes the weights: the whole model is cached
-        return _rotated(label, name, dtype, args, model, tok, ids)
+    if rotated:
+        return _rotated(label, name, args, model, tok, ids)
     if act is not None:
         folder = _dir(name, label)
         if ACTIVATION.detect(folder) and not args.recalibrate:
@@ -103,15 +106,11 @@ def build(label: str, name: str, dtype: str, args, tok=None, ids=None):
     return model, tok
 
 
-def _rotated(label: str, name: str, dtype: str, args, model, tok, ids):
-    """A row whose residual stream is rotated before its thresholds: saved whole (rotated weights and
-    thresholds, in the dtype it was built in) and loaded from there afterwards."""
-    folder = _dir(name, label)
-    if ACTIVATION.detect(folder) and not args.recalibrate:
-        del model
-        return prunekit.load_model(str(folder), dtype)
+def _rotated(label: str, name: str, args, model, tok, ids):
+    """A row whose residual stream is rotated before its thresholds, built and saved whole (rotated weights and
+    thresholds, in the dtype it was built in): ``build`` loads that folder afterwards, never the dense model."""
     st = prunekit.sparsify_activations(model, _act_cfg(label, args), calib=ids if ids is not None else _calib(args, tok))
-    ACTIVATION.save(model, tok, folder, {"extra": {"activation": st.report}})
+    ACTIVATION.save(model, tok, _dir(name, label), {"extra": {"activation": st.report}}, overwrite=True)
     return model, tok
 
 
