@@ -185,3 +185,29 @@ def test_recover_option_values_are_typed_like_the_user_wrote_them():
     assert got == {"lr": 5e-4, "grad_accum": 1, "betas": [0.9, 0.95], "data": "austen", "bf16": True}
     assert isinstance(got["grad_accum"], int)
     assert _yaml_values(["data=inf", "data2=nan"]) == {"data": "inf", "data2": "nan"}  # words stay words
+
+
+def test_recover_keeps_and_recalibrates_activation_thresholds(tmp_path, pruned_folders, capsys, data_dir):
+    """A folder with activation thresholds trains with them and is saved with re-calibrated ones (it used
+    to be saved without them: a plain dense model)."""
+    from prunekit import ActivationSparsityConfig, CalibConfig, sparsify_activations
+    from prunekit.formats import save_with_thresholds
+    from prunekit.models.activation import state_of
+
+    dense, _, txt = pruned_folders
+    model, tok = load_model(str(dense))
+    sparsify_activations(model, ActivationSparsityConfig(sparsity=0.4, calib=CalibConfig("austen", 4, 32, 0)),
+                         tokenizer=tok, data_dir=data_dir)
+    act, out = tmp_path / "act", tmp_path / "out"
+    save_with_thresholds(model, tok, act)
+    rc = main(["recover", str(act), "--teacher", str(dense), "--out", str(out), "--lr", "1e-2", *small(txt)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "teal activation sparsity (target 0.40)" in text and "(re-calibrated)" in text
+    after, _ = load_model(str(out))
+    state = state_of(after)
+    assert state is not None and set(state.sites) == set(state_of(model).sites)
+    r = json.loads((out / "prunekit_report.json").read_text())["recover"]["activation"]
+    assert r["recalibrated"] and r["sparsity"] == pytest.approx(0.4, abs=0.03)
+    before = state_of(model).thresholds
+    assert any(not torch.equal(state.thresholds[n], before[n]) for n in before)  # the saved ones are the new ones

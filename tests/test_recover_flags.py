@@ -53,6 +53,8 @@ MAIN_FLAGS = [
     ('--teacher-dtype', 'str', ('auto', 'float32', 'bfloat16'),
      'teacher weights dtype (default auto: bfloat16 where the CPU has bf16 units)'),
     ('--seed', 'int', None, 'seed of data order and LoRA init (default 0)'),
+    ('--act-keep-thresholds', 'store_true', None, "keep a model's activation thresholds as trained with (default: "
+     're-calibrate them on the trained weights, the sparsity they claim)'),
     ('--checkpoint-every', 'int', None, 'write a resumable checkpoint beside --out every N steps (default: never)'),
     ('--restart', 'store_true', None, 'discard an existing checkpoint instead of resuming it'),
 ]

@@ -174,7 +174,7 @@ def _run(args: argparse.Namespace, cfg) -> int:
 
 def train_and_save(args, cfg, student, teacher, tok, tasks, settings, ckpt: Path, prior: dict | None) -> int:
     """Recover, print the summary, save atomically, drop the checkpoint (shared with ``prune --recover``)."""
-    from ..formats import save_compressed
+    from ..formats import save_with_thresholds  # a model carrying activation thresholds keeps them
     from ..recover import recover
 
     bar, on_step = progress_bar(cfg.steps)
@@ -192,7 +192,7 @@ def train_and_save(args, cfg, student, teacher, tok, tasks, settings, ckpt: Path
     print_summary(report)
     if getattr(args, "control", False):  # before the save: the report carries the control
         out_report["control"] = run_control(args, cfg, teacher, tok, evaluator, report, progress_bar)
-    out, how = save_compressed(student, tok, args.out, out_report, args.overwrite)
+    out, how = save_with_thresholds(student, tok, args.out, out_report, args.overwrite)
     if args.json:  # after the model: a report problem must not lose a finished training
         Path(args.json).write_text(json.dumps(out_report, indent=2, default=str))
     if ckpt.exists():
@@ -232,6 +232,11 @@ def print_summary(report) -> None:
         rows.append(["held-out ppl, LoRA merged WITHOUT the mask (dense)", "", fmt_ppl(report.lora["validation_unmasked"]["ppl"])])
     rows.append(["sparsity of decoder linears", f"{report.sparsity_before['sparsity']:.4f}",
                  f"{report.sparsity_after['sparsity']:.4f}" + ("" if report.masks_kept else " (MASK BROKEN)")])
+    act = report.activation
+    if act:
+        new = f"{act['sparsity']:.4f} (re-calibrated)" if act["recalibrated"] else "(kept as trained with)"
+        rows.append([f"{act['method']} activation sparsity (target {act['target']:.2f}): thresholds trained with",
+                     f"{act['trained_thresholds_sparsity']:.4f}", new])
     rows.append(["training tokens / steps", "", f"{report.tokens} / {report.steps}"])
     rows.append(["training time (s) / tok/s", "", f"{report.seconds:.0f} / {report.tokens_per_s:.0f}"])
     rows.append(["optimizer state (MB) / peak RSS (MB)", "",

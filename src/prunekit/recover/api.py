@@ -23,6 +23,7 @@ from ..models import context_length, cpu_has_bf16, decoder_linears, fast_amp
 from ..report import environment
 from .config import RecoverConfig
 from .data import training_text
+from .activation import recalibrate
 from .masks import MaskSet, sparsity_stats
 from .objectives import Objective
 from .trainer import StepInfo, Trainer
@@ -53,6 +54,7 @@ class RecoverReport:
     validation_after: dict[str, Any]
     resumed_from: int | None = None
     lora: dict[str, Any] | None = None
+    activation: dict[str, Any] | None = None  # the activation thresholds, re-calibrated after training
     evaluation: dict[str, Any] = field(default_factory=dict)
     validation: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
@@ -157,6 +159,9 @@ def recover(student: nn.Module, teacher: nn.Module | None, tokenizer, config: Re
             evaluate: Callable[[nn.Module], dict] | None = None, data_dir=None) -> RecoverReport:
     """Train ``student`` (in place) towards ``teacher`` as ``config`` says, keeping its zeros.
 
+    A student carrying activation thresholds trains with them applied and has them re-calibrated on
+    its trained weights afterwards (``report.activation``; ``config.act_keep_thresholds`` keeps them).
+
     Args:
         student: the compressed causal LM, float32 (trained in place; LoRA is merged back).
         teacher: the dense model it was compressed from (put in eval mode and cast to the
@@ -192,6 +197,7 @@ def recover(student: nn.Module, teacher: nn.Module | None, tokenizer, config: Re
     lora_info = None
     if config.trainable == "lora":
         lora_info, objective = _merge_lora(student, teacher, objective, text, masks, config, evaluate, evaluation)
+    activation = recalibrate(student, tokenizer, data_dir, keep=config.act_keep_thresholds)
     val_after = objective.evaluate(text.val, config.batch_size)
     for n, p in student.named_parameters():
         p.requires_grad_(flags.get(n, True))
@@ -208,4 +214,4 @@ def recover(student: nn.Module, teacher: nn.Module | None, tokenizer, config: Re
         optimizer_state_bytes=result.optimizer_state_bytes, mask_bytes=masks.bytes(), sparsity_before=before,
         sparsity_after=after, masks_kept=not bad, validation_before={"step": 0, **val_before},
         validation_after={"step": result.steps, **val_after}, resumed_from=result.resumed_from, lora=lora_info,
-        evaluation=evaluation, validation=result.validation, history=result.history)
+        activation=activation, evaluation=evaluation, validation=result.validation, history=result.history)

@@ -84,6 +84,9 @@ class RecoverConfig:
         teacher_dtype: ``auto`` (bfloat16 where the CPU/GPU has bf16 matmul units), ``float32``
             or ``bfloat16``.
         seed: data order, LoRA initialisation and every other random draw.
+        act_keep_thresholds: a student carrying activation thresholds trains with them in place; after
+            training they are re-calibrated on the trained weights (:mod:`prunekit.recover.activation`)
+            unless this is set, which keeps the thresholds it trained with (their sparsity is reported).
         checkpoint_every: write a resumable checkpoint every N optimizer steps (0: never).
     """
 
@@ -127,6 +130,8 @@ class RecoverConfig:
     teacher_dtype: str = _flag("auto", "teacher weights dtype (default auto: bfloat16 where the CPU has bf16 units)",
                                choices=TEACHER_DTYPES)
     seed: int = _flag(0, "seed of data order and LoRA init (default 0)")
+    act_keep_thresholds: bool = _flag(False, "keep a model's activation thresholds as trained with (default: "
+                                      "re-calibrate them on the trained weights, the sparsity they claim)")
     checkpoint_every: int = _flag(0, "write a resumable checkpoint beside --out every N steps (default: never)")
 
     def __post_init__(self) -> None:
@@ -200,5 +205,5 @@ class RecoverConfig:
 
     def trajectory_fields(self) -> dict[str, Any]:
         """Settings that change the training trajectory (a checkpoint must agree on all of them)."""
-        skip = {"checkpoint_every", "val_every"}
+        skip = {"checkpoint_every", "val_every", "act_keep_thresholds"}
         return {k: v for k, v in self.to_dict().items() if k not in skip}

@@ -1,0 +1,77 @@
+"""Activation thresholds through a recovery run: trained with them in place, re-calibrated after.
+
+A model that carries activation thresholds (``model.prunekit_activation``: TEAL / CATS / CHESS /
+WINA) trains with its masks in the forward pass — the hooks zero the small inputs, the gradient
+flows through the entries they keep — so training learns to do without what the thresholds drop.
+Training also moves the activations: the old thresholds then zero a different fraction than the
+one they were calibrated for (usually less), so a model saved with them would claim a sparsity it
+no longer has. After training, :func:`recalibrate` measures the sparsity the old thresholds reach on
+the calibration text and calibrates them again, with the model's own settings, on the trained
+weights: the saved model has the sparsity it says.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import Tensor, nn
+
+from ..models.activation import Counter, state_of
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def measured_sparsity(model: nn.Module, ids: Tensor) -> float:
+    """The installed thresholds' sparsity on ``ids`` (``[n, seqlen]``): the mean over sites, weighted
+    by the weight reads each site lets a kernel skip (the calibration report's ``mean_sparsity``)."""
+    state = state_of(model)
+    counters = {}
+    for name in state.sites:
+        counters[name] = state.mask(name).counter = Counter()
+    was_training = model.training
+    model.eval()
+    try:
+        for row in ids:
+            model(row[None].to(next(model.parameters()).device))
+    finally:
+        for name in state.sites:
+            state.mask(name).counter = None
+        model.train(was_training)
+    weights = {n: s.skipped_params for n, s in state.sites.items()}
+    total = sum(weights[n] for n, c in counters.items() if c.total)
+    return sum(c.sparsity * weights[n] for n, c in counters.items() if c.total) / total if total else 0.0
+
+
+def recalibrate(model: nn.Module, tokenizer, data_dir=None, keep: bool = False) -> dict | None:
+    """Re-calibrate ``model``'s activation thresholds on its (trained) weights; ``None`` if it has none.
+
+    Returns what the run's report records: the method and target, the sparsity the thresholds the
+    model trained with reach now on the calibration text, and (unless ``keep``) the sparsity of the
+    re-calibrated ones. The calibration text and every setting are the model's own
+    (``state.config``); a rotation is not repeated (the weights are already in the rotated basis).
+    """
+    from ..activation.api import activation_calibration, calibrate_thresholds
+    from ..families.activation import ActivationSparsityConfig
+
+    state = state_of(model)
+    if state is None:
+        return None
+    t0 = time.perf_counter()
+    cfg = ActivationSparsityConfig(**{**state.config, "rotate": "none"})
+    ids, source = activation_calibration(model, cfg, None, tokenizer, data_dir)
+    old = measured_sparsity(model, ids)
+    out = {"method": state.method, "target": cfg.sparsity, "calibration": source,
+           "trained_thresholds_sparsity": old, "recalibrated": not keep}
+    if keep:
+        log.warning("activation thresholds kept as trained with: they now reach %.4f sparsity on the calibration "
+                    "text (calibrated for %.4f)", old, cfg.sparsity)
+        return out
+    new = calibrate_thresholds(model, cfg, ids, source)
+    out.update(sparsity=new.report["mean_sparsity"], skipped_fraction=new.report["skipped_fraction"],
+               seconds=time.perf_counter() - t0)
+    log.info("activation thresholds re-calibrated on the trained weights: %.4f -> %.4f sparsity (target %.4f)",
+             old, out["sparsity"], cfg.sparsity)
+    return out
