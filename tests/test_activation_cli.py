@@ -57,7 +57,6 @@ def test_activation_after_weight_pruning(tiny_folder, tmp_path, capsys):
     (["--activation-sparsity", "1.2"], "activation sparsity=1.2 is out of range"),
     (["--activation-sparsity", "0.4", "--act-method", "cats", "--act-allocation", "greedy"], "greedy"),
     (["--activation-sparsity", "0.4", "--offload", "disk"], "drop --offload disk"),
-    (["--activation-sparsity", "0.4", "--recover"], "recover first"),
     (["--activation-sparsity", "0.4", "--act-max-tokens", "3"], "max_tokens"),
 ])
 def test_prune_activation_flags_fail_in_one_line(tiny_folder, tmp_path, capsys, argv, match):
@@ -93,3 +92,20 @@ def test_eval_prompt_tokens_scores_generation_of_a_saved_activation_model(tiny_f
     assert res[0]["tokens"] == 4 * 31 and res[16]["tokens"] == 4 * 16
     assert res[16]["ppl"] != res[0]["ppl"]
     assert main(["eval", str(out), "--datasets", calib, "--seqlen", "32", "--prompt-tokens", "31"]) == 2  # nothing left
+
+
+def test_activation_sparsity_chains_recover_and_saves_recalibrated_thresholds(tiny_folder, tmp_path, capsys):
+    """--activation-sparsity with --recover: trained with the thresholds, re-calibrated after (recover/activation.py)."""
+    out, calib = tmp_path / "act-rec", _calib_file(tmp_path)
+    rc = main(["prune", str(tiny_folder), "--activation-sparsity", "0.4", "--calib", calib, "--nsamples", "4",
+               "--seqlen", "32", "--eval", calib, "--eval-seqlen", "32", "--max-windows", "2", "--out", str(out),
+               "--recover", "--recover-option", f"data={calib}",
+               "--recover-option", "tokens=128", "--recover-option", "seqlen=32", "--recover-option", "grad_accum=2",
+               "--recover-option", "val_windows=2", "--recover-option", "teacher_dtype=float32"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "teal activation sparsity (target 0.40)" in text and "(re-calibrated)" in text
+    extra = json.loads((out / "prunekit_report.json").read_text())["extra"]
+    assert extra["recover"]["activation"]["recalibrated"]
+    assert extra["activation"]["mean_sparsity"] == extra["recover"]["activation"]["sparsity"]
+    assert state_of(prunekit.load_model(str(out))[0]) is not None

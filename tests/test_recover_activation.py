@@ -97,3 +97,21 @@ def test_dense_student_reports_no_activation(tmp_path):
     cfg = RecoverConfig(data=str(txt), tokens=64, seqlen=16, batch_size=2, grad_accum=2, val_windows=4,
                         teacher_dtype="float32")
     assert recover(copy.deepcopy(teacher), teacher, tok, cfg).activation is None
+
+
+def test_the_pipeline_saves_and_reports_the_recalibrated_thresholds(tiny_folder, prose_file, tmp_path):
+    """RunSpec(activation=..., recover=...): the thresholds calibrated before training are re-calibrated after it;
+    the saved side files and report.extra['activation'] are the new ones, not the pre-training ones."""
+    from prunekit.pipeline import RunSpec, run
+
+    calib = CalibConfig(str(prose_file), nsamples=2, seqlen=16)
+    rec = RecoverConfig(data=str(prose_file), tokens=64, seqlen=16, batch_size=2, grad_accum=2, val_windows=2,
+                        lr=3e-2, teacher_dtype="float32")
+    res = run(RunSpec(str(tiny_folder), activation=ActivationSparsityConfig(sparsity=0.4, calib=calib), recover=rec,
+                      out=tmp_path / "out", eval_datasets=(str(prose_file),), eval_seqlen=32, max_windows=2))
+    act = res.report.extra["recover"]["activation"]
+    assert act["recalibrated"] and act["sparsity"] == pytest.approx(0.4, abs=0.05)
+    loaded, _ = prunekit.load_model(str(res.saved))
+    state = state_of(loaded)
+    assert res.report.extra["activation"]["mean_sparsity"] == act["sparsity"]
+    assert all(torch.equal(state.thresholds[n], state_of(res.model).thresholds[n].float()) for n in state.sites)

@@ -55,10 +55,6 @@ def activation_config(args: argparse.Namespace, calib):
         if extra:
             raise ConfigError(f"{extra[0]} given without --activation-sparsity: add e.g. --activation-sparsity 0.4")
         return None
-    if args.recover:
-        raise ConfigError("--activation-sparsity with --recover: recovery changes the weights the thresholds are "
-                          "calibrated on; recover first (prunekit recover), then prunekit prune DIR "
-                          "--activation-sparsity S")
     kw = {"sparsity": args.activation_sparsity, "calib": calib}
     for key, flag in (("method", "act_method"), ("allocation", "act_allocation"), ("max_tokens", "act_max_tokens"),
                       ("greedy_tokens", "act_greedy_tokens"), ("rotate", "act_rotate")):
