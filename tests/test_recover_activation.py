@@ -115,3 +115,14 @@ def test_the_pipeline_saves_and_reports_the_recalibrated_thresholds(tiny_folder,
     state = state_of(loaded)
     assert res.report.extra["activation"]["mean_sparsity"] == act["sparsity"]
     assert all(torch.equal(state.thresholds[n], state_of(res.model).thresholds[n].float()) for n in state.sites)
+
+
+def test_an_unreadable_calibration_text_fails_before_training(tmp_path, data_dir, monkeypatch):
+    """Re-calibration needs the thresholds' calibration text: it is read before the first step, not after."""
+    from prunekit.recover.trainer import Trainer
+
+    tok, teacher, student, state, cfg = _setup(tmp_path, data_dir)
+    state.config["calib"] = {**state.config["calib"], "dataset": str(tmp_path / "gone.txt")}
+    monkeypatch.setattr(Trainer, "run", lambda self: pytest.fail("training started"))
+    with pytest.raises(Exception, match="gone.txt"):
+        recover(student, teacher, tok, cfg, data_dir=data_dir)

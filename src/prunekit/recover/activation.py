@@ -45,25 +45,44 @@ def measured_sparsity(model: nn.Module, ids: Tensor) -> float:
     return sum(c.sparsity * weights[n] for n, c in counters.items() if c.total) / total if total else 0.0
 
 
-def recalibrate(model: nn.Module, tokenizer, data_dir=None, keep: bool = False) -> dict | None:
-    """Re-calibrate ``model``'s activation thresholds on its (trained) weights; ``None`` if it has none.
+def calibration_for(model: nn.Module, tokenizer, data_dir=None) -> tuple | None:
+    """``(config, ids, source)`` to re-calibrate ``model``'s thresholds with, or ``None`` if it has none.
 
-    Returns what the run's report records: the method and target, the sparsity the thresholds the
-    model trained with reach now on the calibration text, and (unless ``keep``) the sparsity of the
-    re-calibrated ones. The calibration text and every setting are the model's own
-    (``state.config``); a rotation is not repeated (the weights are already in the rotated basis).
+    Drawn before training, so a calibration text that cannot be read fails before any step, not after
+    the training is done. The text and every setting are the model's own (``state.config``); a rotation
+    is not repeated (the weights are already in the rotated basis).
     """
-    from ..activation.api import activation_calibration, calibrate_thresholds
+    from ..activation.api import activation_calibration
     from ..families.activation import ActivationSparsityConfig
 
     state = state_of(model)
     if state is None:
         return None
-    t0 = time.perf_counter()
     cfg = ActivationSparsityConfig(**{**state.config, "rotate": "none"})
+    if state.report.get("calibration", {}).get("source") == "given":
+        log.warning("the activation thresholds were calibrated on token ids passed in; they are re-calibrated on "
+                    "their config's text instead (%s, %d x %d)", cfg.calib.dataset, cfg.calib.nsamples,
+                    cfg.calib.seqlen)
     ids, source = activation_calibration(model, cfg, None, tokenizer, data_dir)
+    return cfg, ids, source
+
+
+def recalibrate(model: nn.Module, prepared: tuple | None, keep: bool = False) -> dict | None:
+    """Re-calibrate ``model``'s activation thresholds on its (trained) weights with ``prepared``
+    (:func:`calibration_for`, taken before training); ``None`` when the model has no thresholds.
+
+    Returns what the run's report records: the method and target, the sparsity the thresholds the
+    model trained with reach now on the calibration text, and (unless ``keep``) the sparsity of the
+    re-calibrated ones.
+    """
+    from ..activation.api import calibrate_thresholds
+
+    if prepared is None:
+        return None
+    t0 = time.perf_counter()
+    cfg, ids, source = prepared
     old = measured_sparsity(model, ids)
-    out = {"method": state.method, "target": cfg.sparsity, "calibration": source,
+    out = {"method": state_of(model).method, "target": cfg.sparsity, "calibration": source,
            "trained_thresholds_sparsity": old, "recalibrated": not keep}
     if keep:
         log.warning("activation thresholds kept as trained with: they now reach %.4f sparsity on the calibration "

@@ -21,9 +21,9 @@ from ..calibration import peak_rss_mb
 from ..errors import ConfigError
 from ..models import context_length, cpu_has_bf16, decoder_linears, fast_amp
 from ..report import environment
+from .activation import calibration_for, recalibrate
 from .config import RecoverConfig
 from .data import training_text
-from .activation import recalibrate
 from .masks import MaskSet, sparsity_stats
 from .objectives import Objective
 from .trainer import StepInfo, Trainer
@@ -179,6 +179,7 @@ def recover(student: nn.Module, teacher: nn.Module | None, tokenizer, config: Re
     t_start = time.perf_counter()
     check_models(student, teacher, tokenizer, config)
     text = training_text(config, tokenizer, data_dir)
+    act_calib = calibration_for(student, tokenizer, data_dir)  # an unreadable text fails before training
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     masks = MaskSet.capture(student)
@@ -197,7 +198,7 @@ def recover(student: nn.Module, teacher: nn.Module | None, tokenizer, config: Re
     lora_info = None
     if config.trainable == "lora":
         lora_info, objective = _merge_lora(student, teacher, objective, text, masks, config, evaluate, evaluation)
-    activation = recalibrate(student, tokenizer, data_dir, keep=config.act_keep_thresholds)
+    activation = recalibrate(student, act_calib, keep=config.act_keep_thresholds)
     val_after = objective.evaluate(text.val, config.batch_size)
     for n, p in student.named_parameters():
         p.requires_grad_(flags.get(n, True))
