@@ -126,3 +126,16 @@ def test_an_unreadable_calibration_text_fails_before_training(tmp_path, data_dir
     monkeypatch.setattr(Trainer, "run", lambda self: pytest.fail("training started"))
     with pytest.raises(Exception, match="gone.txt"):
         recover(student, teacher, tok, cfg, data_dir=data_dir)
+
+
+def test_lora_on_thresholded_linear_inputs_is_refused_before_training(tmp_path, data_dir, monkeypatch):
+    """peft wraps each linear: the adapters would see the unthresholded input while the base sees the masked one."""
+    import dataclasses
+
+    from prunekit.errors import ConfigError
+    from prunekit.recover.trainer import Trainer
+
+    tok, teacher, student, state, cfg = _setup(tmp_path, data_dir)
+    monkeypatch.setattr(Trainer, "run", lambda self: pytest.fail("training started"))
+    with pytest.raises(ConfigError, match="use --trainable full"):
+        recover(student, teacher, tok, dataclasses.replace(cfg, trainable="lora"), data_dir=data_dir)

@@ -20,6 +20,7 @@ from torch import nn
 from ..calibration import peak_rss_mb
 from ..errors import ConfigError
 from ..models import context_length, cpu_has_bf16, decoder_linears, fast_amp
+from ..models.activation import state_of
 from ..report import environment
 from .activation import calibration_for, recalibrate
 from .config import RecoverConfig
@@ -98,6 +99,10 @@ def check_models(student: nn.Module, teacher: nn.Module | None, tokenizer, cfg: 
     if tokenizer is not None and vs is not None and len(tokenizer) > vs:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the student's vocabulary is {vs}; "
                           "use the student's own tokenizer")
+    act = state_of(student)
+    if cfg.trainable == "lora" and act is not None and any(site.kind == "input" for site in act.sites.values()):
+        raise ConfigError(f"trainable='lora' with {act.method} activation thresholds on linear inputs: the adapters "
+                          "would read the unthresholded inputs the merged model never sees; use --trainable full")
     if cfg.needs_teacher:
         if teacher is None:
             raise ConfigError("distillation (kl_weight/hidden_weight > 0) needs a teacher: pass --teacher DENSE, "
