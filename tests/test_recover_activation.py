@@ -13,7 +13,7 @@ from conftest import tiny_model, tiny_tokenizer
 from prunekit import ActivationSparsityConfig, CalibConfig
 from prunekit.models.activation import state_of
 from prunekit.recover import RecoverConfig, recover
-from prunekit.recover.activation import measured_sparsity
+from prunekit.activation.api import measured_sparsity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

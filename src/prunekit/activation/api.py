@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..models import decoder_linears, weight_view
-from ..models.activation import ActivationState, state_of
+from ..models import decoder_linears, model_device, weight_view
+from ..models.activation import ActivationState, Counter, state_of
 from ..options import to_dict
 from .base import ACTIVATION_METHODS
 from .calibrate import BlockDone, calibrate, model_sites
@@ -128,3 +128,24 @@ def _weighted(values: dict[str, float | None], weights: dict[str, int]) -> float
     tot = sum(weights[n] for n in values if values[n] is not None)
     return sum(values[n] * weights[n] for n in values if values[n] is not None) / tot if tot else 0.0
 
+
+
+@torch.no_grad()
+def measured_sparsity(model: nn.Module, ids: Tensor) -> float:
+    """The installed thresholds' sparsity on ``ids`` (``[n, seqlen]``, one sequence per forward): the mean
+    over sites weighted by the weight reads each lets a kernel skip, as the calibration report's
+    ``mean_sparsity`` (e.g. what thresholds calibrated before training reach after it)."""
+    state = state_of(model)
+    counters = {}
+    for name in state.sites:
+        counters[name] = state.mask(name).counter = Counter()
+    was_training, dev = model.training, model_device(model)
+    model.eval()
+    try:
+        for row in ids:
+            model(row[None].to(dev))
+    finally:
+        for name in state.sites:
+            state.mask(name).counter = None
+        model.train(was_training)
+    return _weighted({n: c.sparsity for n, c in counters.items()}, {n: s.skipped_params for n, s in state.sites.items()})

@@ -150,7 +150,7 @@ def _recover(spec: RunSpec, model, teacher, tok, result: RunResult, tasks: dict,
     if res:
         report.evaluation.setdefault("tasks", {})["recovered"] = {k: r.to_dict() for k, r in res.items()}
     report.extra["recover"] = rep.to_dict()
-    if rep.activation and rep.activation["recalibrated"]:  # the thresholds saved are the re-calibrated ones
+    if rep.activation:  # the report describes the thresholds saved: re-calibrated after training (or kept)
         from ..models.activation import state_of
 
         report.extra["activation"] = state_of(model).report

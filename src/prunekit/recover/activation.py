@@ -15,34 +15,12 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ..models.activation import Counter, state_of
+from ..activation.api import activation_calibration, calibrate_thresholds, measured_sparsity
+from ..models.activation import state_of
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def measured_sparsity(model: nn.Module, ids: Tensor) -> float:
-    """The installed thresholds' sparsity on ``ids`` (``[n, seqlen]``): the mean over sites, weighted
-    by the weight reads each site lets a kernel skip (the calibration report's ``mean_sparsity``)."""
-    state = state_of(model)
-    counters = {}
-    for name in state.sites:
-        counters[name] = state.mask(name).counter = Counter()
-    was_training = model.training
-    model.eval()
-    try:
-        for row in ids:
-            model(row[None].to(next(model.parameters()).device))
-    finally:
-        for name in state.sites:
-            state.mask(name).counter = None
-        model.train(was_training)
-    weights = {n: s.skipped_params for n, s in state.sites.items()}
-    total = sum(weights[n] for n, c in counters.items() if c.total)
-    return sum(c.sparsity * weights[n] for n, c in counters.items() if c.total) / total if total else 0.0
 
 
 def calibration_for(model: nn.Module, tokenizer, data_dir=None) -> tuple | None:
@@ -52,7 +30,6 @@ def calibration_for(model: nn.Module, tokenizer, data_dir=None) -> tuple | None:
     the training is done. The text and every setting are the model's own (``state.config``); a rotation
     is not repeated (the weights are already in the rotated basis).
     """
-    from ..activation.api import activation_calibration
     from ..families.activation import ActivationSparsityConfig
 
     state = state_of(model)
@@ -75,8 +52,6 @@ def recalibrate(model: nn.Module, prepared: tuple | None, keep: bool = False) ->
     model trained with reach now on the calibration text, and (unless ``keep``) the sparsity of the
     re-calibrated ones.
     """
-    from ..activation.api import calibrate_thresholds
-
     if prepared is None:
         return None
     t0 = time.perf_counter()

@@ -159,6 +159,16 @@ def _trainable_full(model: nn.Module, cfg: RecoverConfig) -> list[tuple[str, nn.
     return named
 
 
+def _restore(student: nn.Module, flags: dict[str, bool], masks: MaskSet) -> dict[str, int]:
+    """Give the parameters back their ``requires_grad``; the layers whose pruned positions became non-zero."""
+    for n, p in student.named_parameters():
+        p.requires_grad_(flags.get(n, True))
+    bad = masks.violations()
+    if bad:
+        log.error("pruned positions became non-zero in %d layers: %s", len(bad), dict(list(bad.items())[:3]))
+    return bad
+
+
 def recover(student: nn.Module, teacher: nn.Module | None, tokenizer, config: RecoverConfig, *,
             checkpoint_dir=None, callback: Callable[[StepInfo], None] | None = None,
             evaluate: Callable[[nn.Module], dict] | None = None, data_dir=None) -> RecoverReport:
@@ -205,11 +215,7 @@ def recover(student: nn.Module, teacher: nn.Module | None, tokenizer, config: Re
         lora_info, objective = _merge_lora(student, teacher, objective, text, masks, config, evaluate, evaluation)
     activation = recalibrate(student, act_calib, keep=config.act_keep_thresholds)
     val_after = objective.evaluate(text.val, config.batch_size)
-    for n, p in student.named_parameters():
-        p.requires_grad_(flags.get(n, True))
-    bad = masks.violations()
-    if bad:
-        log.error("pruned positions became non-zero in %d layers: %s", len(bad), dict(list(bad.items())[:3]))
+    bad = _restore(student, flags, masks)
     after = sparsity_stats(student)
     if evaluate:
         evaluation["after"] = evaluate(student)
