@@ -135,6 +135,19 @@ def _rows() -> dict[str, Row]:
         if tag:
             rows[f"smol/sparsegpt+rec{tag}/2:4"] = Row("smollm2", "sparsegpt", None, "2:4", refine="reconstruct",
                                                        refine_opts=opts)
+    # learned masks in the block fit (straight-through, each row / N:M group keeps its count): chosen on validation
+    learned = {"-learned": {**REC, "mask": "learned"}, "-learned-lr1e-3": {**REC, "mask": "learned", "lr": 1e-3},
+               "-learned-pruned-dense": {**REC, "mask": "learned", "inputs": "pruned", "target": "dense"}}
+    for tag, opts in learned.items():
+        rows[f"tune/sparsegpt+rec{tag}/70"] = Row("smollm2", "sparsegpt", 0.7, refine="reconstruct", refine_opts=opts,
+                                                  nsamples=32, eval_text=WT2_VALID)
+        rows[f"tune/sparsegpt+rec{tag}/2:4"] = Row("smollm2", "sparsegpt", None, "2:4", refine="reconstruct",
+                                                   refine_opts=opts, nsamples=32, eval_text=WT2_VALID)
+        for target in ("50", "70", "2:4"):
+            rows[f"smol/sparsegpt+rec{tag}/{target}"] = Row("smollm2", "sparsegpt", *TARGETS[target],
+                                                            refine="reconstruct", refine_opts=opts)
+        rows[f"smol/alps+rec{tag}/70/alpha"] = Row("smollm2", "alps", 0.7, allocation="alpha", alloc_opts=ALPHA,
+                                                   refine="reconstruct", refine_opts=opts)
     # Qwen2.5-Coder-1.5B streamed: 16 x 1024 calibration (a 128 x 1024 SparseGPT prune alone would take
     # about 3 h on 2 cores), 16 WikiText-2 windows, 8 GSM8K windows
     qwen = dict(nsamples=16, streamed=True, windows=16, heldout=8)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import fast_amp
+from .maskfit import LearnedMasks, MaskRule
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class FitSettings:
     warmup: float = 0.1
     amp: str = "auto"  # auto (the device's fast one: fast_amp) | none | bf16 | fp16
     holdout: int = 0  # the last sequences of the calibration set, measured and never trained on
+    mask_every: int = 0  # with rules: steps between mask re-selections (maskfit); 0 = masks fixed
+    mask_decay: float = 0.0  # SR-STE's pull of the pruned shadow entries towards zero
 
 
 def linear_schedule(step: int, total: int, warmup: int) -> float:
@@ -116,7 +119,7 @@ def _mse(run, inputs, targets, pairs: list[tuple[int, slice]], device: torch.dev
 
 def fit_block(run: Callable[[int, Tensor, slice | None], Tensor], inputs: Sequence[Tensor], targets: Sequence[Tensor],
               params: Sequence[nn.Parameter], zeros: dict[nn.Parameter, Tensor], held: dict[nn.Parameter, Tensor],
-              settings: FitSettings) -> dict:
+              settings: FitSettings, rules: dict[nn.Parameter, MaskRule] | None = None) -> dict:
     """Train ``params`` so that ``run(b, inputs[b], rows)`` matches ``targets[b][rows]`` for every batch.
 
     Args:
@@ -126,11 +129,16 @@ def fit_block(run: Callable[[int, Tensor, slice | None], Tensor], inputs: Sequen
         zeros: for some of ``params`` (pruned weights), a boolean mask of the entries held at exactly zero.
         held: for some of ``params``, a boolean mask of the entries held at their value (the bias of a
             row whose weights are all pruned).
-        settings: epochs, learning rate, micro-batch size, warm-up share, mixed precision, held-out sequences.
+        settings: epochs, learning rate, micro-batch size, warm-up share, mixed precision, held-out sequences,
+            mask re-selection.
+        rules: with ``settings.mask_every`` > 0, the weights (keys of ``zeros``) whose masks move during the fit
+            and how each is chosen again (:mod:`~prunekit.methods.maskfit`); their ``zeros`` are then only
+            the starting masks.
 
     Returns:
         ``{"steps", "amp", "loss_first_epoch", "loss_last_epoch", "finite"}`` (mean MSE over the steps of each
-        epoch); with a holdout also ``"heldout_before"``, ``"heldout_after"`` (MSE on the held-out sequences)
+        epoch); with moving masks ``"mask_changed"`` (share of the kept weights the one-shot mask had pruned);
+        with a holdout also ``"heldout_before"``, ``"heldout_after"`` (MSE on the held-out sequences)
         and ``"reverted"`` (the fit raised it and was undone).
     """
     sizes = [inputs[b].shape[0] for b in range(len(inputs))]
@@ -146,7 +154,12 @@ def fit_block(run: Callable[[int, Tensor, slice | None], Tensor], inputs: Sequen
         if measured:
             before = [p.detach().clone() for p in params]
             info["heldout_before"] = _mse(run, inputs, targets, measured, device, amp)
-        losses = _train(run, inputs, targets, pairs, params, zeros, held, settings, amp)
+        learner = LearnedMasks(rules, settings.mask_every, settings.mask_decay) if rules and settings.mask_every else None
+        if learner is not None:
+            zeros = {p: m for p, m in zeros.items() if p not in rules}
+        losses = _train(run, inputs, targets, pairs, params, zeros, held, settings, amp, learner)
+        if learner is not None:
+            info["mask_changed"] = learner.changed()
         if measured:
             info["heldout_after"] = _mse(run, inputs, targets, measured, device, amp)
             info["reverted"] = not info["heldout_after"] <= info["heldout_before"]  # a NaN after reverts too
@@ -154,14 +167,17 @@ def fit_block(run: Callable[[int, Tensor, slice | None], Tensor], inputs: Sequen
                 with torch.no_grad():
                     for p, v in zip(params, before):
                         p.copy_(v)
+                if learner is not None:
+                    info["mask_changed"] = 0.0
     n = len(pairs)
     first, last = losses[:n], losses[-n:]
     return {"steps": total, "amp": amp, "loss_first_epoch": sum(first) / n, "loss_last_epoch": sum(last) / n,
             "finite": all(math.isfinite(v) for v in losses), **info}
 
 
-def _train(run, inputs, targets, pairs, params, zeros, held, settings: FitSettings, amp: str) -> list[float]:
-    """The AdamW passes of :func:`fit_block`; the loss of every step."""
+def _train(run, inputs, targets, pairs, params, zeros, held, settings: FitSettings, amp: str,
+           learner: LearnedMasks | None = None) -> list[float]:
+    """The AdamW passes of :func:`fit_block`; the loss of every step. ``learner``: moving masks (straight-through)."""
     total = settings.epochs * len(pairs)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_schedule(s, total, int(settings.warmup * total)))
@@ -183,6 +199,8 @@ def _train(run, inputs, targets, pairs, params, zeros, held, settings: FitSettin
                 for p, m in fixed.items():
                     if p.grad is not None:
                         p.grad.masked_fill_(m, 0.0)
+            if learner is not None:
+                learner.load_shadows()
             if scaler is not None:
                 scaler.step(opt)
                 scaler.update()
@@ -193,5 +211,7 @@ def _train(run, inputs, targets, pairs, params, zeros, held, settings: FitSettin
             with torch.no_grad():
                 for p, m in zeros.items():
                     p.data.masked_fill_(m, 0.0)
+            if learner is not None:
+                learner.reselect()
             losses.append(float(loss.detach()))
     return losses

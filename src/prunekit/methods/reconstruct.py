@@ -34,13 +34,16 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..models import is_linear, weight_view
+from ..models.linear import is_conv1d
 from ..options import Options, option
 from ..registry import REFINERS
 from .base import InputStats, Target
 from .blockfit import FitSettings, fit_block
 from .blockstep import BlockData, BlockNeeds
 from .lstsq import masked_lstsq
+from .maskfit import MaskRule, rule_for
 from .refine import Refiner, skip_matcher
 
 log = logging.getLogger(__name__)
@@ -68,11 +71,20 @@ class ReconstructOptions(Options):
                       "else fp16 on CUDA, float32 on a CPU without bf16 instructions)",
                       choices=("auto", "none", "bf16", "fp16"))
     skip: str = option("", "regex on qualified names whose least squares is skipped (empty = none)")
+    mask: str = option("fixed", "the block fit's masks: held as the method left them, or learned (straight-through: "
+                       "pruned weights may come back, each row / N:M group keeps its count)",
+                       choices=("fixed", "learned"))
+    mask_every: int = option(1, "with mask=learned: optimizer steps between mask re-selections", lo=1)
+    mask_decay: float = option(0.0, "with mask=learned: SR-STE's pull of the pruned weights' shadows to zero "
+                               "(added to their gradient)", lo=0.0, hi=1.0)
     holdout: int = option(0, "calibration sequences (the last ones) kept out of the block fit to measure it: the "
                           "block report gives their MSE before / after, and a fit that raised it is undone", lo=0)
 
     def validate(self) -> None:
         skip_matcher(self.skip)
+        if self.mask == "learned" and self.epochs == 0:
+            raise ConfigError("mask='learned' moves masks during the block fit, which epochs=0 skips: set epochs >= 1 "
+                              "or mask='fixed'")
 
 
 @REFINERS.register("reconstruct", help="block reconstruction: per-linear least squares, then block-output MSE "
@@ -89,9 +101,17 @@ class Reconstruct(Refiner):
     def __init__(self, options: ReconstructOptions | None = None) -> None:
         super().__init__(options)
         self._skip = skip_matcher(self.opts.skip)
+        self._rules: dict[str, tuple] = {}  # name -> (pattern, input norms) for mask="learned"
 
     def refine(self, name: str, linear: nn.Module, dense: Tensor, stats: InputStats, target: Target) -> dict[str, Any]:
         o = self.opts
+        if o.mask == "learned":
+            if target.pattern.is_structured:
+                raise ConfigError(f"reconstruct mask='learned' moves single weights; {name} is pruned with pattern "
+                                  f"{target.pattern}: use mask='fixed'")
+            if stats is None or stats.samples == 0:
+                raise RuntimeError(f"reconstruct: {name} saw no calibration input")
+            self._rules[name] = (target.pattern, stats.col_norm)
         if not o.lstsq or (self._skip is not None and self._skip.search(name)):
             return {"lstsq": "skipped"}
         if stats is None or stats.count == 0 or stats.xtx is None:
@@ -120,15 +140,28 @@ class Reconstruct(Refiner):
             inputs = data.inputs
             targets = data.dense_outputs if o.target == "dense" else data.local_targets
         params, zeros, held = _trainable(data.block, data.modules, o.train)
-        settings = FitSettings(o.epochs, o.lr, o.micro_batch, 0.1, o.amp, o.holdout)
-        info = fit_block(data.run, inputs, targets, params, zeros, held, settings)  # holdout checked at calibration
+        learned = o.mask == "learned"
+        settings = FitSettings(o.epochs, o.lr, o.micro_batch, 0.1, o.amp, o.holdout, o.mask_every if learned else 0,
+                               o.mask_decay)
+        rules = self._block_rules(data.modules) if learned else None
+        info = fit_block(data.run, inputs, targets, params, zeros, held, settings, rules)  # holdout checked already
         if not info.get("finite", True):
             log.warning("reconstruct: block %d's fit produced a non-finite loss; lower --refine-option lr", data.index)
         if info.get("reverted"):
             log.warning("reconstruct: block %d's fit raised the held-out MSE (%.4g -> %.4g); kept the weights from "
                         "before it", data.index, info["heldout_before"], info["heldout_after"])
-        return {"name": self.name, "inputs": o.inputs, "target": o.target if o.inputs == "pruned" else "dense",
+        return {"name": self.name, "mask": o.mask, "inputs": o.inputs, "target": o.target if o.inputs == "pruned" else "dense",
                 "params": sum(p.numel() for p in params), **info}
+
+
+    def _block_rules(self, modules: dict[str, nn.Module]) -> dict[nn.Parameter, MaskRule]:
+        """The mask rules of the block's pruned linears (recorded by :meth:`refine`), keyed by their weights."""
+        rules = {}
+        for name, mod in modules.items():
+            if is_linear(mod) and name in self._rules:
+                pattern, norm = self._rules.pop(name)
+                rules[mod.weight] = rule_for(weight_view(mod), pattern, norm, transposed=is_conv1d(mod))
+        return rules
 
 
 def _trainable(block: nn.Module, modules: dict[str, nn.Module], what: str):
