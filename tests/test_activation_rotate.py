@@ -156,3 +156,21 @@ def test_thresholds_of_the_old_basis_are_removed_before_rotating():
     rotate_residual(model, ids, batch_size=2)
     assert state_of(model) is None  # they thresholded the old coordinates
     torch.testing.assert_close(_logits(model, ids), dense, rtol=1e-4, atol=1e-4)
+
+
+def test_sparsify_activations_rotates_exactly_as_compress_does():
+    # prunekit.sparsify_activations(rotate="pca") once calibrated on the unrotated stream and said nothing: the
+    # issue 29 benchmark's "rotated" rows were plain TEAL. Both entry points must give the same model and report.
+    from prunekit import sparsify_activations
+
+    ids, held = rand_ids(8, 32), rand_ids(4, 32, seed=1)
+    cfg = ActivationSparsityConfig(sparsity=0.4, max_tokens=256, rotate="pca")
+    via_api, via_compress = _model(seed=3), _model(seed=3)
+    state = sparsify_activations(via_api, cfg, calib=ids)
+    report = compress(via_compress, cfg, calib=ids)
+    assert state.report["rotation"]["basis"] == "pca"
+    assert report.extra["activation"]["rotation"]["basis"] == "pca"
+    assert not via_api.config.tie_word_embeddings
+    torch.testing.assert_close(_logits(via_api, held), _logits(via_compress, held))
+    with pytest.raises(ConfigError, match="drop --act-rotate"):
+        sparsify_activations(tiny_model("gpt2"), cfg, calib=rand_ids(2, 16))

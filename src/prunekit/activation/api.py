@@ -22,6 +22,7 @@ from ..models.activation import ActivationState, Counter, state_of
 from ..options import to_dict
 from .base import ACTIVATION_METHODS
 from .calibrate import BlockDone, calibrate, model_sites
+from .rotate import rotate_residual, rotation_plan
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def _greedy_ids(calib: Tensor, tokens: int) -> Tensor:
 
 def sparsify_activations(model: nn.Module, config, calib: Tensor | None = None, tokenizer=None, data_dir=None,
                          callback: Callable[[BlockDone], None] | None = None) -> ActivationState:
-    """Calibrate activation thresholds for ``model`` and install them (the masked model).
+    """Calibrate activation thresholds for ``model`` and install them (the masked model); with
+    ``config.rotate == "pca"`` the residual stream is rotated into its principal axes first (in place).
 
     Args:
         model: a Hugging Face causal LM (dense, or already weight-pruned: the thresholds are
@@ -82,8 +84,24 @@ def sparsify_activations(model: nn.Module, config, calib: Tensor | None = None, 
     """
     t0 = time.perf_counter()
     check_activation(model, config)
+    if config.rotate == "pca":
+        rotation_plan(model)  # the architecture is checked before any work
     ids, source = activation_calibration(model, config, calib, tokenizer, data_dir)
-    return calibrate_thresholds(model, config, ids, source, callback, t0)
+    return rotate_then_calibrate(model, config, ids, source, callback, t0)
+
+
+def rotate_then_calibrate(model: nn.Module, config, ids: Tensor, source: str,
+                          callback: Callable[[BlockDone], None] | None = None,
+                          started: float | None = None) -> ActivationState:
+    """With ``config.rotate == "pca"``, rotate the residual stream on ``ids`` first
+    (:func:`~prunekit.activation.rotate.rotate_residual`, its report in ``report["rotation"]``); then
+    :func:`calibrate_thresholds`. Re-calibrating a model already rotated calls :func:`calibrate_thresholds`
+    alone (a second rotation would be a rotation of the rotated stream)."""
+    rotation = rotate_residual(model, ids, config.calib.batch_size) if config.rotate == "pca" else None
+    state = calibrate_thresholds(model, config, ids, source, callback, started)
+    if rotation is not None:
+        state.report["rotation"] = rotation
+    return state
 
 
 def calibrate_thresholds(model: nn.Module, config, ids: Tensor, source: str,

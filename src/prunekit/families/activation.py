@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from ..activation import activation_calibration, calibrate_thresholds, check_activation
-from ..activation.rotate import rotate_residual, rotation_plan
+from ..activation import activation_calibration, check_activation
+from ..activation.api import rotate_then_calibrate
+from ..activation.rotate import rotation_plan
 from ..data import CalibConfig
 from ..errors import ConfigError
 from ..models.activation import ActivationState
@@ -143,10 +144,5 @@ class ActivationFamily(Family):
 
     def run(self, model: nn.Module, linears: dict[str, nn.Module], calib: Tensor, calib_info: dict, device,
             callback, started: float) -> Report:
-        rotation = None
-        if self.config.rotate == "pca":
-            rotation = rotate_residual(model, calib, self.config.calib.batch_size)
-        state = calibrate_thresholds(model, self.config, calib, calib_info["source"], callback, started)
-        if rotation is not None:
-            state.report["rotation"] = rotation
+        state = rotate_then_calibrate(model, self.config, calib, calib_info["source"], callback, started)
         return activation_report(state)
