@@ -54,9 +54,8 @@ class MaskRule:
 
 
 def rule_for(weight: Tensor, pattern: Pattern, col_norm: Tensor, transposed: bool = False) -> MaskRule:
-    """The rule that keeps the current structure of ``weight`` (``[out, in]``; its zeros are the pruned entries)."""
-    if pattern.is_structured:
-        raise ValueError(f"learned masks keep unstructured or N:M sparsity, not the {pattern.kind!r} pattern")
+    """The rule that keeps the current structure of ``weight`` (``[out, in]``; its zeros are the pruned entries):
+    unstructured or N:M — structured patterns are refused by their family before any work."""
     keep = weight != 0
     return MaskRule(pattern, col_norm.detach().float().clone(), None if pattern.is_nm else keep.sum(dim=1),
                     transposed)

@@ -105,10 +105,7 @@ class Reconstruct(Refiner):
 
     def refine(self, name: str, linear: nn.Module, dense: Tensor, stats: InputStats, target: Target) -> dict[str, Any]:
         o = self.opts
-        if o.mask == "learned":
-            if target.pattern.is_structured:
-                raise ConfigError(f"reconstruct mask='learned' moves single weights; {name} is pruned with pattern "
-                                  f"{target.pattern}: use mask='fixed'")
+        if o.mask == "learned":  # structured patterns: refused by StructuredConfig before any work
             if stats is None or stats.samples == 0:
                 raise RuntimeError(f"reconstruct: {name} saw no calibration input")
             self._rules[name] = (target.pattern, stats.col_norm)
