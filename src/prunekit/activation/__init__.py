@@ -10,11 +10,12 @@ kernels that skip the weights of zero activations.
 from .._deprecated import moved
 from ..models.activation import ActivationState, Site, state_of
 from . import cats, chess, teal, wina  # noqa: F401  (self-registering)
-from .api import activation_calibration, calibrate_thresholds, check_activation, sparsify_activations
+from .api import (activation_calibration, calibrate_thresholds, check_activation, rotate_then_calibrate,
+                  sparsify_activations)
 from .base import ACTIVATION_METHODS
 
 __all__ = ["ACTIVATION_METHODS", "ActivationState", "Site", "activation_calibration", "calibrate_thresholds",
-           "check_activation", "sparsify_activations", "state_of"]
+           "check_activation", "rotate_then_calibrate", "sparsify_activations", "state_of"]
 
 #: the side-file names and functions, now the registered format prunekit.formats.activation
 _MOVED = ("MANIFEST", "TENSORS", "attach_saved", "has_saved", "read_side_files", "save_with_thresholds",

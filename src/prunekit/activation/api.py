@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 
 
 def check_activation(model: nn.Module, config) -> int:
-    """Everything about ``model`` that can fail before calibration; returns the number of sites."""
+    """Everything about ``model`` that can fail before calibration (a rotation's architecture too); returns the
+    number of sites."""
+    if config.rotate == "pca":
+        rotation_plan(model)
     method = ACTIVATION_METHODS.get(config.method)()
     sites = [s for block in model_sites(model, method, config.include, config.exclude) for s in block]
     if not sites:
@@ -84,8 +87,6 @@ def sparsify_activations(model: nn.Module, config, calib: Tensor | None = None, 
     """
     t0 = time.perf_counter()
     check_activation(model, config)
-    if config.rotate == "pca":
-        rotation_plan(model)  # the architecture is checked before any work
     ids, source = activation_calibration(model, config, calib, tokenizer, data_dir)
     return rotate_then_calibrate(model, config, ids, source, callback, t0)
 
@@ -147,7 +148,6 @@ def _weighted(values: dict[str, float | None], weights: dict[str, int]) -> float
     return sum(values[n] * weights[n] for n in values if values[n] is not None) / tot if tot else 0.0
 
 
-
 @torch.no_grad()
 def measured_sparsity(model: nn.Module, ids: Tensor) -> float:
     """The installed thresholds' sparsity on ``ids`` (``[n, seqlen]``, one sequence per forward): the mean
@@ -166,4 +166,5 @@ def measured_sparsity(model: nn.Module, ids: Tensor) -> float:
         for name in state.sites:
             state.mask(name).counter = None
         model.train(was_training)
-    return _weighted({n: c.sparsity for n, c in counters.items()}, {n: s.skipped_params for n, s in state.sites.items()})
+    weights = {n: s.skipped_params for n, s in state.sites.items()}
+    return _weighted({n: c.sparsity for n, c in counters.items()}, weights)

@@ -25,9 +25,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from ..activation import activation_calibration, check_activation
-from ..activation.api import rotate_then_calibrate
-from ..activation.rotate import rotation_plan
+from ..activation import activation_calibration, check_activation, rotate_then_calibrate
 from ..data import CalibConfig
 from ..errors import ConfigError
 from ..models.activation import ActivationState
@@ -132,10 +130,9 @@ class ActivationFamily(Family):
         return True
 
     def check(self, model: nn.Module) -> dict[str, nn.Module]:
-        """The sites the config selects exist (cats / chess: a gated MLP); no linear is changed, so ``{}``."""
+        """The sites the config selects exist (cats / chess: a gated MLP) and a rotation's architecture is
+        accepted; no linear is changed, so ``{}``."""
         check_activation(model, self.config)
-        if self.config.rotate == "pca":
-            rotation_plan(model)
         return {}
 
     def calibration(self, model: nn.Module, calib: Tensor | None, tokenizer, data_dir) -> tuple[Tensor, dict]:

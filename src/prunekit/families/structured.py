@@ -90,9 +90,9 @@ class StructuredConfig(FamilyConfig):
         if not getattr(REFINERS.get(self.refine), "structured", False):
             raise ConfigError(f"refine={self.refine!r} works on unstructured masks, not on pattern {self.unit}; drop "
                               "--refine (after structured pruning: --refine reconstruct)")
-        if dict(self.refine_options).get("mask", "fixed") != "fixed":
-            raise ConfigError(f"refine option mask={dict(self.refine_options)['mask']!r} moves single weights; pattern "
-                              f"{self.unit} removes whole units: drop the mask option (the fit keeps the structure)")
+        why = REFINERS.get(self.refine).structured_refusal(self.refine_options)
+        if why:
+            raise ConfigError(f"pattern {self.unit}: {why}")
         if self.unit in ("blocks", "ffn"):
             raise ConfigError(f"refine={self.refine!r} refits the linears left in a block; pattern {self.unit} removes "
                               "whole blocks or FFNs: use channels, heads or width, or drop --refine")

@@ -41,7 +41,7 @@ class FitSettings:
     warmup: float = 0.1
     amp: str = "auto"  # auto (the device's fast one: fast_amp) | none | bf16 | fp16
     holdout: int = 0  # the last sequences of the calibration set, measured and never trained on
-    mask_every: int = 0  # with rules: steps between mask re-selections (maskfit); 0 = masks fixed
+    mask_every: int = 1  # with rules (moving masks, maskfit): steps between mask re-selections
     mask_decay: float = 0.0  # SR-STE's pull of the pruned shadow entries towards zero
 
 
@@ -131,7 +131,7 @@ def fit_block(run: Callable[[int, Tensor, slice | None], Tensor], inputs: Sequen
             row whose weights are all pruned).
         settings: epochs, learning rate, micro-batch size, warm-up share, mixed precision, held-out sequences,
             mask re-selection.
-        rules: with ``settings.mask_every`` > 0, the weights (keys of ``zeros``) whose masks move during the fit
+        rules: the weights (keys of ``zeros``) whose masks move during the fit
             and how each is chosen again (:mod:`~prunekit.methods.maskfit`); their ``zeros`` are then only
             the starting masks.
 
@@ -154,7 +154,7 @@ def fit_block(run: Callable[[int, Tensor, slice | None], Tensor], inputs: Sequen
         if measured:
             before = [p.detach().clone() for p in params]
             info["heldout_before"] = _mse(run, inputs, targets, measured, device, amp)
-        learner = LearnedMasks(rules, settings.mask_every, settings.mask_decay) if rules and settings.mask_every else None
+        learner = LearnedMasks(rules, settings.mask_every, settings.mask_decay) if rules else None
         if learner is not None:
             zeros = {p: m for p, m in zeros.items() if p not in rules}
         losses = _train(run, inputs, targets, pairs, params, zeros, held, settings, amp, learner)

@@ -98,6 +98,13 @@ class Reconstruct(Refiner):
     needs_hessian = True
     structured = True
 
+    @classmethod
+    def structured_refusal(cls, options) -> str | None:
+        if dict(options).get("mask", "fixed") != "fixed":
+            return (f"refine option mask={dict(options)['mask']!r} moves single weights, which would break the removed "
+                    "units: drop the mask option (the fit keeps the structure)")
+        return None
+
     def __init__(self, options: ReconstructOptions | None = None) -> None:
         super().__init__(options)
         self._skip = skip_matcher(self.opts.skip)
@@ -105,7 +112,7 @@ class Reconstruct(Refiner):
 
     def refine(self, name: str, linear: nn.Module, dense: Tensor, stats: InputStats, target: Target) -> dict[str, Any]:
         o = self.opts
-        if o.mask == "learned":  # structured patterns: refused by StructuredConfig before any work
+        if o.mask == "learned":  # structured patterns: refused before any work (structured_refusal)
             if stats is None or stats.samples == 0:
                 raise RuntimeError(f"reconstruct: {name} saw no calibration input")
             self._rules[name] = (target.pattern, stats.col_norm)
@@ -137,19 +144,17 @@ class Reconstruct(Refiner):
             inputs = data.inputs
             targets = data.dense_outputs if o.target == "dense" else data.local_targets
         params, zeros, held = _trainable(data.block, data.modules, o.train)
-        learned = o.mask == "learned"
-        settings = FitSettings(o.epochs, o.lr, o.micro_batch, 0.1, o.amp, o.holdout, o.mask_every if learned else 0,
-                               o.mask_decay)
-        rules = self._block_rules(data.modules) if learned else None
+        settings = FitSettings(o.epochs, o.lr, o.micro_batch, 0.1, o.amp, o.holdout, o.mask_every, o.mask_decay)
+        rules = self._block_rules(data.modules) if o.mask == "learned" else None
         info = fit_block(data.run, inputs, targets, params, zeros, held, settings, rules)  # holdout checked already
         if not info.get("finite", True):
             log.warning("reconstruct: block %d's fit produced a non-finite loss; lower --refine-option lr", data.index)
         if info.get("reverted"):
             log.warning("reconstruct: block %d's fit raised the held-out MSE (%.4g -> %.4g); kept the weights from "
                         "before it", data.index, info["heldout_before"], info["heldout_after"])
-        return {"name": self.name, "mask": o.mask, "inputs": o.inputs, "target": o.target if o.inputs == "pruned" else "dense",
-                "params": sum(p.numel() for p in params), **info}
-
+        return {"name": self.name, "mask": o.mask, "inputs": o.inputs,
+                "target": o.target if o.inputs == "pruned" else "dense", "params": sum(p.numel() for p in params),
+                **info}
 
     def _block_rules(self, modules: dict[str, nn.Module]) -> dict[nn.Parameter, MaskRule]:
         """The mask rules of the block's pruned linears (recorded by :meth:`refine`), keyed by their weights."""

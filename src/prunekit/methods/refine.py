@@ -43,6 +43,12 @@ class Refiner(ABC):
     def __init__(self, options: Options | None = None) -> None:
         self.opts = options if options is not None else self.Options()
 
+    @classmethod
+    def structured_refusal(cls, options) -> str | None:
+        """Why these ``options`` (a mapping) cannot follow structured pruning, or ``None`` (a ``structured``
+        refiner whose options may move single weights overrides this)."""
+        return None
+
     @abstractmethod
     def refine(self, name: str, linear: nn.Module, dense: Tensor, stats: InputStats, target: Target) -> dict[str, Any]:
         """Improve ``linear`` (qualified ``name``, already compressed from ``dense``) in place; return what it did."""
